@@ -1,0 +1,62 @@
+# ksift: `make run` and `make test` are the whole quick start (README).
+# Both install what the project needs, system packages included (as root),
+# into a .venv inside this checkout.
+
+PYTHON      ?= python3
+VENV        := .venv
+VPY         := $(VENV)/bin/python
+CLANG       ?= clang-14
+BPF_SRC     := $(wildcard bpf/*.bpf.c)
+BPF_HDRS    := $(wildcard bpf/*.h)
+BPF_OUT     := src/ksift/bpf_objects
+BPF_OBJS    := $(patsubst bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(BPF_SRC))
+# -mcpu=v3: atomics with fetch/cmpxchg; -g: BTF for CO-RE and for the ABI test.
+BPF_CFLAGS  := -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_x86 -Wall -Werror -Ibpf
+# Debian packages the build and the tests need (pinned by Debian 12's archive).
+APT_PKGS    := clang-14 libbpf-dev libbpf1 bpftool make gcc python3-venv
+STAMP_SYS   := $(VENV)/.system-deps
+STAMP_PY    := $(VENV)/.python-deps
+ARGS        ?=
+
+.PHONY: run test build deps system-deps vmlinux bench clean
+
+run: build
+	$(VENV)/bin/ksift run $(ARGS)
+
+test: build
+	$(VPY) -m pytest $(ARGS)
+
+build: deps $(BPF_OBJS)
+
+deps: $(STAMP_PY)
+
+system-deps: $(STAMP_SYS)
+
+$(STAMP_SYS):
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "need root to install:$$missing" >&2; exit 1; fi; \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	@touch $@
+
+$(STAMP_PY): $(STAMP_SYS) pyproject.toml
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+$(BPF_OUT)/%.bpf.o: bpf/%.bpf.c $(BPF_HDRS) | $(STAMP_SYS)
+	@mkdir -p $(BPF_OUT)
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+# Regenerate the committed vmlinux.h from the running kernel's BTF.
+vmlinux:
+	bpftool btf dump file /sys/kernel/btf/vmlinux format c > bpf/vmlinux.h
+
+bench: build
+	$(VPY) bench/run_bench.py $(ARGS)
+
+clean:
+	rm -rf $(BPF_OUT) build *.egg-info src/*.egg-info

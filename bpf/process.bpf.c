@@ -1,0 +1,168 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * Process sensor: counts new processes per parent in the kernel and ships only
+ * the parents that cross the fork threshold within a window.
+ *
+ * Hooks (all tp_btf, CO-RE): sched_process_fork, sched_process_exec,
+ * sched_process_exit. Nothing here emits one record per fork.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "ksift.h"
+#include "common.bpf.h"
+
+/* Set from the rules between open and load (see sensors/process.py). */
+const volatile __u32 fork_threshold = 50;
+const volatile __u64 fork_window_ns = 1000000000ULL;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32); /* parent tgid */
+	__type(value, struct ksift_fork_state);
+} ks_fork_state SEC(".maps");
+
+/* Exec filename per tgid, so a record names the executable even when the
+ * process is gone by the time user space reads it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, char[KSIFT_PATH_LEN]);
+} ks_exec_path SEC(".maps");
+
+static __always_inline void fill_exe(struct ksift_task *out, struct task_struct *task)
+{
+	__u32 tgid = out->tgid;
+	char *path = bpf_map_lookup_elem(&ks_exec_path, &tgid);
+
+	if (path) {
+		bpf_probe_read_kernel_str(out->exe, sizeof(out->exe), path);
+		return;
+	}
+	/* Exec'd before ksift started: the basename is what the kernel keeps handy. */
+	const unsigned char *name = BPF_CORE_READ(task, mm, exe_file, f_path.dentry, d_name.name);
+	if (name)
+		bpf_probe_read_kernel_str(out->exe, sizeof(out->exe), name);
+}
+
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(ks_fork, struct task_struct *parent, struct task_struct *child)
+{
+	struct ksift_fork_state *st, init = {};
+	struct ksift_record *rec;
+	__u64 now, window_start, reported;
+	__u32 tgid, n;
+
+	count(KSIFT_CNT_FORK_SEEN);
+	/* A clone that shares the thread group is a thread, not a process. */
+	if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid)) {
+		count(KSIFT_CNT_FORK_THREADS);
+		return 0;
+	}
+	tgid = BPF_CORE_READ(parent, tgid);
+	if (tgid == ksift_tgid) {
+		count(KSIFT_CNT_FORK_SELF);
+		return 0;
+	}
+
+	now = bpf_ktime_get_ns();
+	st = bpf_map_lookup_elem(&ks_fork_state, &tgid);
+	if (!st) {
+		init.window_start_ns = now;
+		bpf_map_update_elem(&ks_fork_state, &tgid, &init, BPF_NOEXIST);
+		st = bpf_map_lookup_elem(&ks_fork_state, &tgid);
+		if (!st) {
+			count(KSIFT_CNT_MAP_FULL);
+			return 0;
+		}
+	}
+	count(KSIFT_CNT_FORK_AGGREGATED);
+	__sync_fetch_and_add(&st->total, 1);
+
+	/* Fixed windows that start at the first fork after the previous one ended. */
+	if (now - st->window_start_ns >= fork_window_ns) {
+		st->window_start_ns = now;
+		st->window_count = 0;
+	}
+	n = __sync_fetch_and_add(&st->window_count, 1) + 1;
+	if (n <= fork_threshold)
+		return 0;
+
+	/* Over the threshold: emit once per window, whichever CPU gets there first. */
+	window_start = st->window_start_ns;
+	reported = st->reported_window_ns;
+	if (reported == window_start)
+		return 0;
+	if (__sync_val_compare_and_swap(&st->reported_window_ns, reported, window_start) != reported)
+		return 0;
+
+	rec = reserve_record(KSIFT_REC_FORK_CROSSING, now);
+	if (!rec) {
+		/* Let the next fork in this window try again. */
+		st->reported_window_ns = reported;
+		return 0;
+	}
+	st->flagged = 1;
+	count(KSIFT_CNT_FORK_CROSSINGS);
+	fill_task(&rec->task, parent);
+	fill_exe(&rec->task, parent);
+	rec->u.fork.window_start_ns = window_start;
+	rec->u.fork.window_count = n;
+	rec->u.fork.threshold = fork_threshold;
+	rec->u.fork.total = st->total;
+	submit_record(rec);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(ks_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
+{
+	char path[KSIFT_PATH_LEN];
+	__u32 tgid = BPF_CORE_READ(task, tgid);
+
+	count(KSIFT_CNT_EXEC_SEEN);
+	if (tgid == ksift_tgid)
+		return 0;
+	if (bpf_probe_read_kernel_str(path, sizeof(path), BPF_CORE_READ(bprm, filename)) < 0)
+		return 0;
+	if (bpf_map_update_elem(&ks_exec_path, &tgid, path, BPF_ANY))
+		count(KSIFT_CNT_MAP_FULL);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(ks_exit, struct task_struct *task, bool group_dead)
+{
+	struct ksift_fork_state *st;
+	struct ksift_record *rec;
+	__u32 tgid;
+
+	if (!group_dead) /* other threads still run: the process lives on */
+		return 0;
+	count(KSIFT_CNT_EXIT_SEEN);
+	tgid = BPF_CORE_READ(task, tgid);
+
+	st = bpf_map_lookup_elem(&ks_fork_state, &tgid);
+	if (st && st->flagged) {
+		/* A flagged parent is gone: ship its final totals before forgetting it. */
+		count(KSIFT_CNT_EXIT_FLAGGED);
+		rec = reserve_record(KSIFT_REC_FORK_EXIT, bpf_ktime_get_ns());
+		if (rec) {
+			fill_task(&rec->task, task);
+			fill_exe(&rec->task, task);
+			rec->u.fork_exit.window_start_ns = st->window_start_ns;
+			rec->u.fork_exit.window_count = st->window_count;
+			rec->u.fork_exit.total = st->total;
+			rec->u.fork_exit.exit_code = BPF_CORE_READ(task, exit_code);
+			submit_record(rec);
+		}
+	}
+	bpf_map_delete_elem(&ks_fork_state, &tgid);
+	bpf_map_delete_elem(&ks_exec_path, &tgid);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

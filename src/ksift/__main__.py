@@ -1,0 +1,5 @@
+import sys
+
+from ksift.cli.main import main
+
+sys.exit(main())

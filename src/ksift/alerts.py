@@ -1,0 +1,77 @@
+"""Turn incident transitions into alert dicts (the JSON every sink receives)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+from ksift.enrich.context import Enricher
+from ksift.rules.incidents import NS, Incident, Transition
+from ksift.timeparse import rfc3339
+from ksift.units import format_duration
+
+
+@dataclass(frozen=True)
+class Clocks:
+    """Wall and kernel (CLOCK_MONOTONIC) clocks, injectable for tests."""
+
+    wall: Callable[[], float]
+    mono_ns: Callable[[], int]
+
+    def wall_of(self, ktime_ns: int) -> float:
+        """Wall time of a kernel timestamp taken with bpf_ktime_get_ns()."""
+        return self.wall() - (self.mono_ns() - ktime_ns) / NS
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
+def summarize(inc: Incident, status: str) -> str:
+    """One sentence that says what is wrong and where."""
+    who = f"PID {inc.task.tgid} ({inc.task.comm})"
+    window = format_duration(inc.rule.window_s)
+    if inc.rule.signal == "process.fork":
+        if status == "open":
+            return f"{who} forked {inc.peak_window_count:,} times in the last {window}"
+        lasted = format_duration(max((inc.resolved_ns or 0) - inc.first_window_ns, 0) / NS)
+        end = " and exited" if inc.key_exited else ""
+        return (f"{who} fork storm is over{end}: {_plural(inc.count, 'fork')} in {lasted} "
+                f"(peak {inc.peak_window_count:,} in {window})")
+    verb = "crossed" if status == "open" else "is back under"
+    return f"{who} {verb} {inc.rule.name} threshold {inc.rule.threshold} per {window}"
+
+
+def build_alert(tr: Transition, enricher: Enricher, clocks: Clocks) -> dict:
+    """The alert for one transition. Context is captured once, when the incident opens."""
+    inc = tr.incident
+    if not inc.context:
+        inc.context = {"subject": enricher.subject(inc.task), "ancestry": enricher.ancestry(inc.task)}
+    started = clocks.wall_of(inc.first_window_ns)
+    resolved = clocks.wall_of(inc.resolved_ns) if inc.resolved_ns is not None else None
+    now = clocks.wall_of(inc.opened_ns) if tr.kind == "open" else (resolved or clocks.wall())
+    return {
+        "id": uuid.uuid4().hex,
+        "incident_id": inc.id,
+        "status": tr.kind,
+        "ts": rfc3339(now),
+        "rule": inc.rule.name,
+        "severity": inc.rule.severity,
+        "summary": summarize(inc, tr.kind),
+        "count": inc.count,
+        "peak_window_count": inc.peak_window_count,
+        "window_s": inc.rule.window_s,
+        "threshold": inc.rule.threshold,
+        "subject": inc.context["subject"],
+        "ancestry": inc.context["ancestry"],
+        "stack": None,
+        "suppressed": inc.suppressed,
+        "degraded": ({"records_lost": inc.records_lost,
+                      "reason": "the kernel could not hand over every record while this incident was open"}
+                     if inc.records_lost else None),
+        "started_at": rfc3339(started),
+        "resolved_at": rfc3339(resolved) if resolved is not None else None,
+        "duration_s": round(resolved - started, 3) if resolved is not None else None,
+        "subject_exited": inc.key_exited,
+    }

@@ -1,0 +1,183 @@
+"""`ksift` command line: run, alerts, doctor, rules check.
+
+Exit status: 0 ok, 1 runtime failure (BPF, store, privileges), 2 bad input
+(config, rules, arguments). Errors are one clear line on stderr, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+
+from ksift.errors import BpfError, ConfigError, KsiftError, StoreError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("ksift")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ksift", description="eBPF alerting agent: a few alerts with context, "
+                                                          "not a firehose of events.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="watch the host and alert")
+    run.add_argument("--config", metavar="FILE", help="agent config (TOML); defaults are built in")
+    run.add_argument("--rules", metavar="FILE", help="rules file (TOML); default: the packaged rules")
+    run.add_argument("--db", metavar="PATH", help="SQLite alert store (default: /var/lib/ksift/ksift.db as root)")
+    run.add_argument("--json", action="store_true", help="print alerts as one JSON object per line")
+    run.add_argument("--for", dest="duration", type=float, metavar="SECONDS", help="stop after this long")
+    run.add_argument("--stats", metavar="FILE", help="write the funnel counters as JSON here on exit")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="stderr log level")
+
+    alerts = sub.add_parser("alerts", help="list stored alerts")
+    alerts.add_argument("--db", metavar="PATH", help="SQLite alert store")
+    alerts.add_argument("--json", action="store_true", help="one JSON object per line")
+    alerts.add_argument("--since", metavar="D", help="e.g. 10m, 2h, 1d or an RFC 3339 time")
+    alerts.add_argument("--rule", help="only this rule")
+    alerts.add_argument("--limit", type=int, default=100, help="at most this many (newest)")
+
+    sub.add_parser("doctor", help="check what will and will not work on this host, and why")
+
+    rules = sub.add_parser("rules", help="work with rules files")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
+    check = rules_sub.add_parser("check", help="validate a rules file")
+    check.add_argument("file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "alerts":
+            return cmd_alerts(args)
+        if args.command == "doctor":
+            from ksift.cli.doctor import run_doctor
+
+            return run_doctor(sys.stdout)
+        if args.command == "rules":
+            return cmd_rules_check(args)
+    except ConfigError as exc:
+        print(f"ksift: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KsiftError as exc:
+        print(f"ksift: error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ksift.agent import Agent, build_sensors
+    from ksift.config import default_db_path, load_config
+    from ksift.enrich.cgroup import CgroupResolver, find_cgroup2_mount
+    from ksift.enrich.context import Enricher
+    from ksift.enrich.procfs import ProcFS
+    from ksift.loader.libbpf import Libbpf
+    from ksift.rules.parse import load_rules
+    from ksift.sensors.base import default_objects_dir
+    from ksift.sinks.console import ConsoleSink
+    from ksift.sinks.store import StoreSink
+    from ksift.store.sqlite import AlertStore
+
+    config = load_config(args.config)
+    _setup_logging(args.log_level or config.log_level)
+    rules = load_rules(args.rules or config.rules_path)
+    if args.duration is not None and args.duration <= 0:
+        raise ConfigError("--for", f"must be a positive number of seconds, got {args.duration}")
+    enabled = rules.enabled()
+    log.info("rules from %s: %s", rules.source, ", ".join(r.name for r in enabled) or "none enabled")
+    if os.geteuid() != 0:
+        log.warning("not running as root: loading BPF needs CAP_BPF and CAP_PERFMON (see `ksift doctor`)")
+
+    db_path = args.db or config.db_path or default_db_path()
+    store = AlertStore(db_path)
+    log.info("alert store: %s", db_path)
+    sinks = [ConsoleSink(sys.stdout, json_lines=args.json or config.json_output), StoreSink(store)]
+    try:
+        lib = Libbpf()
+    except OSError as exc:
+        store.close()
+        raise BpfError(str(exc)) from exc
+    sensors = build_sensors(lib, default_objects_dir(), config, rules)
+    procfs = ProcFS()
+    enricher = Enricher(procfs, CgroupResolver(find_cgroup2_mount()))
+    agent = Agent(config, rules, sensors, enricher, sinks)
+    try:
+        try:
+            agent.start()
+        except BpfError as exc:
+            raise BpfError(f"{exc}\n(run `ksift doctor` to see what this host supports)") from exc
+        log.info("watching the host (tick %.0f ms)%s", config.tick_s * 1000,
+                 f" for {args.duration:g}s" if args.duration else "; Ctrl-C or SIGTERM stops")
+        asyncio.run(agent.run(args.duration))
+    finally:
+        agent.close()
+        report = agent.funnel_report()
+        log.info("funnel: %s", json.dumps(report, sort_keys=True))
+        if args.stats:
+            with open(args.stats, "w", encoding="utf-8") as fh:
+                json.dump(report, fh, indent=2, sort_keys=True)
+        for sink in sinks:
+            sink.close()
+        store.close()
+    return EXIT_OK
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from ksift.config import default_db_path
+    from ksift.sinks.console import format_alert_text
+    from ksift.store.sqlite import AlertStore
+    from ksift.timeparse import parse_since
+
+    since = None
+    if args.since:
+        try:
+            since = parse_since(args.since, datetime.now(timezone.utc))
+        except ValueError as exc:
+            raise ConfigError("--since", str(exc)) from exc
+    if args.limit < 1:
+        raise ConfigError("--limit", f"must be at least 1, got {args.limit}")
+    store = AlertStore.open_readonly(args.db or default_db_path())
+    try:
+        rows = store.list(since=since, rule=args.rule, limit=args.limit)
+    finally:
+        store.close()
+    for alert in rows:
+        if args.json:
+            print(json.dumps(alert, separators=(",", ":")))
+        else:
+            print(format_alert_text(alert))
+    if not rows and not args.json:
+        print("no alerts", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    from ksift.rules.parse import load_rules
+
+    rules = load_rules(args.file)
+    enabled = rules.enabled()
+    print(f"{args.file}: ok, {len(rules.rules)} rule(s), {len(enabled)} enabled")
+    for r in rules.rules:
+        state = "enabled " if r.enabled else "disabled"
+        print(f"  {state} {r.name}: {r.signal} by {r.key} > {r.threshold} in {r.window_s:g}s "
+              f"[{r.severity}]")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Agent configuration from a TOML file.
+
+Layout (every section and field optional):
+
+    [agent]
+    tick = "100ms"        # how often the agent drains events and evaluates rules
+    log_level = "info"    # debug, info, warning, error
+    [transport]
+    ringbuf_bytes = 1048576
+    wakeup_bytes = 262144
+    [store]
+    db = "/var/lib/ksift/ksift.db"
+    [rules]
+    file = "/etc/ksift/rules.toml"
+    [output]
+    json = false
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any
+
+from ksift.errors import ConfigError
+from ksift.units import format_duration, parse_duration
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+MIN_TICK_S = 0.01
+MAX_TICK_S = 5.0
+MIN_RINGBUF_BYTES = 16384
+MAX_RINGBUF_BYTES = 1 << 30
+DEFAULT_WAKEUP_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    tick_s: float = 0.1
+    log_level: str = "info"
+    ringbuf_bytes: int = 1 << 20  # BPF ring buffer size: power of two, 16 KiB .. 1 GiB
+    wakeup_bytes: int = DEFAULT_WAKEUP_BYTES  # wake userspace once this much is queued
+    db_path: str | None = None  # None: default_db_path()
+    rules_path: str | None = None  # None: the packaged default rules
+    json_output: bool = False
+
+
+def load_config(path: str | os.PathLike[str] | None) -> AgentConfig:
+    """Parse the config file at `path`; None means all defaults."""
+    if path is None:
+        return AgentConfig()
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(source, f"cannot read config file: {reason}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, f"not valid UTF-8: {exc}") from exc
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str) -> AgentConfig:
+    """Parse config TOML `text`; `source` names where it came from in error messages."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, f"invalid TOML: {exc}") from exc
+
+    for section in document:
+        if section not in _SECTIONS:
+            raise ConfigError(source, f"unknown section (allowed: {', '.join(_SECTIONS)})", field=section)
+
+    values: dict[str, Any] = {}
+    for section, fields in _SECTIONS.items():
+        table = document.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(source, f"must be a table, written [{section}]", field=section)
+        for name in table:
+            if name not in fields:
+                allowed = ", ".join(fields)
+                raise ConfigError(source, f"unknown field (allowed: {allowed})", field=f"{section}.{name}")
+        for name, (attribute, convert) in fields.items():
+            if name in table:
+                values[attribute] = convert(table[name], source, f"{section}.{name}")
+
+    config = AgentConfig(**values)
+    if "wakeup_bytes" not in values:
+        # The default wakeup does not fit a small ring buffer; shrink it to fit
+        # rather than reject a config that never mentioned wakeup_bytes.
+        config = replace(config, wakeup_bytes=min(DEFAULT_WAKEUP_BYTES, config.ringbuf_bytes // 2))
+    elif config.wakeup_bytes > config.ringbuf_bytes // 2:
+        # Checked after both are known: the limit depends on ringbuf_bytes.
+        raise ConfigError(
+            source,
+            f"invalid value {config.wakeup_bytes}: must be <= ringbuf_bytes // 2 "
+            f"({config.ringbuf_bytes // 2})",
+            field="transport.wakeup_bytes",
+        )
+    return config
+
+
+def default_db_path(euid: int | None = None, env: Mapping[str, str] | None = None) -> str:
+    """Where the alert store lives when the config does not say.
+
+    root: /var/lib/ksift/ksift.db; anyone else: the XDG state directory.
+    """
+    if euid is None:
+        euid = os.geteuid()
+    if env is None:
+        env = os.environ
+    if euid == 0:
+        return "/var/lib/ksift/ksift.db"
+    # The XDG spec says to ignore relative values of XDG_STATE_HOME.
+    state_home = env.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state_home):
+        home = env.get("HOME") or os.path.expanduser("~")
+        state_home = os.path.join(home, ".local", "state")
+    return os.path.join(state_home, "ksift", "ksift.db")
+
+
+# --- field converters: (raw TOML value, source, dotted field name) -> validated value
+
+
+def _tick(value: object, source: str, field: str) -> float:
+    seconds = parse_duration(value, source=source, field=field)
+    if not MIN_TICK_S <= seconds <= MAX_TICK_S:
+        raise ConfigError(
+            source,
+            f"invalid value {value!r}: must be between {format_duration(MIN_TICK_S)} "
+            f"and {format_duration(MAX_TICK_S)}",
+            field=field,
+        )
+    return seconds
+
+
+def _log_level(value: object, source: str, field: str) -> str:
+    # Accept "INFO" as well: it is how most tools spell levels.
+    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            source, f"invalid value {value!r} (expected one of: {', '.join(LOG_LEVELS)})", field=field
+        )
+    return value.lower()
+
+
+def _int(value: object, source: str, field: str) -> int:
+    # bool is an int subclass; `ringbuf_bytes = true` is a mistake, not 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(source, f"invalid value {value!r}: must be an integer", field=field)
+    return value
+
+
+def _ringbuf_bytes(value: object, source: str, field: str) -> int:
+    size = _int(value, source, field)
+    # The kernel requires a power-of-two ring buffer size (a multiple of the page size).
+    power_of_two = size > 0 and size & (size - 1) == 0
+    if not power_of_two or not MIN_RINGBUF_BYTES <= size <= MAX_RINGBUF_BYTES:
+        raise ConfigError(
+            source,
+            f"invalid value {value!r}: must be a power of two between {MIN_RINGBUF_BYTES} "
+            f"and {MAX_RINGBUF_BYTES}",
+            field=field,
+        )
+    return size
+
+
+def _wakeup_bytes(value: object, source: str, field: str) -> int:
+    size = _int(value, source, field)
+    if size <= 0:
+        raise ConfigError(source, f"invalid value {value!r}: must be > 0", field=field)
+    return size  # the upper bound depends on ringbuf_bytes; checked in parse_config
+
+
+def _path(value: object, source: str, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(source, f"invalid value {value!r}: must be a non-empty path string", field=field)
+    return value
+
+
+def _bool(value: object, source: str, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(source, f"invalid value {value!r}: must be true or false", field=field)
+    return value
+
+
+_Converter = Callable[[object, str, str], Any]
+
+# section -> TOML field -> (AgentConfig attribute, converter); read-only. Field
+# order is the order shown in "allowed: ..." messages.
+_SECTIONS: Mapping[str, Mapping[str, tuple[str, _Converter]]] = MappingProxyType(
+    {
+        "agent": MappingProxyType({"tick": ("tick_s", _tick), "log_level": ("log_level", _log_level)}),
+        "transport": MappingProxyType(
+            {
+                "ringbuf_bytes": ("ringbuf_bytes", _ringbuf_bytes),
+                "wakeup_bytes": ("wakeup_bytes", _wakeup_bytes),
+            }
+        ),
+        "store": MappingProxyType({"db": ("db_path", _path)}),
+        "rules": MappingProxyType({"file": ("rules_path", _path)}),
+        "output": MappingProxyType({"json": ("json_output", _bool)}),
+    }
+)

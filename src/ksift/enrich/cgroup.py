@@ -1,0 +1,225 @@
+"""cgroup v2: find the hierarchy, map kernel cgroup ids to paths, read container info.
+
+The kernel hands us a cgroup id (bpf_get_current_cgroup_id); on cgroup v2 it
+is the inode number of the cgroup's directory in the unified hierarchy, so a
+directory walk is enough to turn it back into a path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+# -- mount discovery --------------------------------------------------------
+
+_MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def _unescape_mountinfo(field: bytes) -> str:
+    # The kernel writes space, tab, newline and backslash as \ooo octal.
+    raw = _MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field)
+    return os.fsdecode(raw)
+
+
+def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """Mount point of the cgroup2 filesystem, or None if it is not mounted.
+
+    Pure v2 hosts mount it at /sys/fs/cgroup, hybrid ones usually at
+    /sys/fs/cgroup/unified. A mount of the hierarchy root wins over a bind
+    mount of a sub-cgroup, since ids resolve to paths from the root.
+    """
+    try:
+        with open(mountinfo, "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    fallback = None
+    for line in lines:
+        # id parent major:minor root mount-point options [optional...] - fstype source super
+        fields = line.split()
+        try:
+            sep = fields.index(b"-", 6)
+        except ValueError:
+            continue
+        if sep + 1 >= len(fields) or fields[sep + 1] != b"cgroup2":
+            continue
+        mount_point = _unescape_mountinfo(fields[4])
+        if fields[3] == b"/":
+            return mount_point
+        if fallback is None:
+            fallback = mount_point
+    return fallback
+
+
+# -- id -> path -------------------------------------------------------------
+
+
+class CgroupResolver:
+    """Resolves cgroup v2 ids to paths relative to the hierarchy root.
+
+    Lookups are served from a bounded LRU cache. A miss triggers a fresh walk
+    of the hierarchy, but at most once per ``rescan_interval_s`` so a stream of
+    events from an unknown (e.g. already removed) cgroup cannot make us walk
+    the tree over and over. Entries are kept after their cgroup is removed:
+    events often arrive after a short-lived container has gone.
+    """
+
+    def __init__(
+        self,
+        root: str | None,
+        clock: Callable[[], float] = time.monotonic,
+        rescan_interval_s: float = 5.0,
+        max_entries: int = 8192,
+    ):
+        if max_entries <= 0:
+            raise ValueError(f"max_entries must be positive, got {max_entries}")
+        self.root = root
+        self._clock = clock
+        self.rescan_interval_s = rescan_interval_s
+        self.max_entries = max_entries
+        self._cache: OrderedDict[int, str] = OrderedDict()
+        self._last_scan: float | None = None
+
+    @property
+    def cache_size(self) -> int:
+        """Number of ids currently cached (a property, not __len__, so an
+        empty resolver is still truthy)."""
+        return len(self._cache)
+
+    def path_for_id(self, cgroup_id: int) -> str | None:
+        if self.root is None:
+            return None
+        path = self._cache.get(cgroup_id)
+        if path is not None:
+            self._cache.move_to_end(cgroup_id)
+            return path
+        now = self._clock()
+        if self._last_scan is not None and now - self._last_scan < self.rescan_interval_s:
+            return None
+        self._last_scan = now
+        return self._scan(self.root, cgroup_id)
+
+    def _scan(self, root: str, wanted: int) -> str | None:
+        found = None
+        for inode, path in _walk(root):
+            if inode == wanted:
+                found = path
+            self._remember(inode, path)
+        # Re-insert last so a tree larger than the cache cannot evict it.
+        if found is not None:
+            self._remember(wanted, found)
+        return found
+
+    def _remember(self, cgroup_id: int, path: str) -> None:
+        self._cache[cgroup_id] = path
+        self._cache.move_to_end(cgroup_id)
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+
+
+def _walk(root: str) -> Iterator[tuple[int, str]]:
+    """Yield (inode, path relative to root) for every cgroup directory.
+
+    cgroups come and go while we walk; anything that vanishes or cannot be
+    read is skipped rather than aborting the walk.
+    """
+    try:
+        root_inode = os.stat(root).st_ino
+    except OSError:
+        return
+    yield root_inode, "/"
+    stack = [(root, "/")]
+    while stack:
+        abs_dir, rel_dir = stack.pop()
+        try:
+            with os.scandir(abs_dir) as entries:
+                children = list(entries)
+        except OSError:
+            continue
+        for entry in children:
+            try:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                inode = entry.stat(follow_symlinks=False).st_ino
+            except OSError:
+                continue
+            rel = rel_dir.rstrip("/") + "/" + entry.name
+            yield inode, rel
+            stack.append((entry.path, rel))
+
+
+# -- path -> container / unit -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    runtime: str | None = None
+    container_id: str | None = None
+    pod_uid: str | None = None
+    systemd_unit: str | None = None
+
+
+_HEX64 = "[0-9a-f]{64}"
+# "<prefix>-<id>" with ".scope" under systemd, without it under cgroupfs.
+# The conmon scopes ("crio-conmon-<id>", "libpod-conmon-<id>") do not match
+# because what follows the prefix is not 64 hex digits.
+_PREFIXED_ID = re.compile(rf"^(docker|cri-containerd|crio|libpod)-({_HEX64})(?:\.scope)?$")
+_RUNTIME_BY_PREFIX = {
+    "docker": "docker",
+    "cri-containerd": "containerd",
+    "crio": "cri-o",
+    "libpod": "podman",
+}
+_BARE_ID = re.compile(rf"^{_HEX64}$")
+# systemd driver: kubelet escapes the uid's dashes as underscores, and may
+# prefix the slice name (e.g. "kubelet-kubepods-..." in nested setups).
+_POD_SLICE = re.compile(
+    r"(?:^|-)kubepods(?:-besteffort|-burstable|-guaranteed)?-pod([0-9a-fA-F_]+)\.slice$"
+)
+# cgroupfs driver: ".../kubepods/<qos>/pod<uid>/<container id>".
+_POD_DIR = re.compile(r"^pod([0-9a-fA-F-]+)$")
+_KUBEPODS = re.compile(r"(?:^|-)kubepods(?:$|[.-])")
+
+
+def parse_cgroup_path(path: str) -> ContainerInfo:
+    """Container runtime/id, pod uid and systemd unit a cgroup path implies.
+
+    Components are read outermost first and each later match replaces an
+    earlier one, so nested layouts (docker in docker, systemd inside a
+    container) report the innermost container and unit.
+    """
+    runtime = container_id = pod_uid = unit = None
+    in_kubepods = False
+    parent = ""
+    for name in (part for part in path.split("/") if part):
+        is_container = False
+        if m := _PREFIXED_ID.match(name):
+            runtime, container_id = _RUNTIME_BY_PREFIX[m.group(1)], m.group(2)
+            is_container = True
+        elif _BARE_ID.match(name):
+            # A bare id says nothing about the runtime; guess from where it lives.
+            container_id = name
+            if parent == "docker":
+                runtime = "docker"
+            elif in_kubepods:
+                runtime = "containerd"
+            else:
+                runtime = None
+            is_container = True
+        elif m := _POD_SLICE.search(name):
+            pod_uid = m.group(1).replace("_", "-")
+        elif in_kubepods and (m := _POD_DIR.match(name)):
+            pod_uid = m.group(1)
+
+        if _KUBEPODS.search(name):
+            in_kubepods = True
+        if not is_container and name.endswith((".service", ".scope")):
+            unit = name
+        parent = name
+    return ContainerInfo(
+        runtime=runtime, container_id=container_id, pod_uid=pod_uid, systemd_unit=unit
+    )

@@ -1,0 +1,128 @@
+"""Turn a kernel-captured TaskContext into the subject/ancestry an alert shows.
+
+The kernel's view is authoritative (it was taken at event time); /proc only
+adds what the kernel could not cheaply capture, and only while the pid still
+names the same process. Nothing here raises for a single process: a gone,
+recycled or unreadable process just means less detail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ksift.enrich.cgroup import CgroupResolver, parse_cgroup_path
+from ksift.enrich.procfs import ProcFS, ProcStat
+from ksift.errors import AccessDenied, ProcessGone
+from ksift.events import TaskContext
+
+_NS_PER_S = 1_000_000_000
+
+_T = TypeVar("_T")
+
+
+class Enricher:
+    def __init__(self, procfs: ProcFS, cgroups: CgroupResolver, ancestry_limit: int = 64):
+        self.procfs = procfs
+        self.cgroups = cgroups
+        self.ancestry_limit = ancestry_limit
+
+    # -- subject ------------------------------------------------------------
+
+    def subject(self, task: TaskContext) -> dict[str, Any]:
+        pid = task.tgid
+        exe = cmdline = proc_cgroup = None
+        if self._same_process(task):
+            exe = self._try(self.procfs.exe, pid)
+            cmdline = self._try(self.procfs.cmdline, pid)
+            proc_cgroup = self._try(self.procfs.cgroup_v2_path, pid)
+            # The pid may have been recycled between the check and the reads;
+            # if so, none of what we just read belongs to this task.
+            if not self._same_process(task):
+                exe = cmdline = proc_cgroup = None
+
+        # The id is what the kernel saw at event time; /proc shows where the
+        # process is now, which only differs if it was moved since.
+        cgroup = self.cgroups.path_for_id(task.cgroup_id) if task.cgroup_id > 0 else None
+        if cgroup is None:
+            cgroup = proc_cgroup
+        info = parse_cgroup_path(cgroup) if cgroup is not None else None
+
+        return {
+            "pid": pid,
+            "ppid": task.ppid,
+            "comm": task.comm,
+            "exe": exe or task.exe or None,
+            "cmdline": cmdline,
+            "uid": task.uid,
+            "cgroup_id": task.cgroup_id,
+            "cgroup": cgroup,
+            "container_id": info.container_id if info else None,
+            "container_runtime": info.runtime if info else None,
+            "pod_uid": info.pod_uid if info else None,
+            "systemd_unit": info.systemd_unit if info else None,
+        }
+
+    # -- ancestry -----------------------------------------------------------
+
+    def ancestry(self, task: TaskContext) -> list[dict[str, Any]]:
+        """Parents of the task, nearest first, ending at pid 1 when reachable."""
+        limit = self.ancestry_limit
+        chain = [{"pid": pid, "comm": comm} for pid, comm in task.ancestry[:limit]]
+        if len(chain) >= limit or (chain and chain[-1]["pid"] == 1):
+            return chain
+
+        seen = {task.tgid, *(entry["pid"] for entry in chain)}
+        # Where to continue: the parent of the last kernel ancestor, or the
+        # task's own parent if the kernel captured no chain at all.
+        child: ProcStat | None = None
+        if chain:
+            child = self._stat(chain[-1]["pid"])
+            if child is None or not self._started_before_task(child, task):
+                return chain  # gone, or its pid now names a newer process
+            next_pid = child.ppid
+        else:
+            next_pid = task.ppid
+
+        while len(chain) < limit and next_pid > 0 and next_pid not in seen:
+            parent = self._stat(next_pid)
+            if parent is None:
+                break
+            # A parent (or the reaper it was reparented to) always started no
+            # later than its child; otherwise the pid was recycled.
+            if child is None:
+                if not self._started_before_task(parent, task):
+                    break
+            elif parent.start_ticks > child.start_ticks:
+                break
+            chain.append({"pid": parent.pid, "comm": parent.comm})
+            seen.add(parent.pid)
+            if parent.pid == 1:
+                break
+            child, next_pid = parent, parent.ppid
+        return chain
+
+    # -- helpers ------------------------------------------------------------
+
+    def _same_process(self, task: TaskContext) -> bool:
+        try:
+            return self.procfs.same_process(task.tgid, task.start_boottime_ns)
+        except (ProcessGone, AccessDenied):
+            return False
+
+    def _stat(self, pid: int) -> ProcStat | None:
+        return self._try(self.procfs.stat, pid)
+
+    def _started_before_task(self, stat: ProcStat, task: TaskContext) -> bool:
+        if task.start_boottime_ns <= 0:
+            return True  # start time not captured: nothing to compare against
+        # /proc truncates to clock ticks, so a genuine ancestor is never later.
+        start_ns = stat.start_ticks * _NS_PER_S // self.procfs.clock_ticks
+        return start_ns <= task.start_boottime_ns
+
+    @staticmethod
+    def _try(read: Callable[[int], _T], pid: int) -> _T | None:
+        try:
+            return read(pid)
+        except (ProcessGone, AccessDenied):
+            return None

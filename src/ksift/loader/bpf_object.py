@@ -1,0 +1,236 @@
+"""One BPF object's lifecycle: open -> configure -> load -> attach -> run -> close.
+
+`BpfObject` is a context manager with exactly one teardown path (`close`):
+links are destroyed, then the object is closed, whether we leave normally, on
+an exception or because SIGTERM stopped the event loop. Links are fd-based, so
+even a SIGKILL'd agent leaves nothing attached once the kernel closes its fds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import logging
+import os
+from pathlib import Path
+
+from ksift.errors import BpfError, BpfLoadError
+from ksift.loader.libbpf import Libbpf
+
+log = logging.getLogger("ksift.loader")
+
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+_PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
+
+
+class BpfMap:
+    """A loaded map addressed by fd; keys and values are bytes-like."""
+
+    def __init__(self, lib: Libbpf, name: str, fd: int, map_type: int, key_size: int, value_size: int,
+                 max_entries: int):
+        self.lib, self.name, self.fd, self.type = lib, name, fd, map_type
+        self.key_size, self.value_size, self.max_entries = key_size, value_size, max_entries
+        self.percpu = map_type in _PERCPU_TYPES
+        # Per-CPU lookups return one value per possible CPU, each rounded up to 8 bytes.
+        self.ncpus = lib.num_possible_cpus() if self.percpu else 1
+        self.slot_size = (value_size + 7) // 8 * 8 if self.percpu else value_size
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """The value for key (for per-CPU maps: all CPUs' slots concatenated), or None."""
+        kbuf = ctypes.create_string_buffer(bytes(key), self.key_size)
+        vbuf = ctypes.create_string_buffer(self.slot_size * self.ncpus)
+        ret = self.lib.so.bpf_map_lookup_elem(self.fd, kbuf, vbuf)
+        if ret < 0:
+            if ctypes.get_errno() == errno_mod.ENOENT or ret == -errno_mod.ENOENT:
+                return None
+            self.lib.check_int(ret, f"lookup in map {self.name}")
+        return vbuf.raw
+
+    def delete(self, key: bytes) -> bool:
+        kbuf = ctypes.create_string_buffer(bytes(key), self.key_size)
+        return self.lib.so.bpf_map_delete_elem(self.fd, kbuf) == 0
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        kbuf = ctypes.create_string_buffer(bytes(key), self.key_size)
+        vbuf = ctypes.create_string_buffer(bytes(value), self.slot_size * self.ncpus)
+        self.lib.check_int(self.lib.so.bpf_map_update_elem(self.fd, kbuf, vbuf, flags), f"update map {self.name}")
+
+    def lookup_batch(self, delete: bool = False, chunk: int = 4096) -> tuple[bytes, bytes, int]:
+        """Read (and optionally delete) every entry with batch calls.
+
+        Returns (keys, values, n): n entries packed back to back. One batch
+        syscall per `chunk` entries instead of one get_next_key + lookup per entry.
+        """
+        call = self.lib.so.bpf_map_lookup_and_delete_batch if delete else self.lib.so.bpf_map_lookup_batch
+        vsize = self.slot_size * self.ncpus
+        keys_out, vals_out, total = [], [], 0
+        token_in = ctypes.create_string_buffer(8)
+        token_out = ctypes.create_string_buffer(8)
+        first = True
+        while True:
+            kbuf = ctypes.create_string_buffer(self.key_size * chunk)
+            vbuf = ctypes.create_string_buffer(vsize * chunk)
+            count = ctypes.c_uint32(chunk)
+            ret = call(self.fd, None if first else token_in, token_out, kbuf, vbuf, ctypes.byref(count), None)
+            err = ctypes.get_errno() if ret < 0 else 0
+            n = count.value
+            if n:
+                keys_out.append(kbuf.raw[: n * self.key_size])
+                vals_out.append(vbuf.raw[: n * vsize])
+                total += n
+            if ret < 0:
+                if err == errno_mod.ENOENT or ret == -errno_mod.ENOENT:
+                    break  # no more entries
+                self.lib.check_int(ret, f"batch lookup in map {self.name}")
+            ctypes.memmove(token_in, token_out, 8)
+            first = False
+        return b"".join(keys_out), b"".join(vals_out), total
+
+
+class BpfObject:
+    """Owns one libbpf bpf_object and its links."""
+
+    def __init__(self, path: str | Path, lib: Libbpf):
+        self.path = Path(path)
+        self.lib = lib
+        self._obj: int | None = None
+        self._links: dict[str, int] = {}
+        self._loaded = False
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def open(self) -> "BpfObject":
+        if not self.path.is_file():
+            raise BpfError(f"BPF object {self.path} not found: run `make build` (or `make run`) to compile it")
+        try:
+            self._obj = self.lib.check_ptr(self.lib.so.bpf_object__open_file(str(self.path).encode(), None),
+                                           f"open {self.path}")
+        except OSError as exc:
+            raise BpfLoadError(f"cannot open BPF object {self.path}: {exc.strerror}", self.lib.take_log()) from exc
+        return self
+
+    def __enter__(self) -> "BpfObject":
+        if self._obj is None:
+            self.open()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """The one teardown path: detach every link, then free the object. Idempotent."""
+        for name, link in list(self._links.items()):
+            ret = self.lib.so.bpf_link__destroy(link)
+            if ret < 0:
+                log.warning("detaching %s from %s failed: %d", name, self.path.name, ret)
+        self._links.clear()
+        if self._obj is not None:
+            self.lib.so.bpf_object__close(self._obj)
+            self._obj = None
+            self._loaded = False
+
+    # -- configure (between open and load) -----------------------------------
+
+    def _require(self, opened: bool = True, loaded: bool | None = None) -> int:
+        if self._obj is None and opened:
+            raise BpfError(f"{self.path.name}: object is not open")
+        if loaded is not None and self._loaded != loaded:
+            raise BpfError(f"{self.path.name}: only allowed {'after' if loaded else 'before'} load")
+        return self._obj  # type: ignore[return-value]
+
+    def _find_map(self, name: str) -> int:
+        obj = self._require()
+        for m in self.lib.iter_maps(obj):
+            if self.lib.so.bpf_map__name(m).decode() == name:
+                return m
+        raise BpfError(f"{self.path.name}: no map named {name!r}")
+
+    def set_rodata(self, **values: int) -> None:
+        """Set `const volatile` globals (ints/bools) before load; names must exist."""
+        obj = self._require(loaded=False)
+        layout = self.lib.datasec_vars(obj, ".rodata")
+        rodata = next((m for m in self.lib.iter_maps(obj)
+                       if self.lib.so.bpf_map__name(m).decode().endswith(".rodata")), None)
+        if rodata is None:
+            raise BpfError(f"{self.path.name}: has no .rodata section")
+        size = ctypes.c_size_t()
+        base = self.lib.check_ptr(self.lib.so.bpf_map__initial_value(rodata, ctypes.byref(size)), "rodata")
+        for name, value in values.items():
+            if name not in layout:
+                raise BpfError(f"{self.path.name}: no rodata variable {name!r} (have: {', '.join(sorted(layout))})")
+            offset, width = layout[name]
+            data = int(value).to_bytes(width, "little", signed=int(value) < 0)
+            ctypes.memmove(base + offset, data, width)
+
+    def set_autoload(self, program: str, enabled: bool) -> None:
+        self._require(loaded=False)
+        self.lib.check_int(self.lib.so.bpf_program__set_autoload(self._program(program), enabled),
+                           f"autoload {program}")
+
+    def resize_map(self, name: str, max_entries: int) -> None:
+        self._require(loaded=False)
+        self.lib.check_int(self.lib.so.bpf_map__set_max_entries(self._find_map(name), max_entries),
+                           f"resize map {name}")
+
+    def reuse_map(self, name: str, fd: int) -> None:
+        """Share a map (e.g. one event ring buffer) already created by another object."""
+        self._require(loaded=False)
+        self.lib.check_int(self.lib.so.bpf_map__reuse_fd(self._find_map(name), fd), f"reuse map {name}")
+
+    # -- load and attach -----------------------------------------------------
+
+    def load(self) -> None:
+        obj = self._require(loaded=False)
+        self.lib.take_log()  # only this load's log should reach the error
+        ret = self.lib.so.bpf_object__load(obj)
+        if ret < 0:
+            err = -ret if ret != -1 else ctypes.get_errno()
+            raise BpfLoadError(f"kernel refused BPF object {self.path.name}: {errno_mod.errorcode.get(err, err)} "
+                               f"({_strerror(err)})", self.lib.take_log())
+        self._loaded = True
+
+    def program_names(self) -> list[str]:
+        return [self.lib.so.bpf_program__name(p).decode() for p in self.lib.iter_programs(self._require())]
+
+    def _program(self, name: str) -> int:
+        for prog in self.lib.iter_programs(self._require()):
+            if self.lib.so.bpf_program__name(prog).decode() == name:
+                return prog
+        raise BpfError(f"{self.path.name}: no program named {name!r}")
+
+    def attach(self, program: str) -> None:
+        """Attach one program where its SEC() says; raises BpfError naming it on failure."""
+        self._require(loaded=True)
+        if program in self._links:
+            return
+        prog = self._program(program)
+        link = self.lib.so.bpf_program__attach(prog)
+        if not link:
+            err = ctypes.get_errno()
+            section = self.lib.so.bpf_program__section_name(prog).decode()
+            raise BpfError(f"cannot attach {program} ({section}): {_strerror(err)}\n{self.lib.take_log()}")
+        self._links[program] = link
+
+    def attach_perf_event(self, program: str, pfd: int, label: str) -> None:
+        self._require(loaded=True)
+        link = self.lib.so.bpf_program__attach_perf_event(self._program(program), pfd)
+        if not link:
+            raise BpfError(f"cannot attach {program} to perf event {label}: {_strerror(ctypes.get_errno())}")
+        self._links[f"{program}@{label}"] = link
+
+    @property
+    def attached(self) -> list[str]:
+        return list(self._links)
+
+    def map(self, name: str) -> BpfMap:
+        self._require(loaded=True)
+        m = self._find_map(name)
+        so = self.lib.so
+        return BpfMap(self.lib, name, so.bpf_map__fd(m), so.bpf_map__type(m), so.bpf_map__key_size(m),
+                      so.bpf_map__value_size(m), so.bpf_map__max_entries(m))
+
+
+def _strerror(err: int) -> str:
+    return os.strerror(err) if err else "unknown error"

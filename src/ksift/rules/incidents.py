@@ -1,0 +1,197 @@
+"""One alert per incident.
+
+An incident opens on the first crossing of a (rule, key) (after `sustain`, when
+the rule asks for one), folds every later crossing into `count`/`suppressed`,
+and resolves once the key stayed under the threshold for a whole window. After
+a resolution the key is in cooldown: crossings then are counted, not alerted,
+and reported as `suppressed` by the next incident of that key.
+
+Everything here runs on kernel timestamps (CLOCK_MONOTONIC ns) passed in by the
+caller, so it is pure and testable without a kernel.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ksift.events import TaskContext
+from ksift.rules.model import Rule
+from ksift.rules.windows import KeyedWindows
+
+NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """The kernel's report that a key went over a rule's threshold in a window."""
+
+    rule: str
+    key: int
+    ktime_ns: int
+    window_start_ns: int
+    window_count: int  # events in that window when it crossed
+    total: int  # the key's running event total (monotonic) at the crossing
+    task: TaskContext
+
+
+@dataclass
+class Incident:
+    id: str
+    rule: Rule
+    key: int
+    task: TaskContext
+    opened_ns: int  # kernel time the incident opened (alert time)
+    first_window_ns: int  # start of the first hot window
+    base_total: int  # the key's total just before the first hot window
+    latest_total: int
+    peak_window_count: int
+    last_window_ns: int
+    crossings: int = 1
+    suppressed: int = 0  # repeats folded into this incident (plus cooldown crossings before it)
+    status: str = "open"
+    resolved_ns: int | None = None
+    key_exited: bool = False
+    exit_code: int | None = None
+    records_lost: int = 0
+    context: dict = field(default_factory=dict)  # enrichment captured when it opened
+
+    @property
+    def count(self) -> int:
+        """Events by the key since the incident's first hot window began."""
+        return max(self.latest_total - self.base_total, self.peak_window_count)
+
+
+@dataclass(frozen=True)
+class Transition:
+    kind: str  # "open" | "resolved"
+    incident: Incident
+
+
+class IncidentEngine:
+    """Tracks open incidents for every enabled rule."""
+
+    def __init__(self, rules: list[Rule] | tuple[Rule, ...], grace_ns: int = 0,
+                 new_id: Callable[[], str] = lambda: uuid.uuid4().hex, max_open: int = 10_000,
+                 loss_memory: int = 1024):
+        self.rules = {r.name: r for r in rules}
+        self.grace_ns = grace_ns  # transit slack: a record may reach us one tick late
+        self.new_id = new_id
+        self.max_open = max_open
+        self.open: dict[tuple[str, int], Incident] = {}
+        self.windows = {r.name: KeyedWindows(max(int(r.window_s * NS), 1)) for r in rules}
+        self._cooldown_until: dict[tuple[str, int], int] = {}
+        self._cooldown_folded: dict[tuple[str, int], int] = {}
+        self._losses: deque[tuple[int, int]] = deque(maxlen=loss_memory)
+        self.stats = {"crossings": 0, "opened": 0, "resolved": 0, "folded": 0, "cooldown_suppressed": 0,
+                      "pending": 0, "refused_full": 0, "unknown_rule": 0}
+
+    # -- inputs --------------------------------------------------------------
+
+    def observe(self, c: Crossing) -> list[Transition]:
+        rule = self.rules.get(c.rule)
+        if rule is None:
+            self.stats["unknown_rule"] += 1
+            return []
+        self.stats["crossings"] += 1
+        ident = (c.rule, c.key)
+        windows = self.windows[c.rule]
+        windows.add(c.key, c.window_start_ns, c.ktime_ns, c.window_count)
+
+        inc = self.open.get(ident)
+        if inc is not None:
+            if c.window_start_ns != inc.last_window_ns:
+                inc.suppressed += 1  # a repeat in a later window: fold it
+                self.stats["folded"] += 1
+            inc.crossings += 1
+            inc.last_window_ns = max(inc.last_window_ns, c.window_start_ns)
+            inc.latest_total = max(inc.latest_total, c.total)
+            inc.peak_window_count = max(inc.peak_window_count, c.window_count)
+            return []
+
+        until = self._cooldown_until.get(ident)
+        if until is not None:
+            if c.ktime_ns < until:
+                self._cooldown_folded[ident] = self._cooldown_folded.get(ident, 0) + 1
+                self.stats["cooldown_suppressed"] += 1
+                return []
+            del self._cooldown_until[ident]
+
+        if windows.sustained_ns(c.key) < int(rule.sustain_s * NS):
+            self.stats["pending"] += 1
+            return []
+        if len(self.open) >= self.max_open:
+            self.stats["refused_full"] += 1
+            return []
+
+        run_start = windows.run_start_ns(c.key) or c.window_start_ns
+        first = windows.last(c.key)
+        inc = Incident(
+            id=self.new_id(), rule=rule, key=c.key, task=c.task, opened_ns=c.ktime_ns,
+            first_window_ns=run_start, base_total=c.total - c.window_count, latest_total=c.total,
+            peak_window_count=max(c.window_count, first.count if first else 0), last_window_ns=c.window_start_ns,
+            suppressed=self._cooldown_folded.pop(ident, 0),
+            records_lost=self.losses_between(c.window_start_ns - int(rule.window_s * NS), c.ktime_ns),
+        )
+        self.open[ident] = inc
+        self.stats["opened"] += 1
+        return [Transition("open", inc)]
+
+    def refresh(self, rule: str, key: int, total: int, window_start_ns: int, window_count: int) -> None:
+        """Fresh totals of an open incident's key, read from the kernel's map."""
+        inc = self.open.get((rule, key))
+        if inc is None:
+            return
+        inc.latest_total = max(inc.latest_total, total)
+        if window_start_ns == inc.last_window_ns:
+            inc.peak_window_count = max(inc.peak_window_count, window_count)
+
+    def key_exited(self, rule: str, key: int, total: int, exit_code: int | None = None) -> None:
+        """The key's process is gone; its last totals came with the exit record."""
+        inc = self.open.get((rule, key))
+        if inc is None:
+            return
+        inc.latest_total = max(inc.latest_total, total)
+        inc.key_exited = True
+        inc.exit_code = exit_code
+
+    def note_loss(self, ktime_ns: int, lost: int) -> None:
+        """Records lost (ring buffer full, malformed) at about ktime_ns."""
+        if lost <= 0:
+            return
+        self._losses.append((ktime_ns, lost))
+        for inc in self.open.values():
+            inc.records_lost += lost
+
+    def losses_between(self, start_ns: int, end_ns: int) -> int:
+        return sum(n for t, n in self._losses if start_ns <= t <= end_ns)
+
+    # -- time ----------------------------------------------------------------
+
+    def tick(self, now_ns: int) -> list[Transition]:
+        """Resolve incidents whose key stayed under the threshold for a whole window."""
+        out = []
+        for ident, inc in list(self.open.items()):
+            window_ns = int(inc.rule.window_s * NS)
+            if now_ns < inc.last_window_ns + 2 * window_ns + self.grace_ns:
+                continue
+            inc.status = "resolved"
+            inc.resolved_ns = now_ns
+            del self.open[ident]
+            self.windows[inc.rule.name].forget(inc.key)
+            if inc.rule.cooldown_s > 0:
+                self._cooldown_until[ident] = now_ns + int(inc.rule.cooldown_s * NS)
+            self.stats["resolved"] += 1
+            out.append(Transition("resolved", inc))
+        self._cooldown_until = {k: t for k, t in self._cooldown_until.items() if t > now_ns}
+        # Cooldown crossings wait for the key's next incident; bound how many keys we remember.
+        while len(self._cooldown_folded) > self.max_open:
+            self._cooldown_folded.pop(next(iter(self._cooldown_folded)))
+        for windows in self.windows.values():
+            windows.evict_idle(now_ns)
+        return out
+
+    def open_keys(self) -> list[tuple[str, int]]:
+        return list(self.open)

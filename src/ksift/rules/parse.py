@@ -1,0 +1,225 @@
+"""Read and validate rules files (TOML) into a RuleSet.
+
+Every problem becomes a ConfigError naming the file, the rule (index and name)
+and the field, so a typo is fixed from the message alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from importlib import resources
+
+from ksift.errors import ConfigError
+from ksift.rules.model import SEVERITIES, SIGNALS, Rule, RuleSet, Severity
+from ksift.units import format_duration, parse_duration
+
+DEFAULT_RULES_RESOURCE = "default_rules.toml"
+DEFAULT_RULES_SOURCE = "<default rules: ksift/rules/default_rules.toml>"
+
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_REQUIRED = ("name", "severity", "signal", "key", "threshold", "window")
+_OPTIONAL = ("description", "sustain", "cooldown", "enabled")
+_ALLOWED = ", ".join(sorted(_REQUIRED + _OPTIONAL))
+
+# The kernel stores thresholds as u32 and fires on "count > threshold".
+_THRESHOLD_LIMIT = 2**32
+_MAX_WINDOW_S = 3600.0
+_THRESHOLD_HELP = (
+    f"must be an integer > 0 and < {_THRESHOLD_LIMIT} "
+    "(alert when more than threshold events happen within window)"
+)
+
+
+def default_rules_text() -> str:
+    """The packaged default rules file, as text."""
+    try:
+        return resources.files("ksift.rules").joinpath(DEFAULT_RULES_RESOURCE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        # Only a broken install gets here; say which file is missing and why.
+        raise ConfigError(DEFAULT_RULES_SOURCE, f"cannot read packaged rules file: {_reason(exc)}") from exc
+
+
+def load_rules(path: str | os.PathLike[str] | None = None) -> RuleSet:
+    """Parse the rules file at `path`, or the packaged defaults when None."""
+    if path is None:
+        return parse_rules(default_rules_text(), DEFAULT_RULES_SOURCE)
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigError(source, f"cannot read rules file: {_reason(exc)}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, f"not valid UTF-8: {exc}") from exc
+    return parse_rules(text, source)
+
+
+def parse_rules(text: str, source: str) -> RuleSet:
+    """Parse rules TOML `text`; `source` names where it came from in error messages."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, f"invalid TOML: {exc}") from exc
+
+    for top_key in document:
+        if top_key != "rule":
+            raise ConfigError(source, f"unknown field {top_key!r} (expected: rule)")
+
+    tables = document.get("rule", [])
+    # `[rule]` (one table) instead of `[[rule]]` parses as a dict; catch that here.
+    if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
+        raise ConfigError(source, "must be an array of tables, written [[rule]]", field="rule")
+
+    rules = tuple(_parse_rule(table, index, source) for index, table in enumerate(tables))
+    _check_unique_names(rules, source)
+    _check_one_enabled_per_signal(rules, source)
+    return RuleSet(rules=rules, source=source)
+
+
+def _parse_rule(table: dict, index: int, source: str) -> Rule:
+    name = _parse_name(table, index, source)
+    label = _label(index, name)
+
+    unknown = sorted(set(table) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        names = ", ".join(repr(field) for field in unknown)
+        plural = "s" if len(unknown) > 1 else ""
+        raise ConfigError(source, f"unknown field{plural} {names} (allowed: {_ALLOWED})", field=label)
+
+    for field in _REQUIRED:
+        if field not in table:
+            raise ConfigError(source, "missing required field", field=f"{label}.{field}")
+
+    def where(field: str) -> str:
+        return f"{label}.{field}"
+
+    severity = table["severity"]
+    if not isinstance(severity, str) or severity not in SEVERITIES:
+        raise ConfigError(
+            source,
+            f"invalid severity {severity!r} (expected one of: {', '.join(SEVERITIES)})",
+            field=where("severity"),
+        )
+
+    signal = table["signal"]
+    if not isinstance(signal, str) or signal not in SIGNALS:
+        known = ", ".join(sorted(SIGNALS))
+        raise ConfigError(
+            source, f"unknown signal {signal!r} (known signals: {known})", field=where("signal")
+        )
+
+    key = table["key"]
+    keys = SIGNALS[signal].keys
+    if not isinstance(key, str) or key not in keys:
+        raise ConfigError(
+            source,
+            f"invalid key {key!r} for signal {signal!r} (expected one of: {', '.join(keys)})",
+            field=where("key"),
+        )
+
+    threshold = table["threshold"]
+    # bool is an int subclass; `threshold = true` must not become 1.
+    valid_threshold = isinstance(threshold, int) and not isinstance(threshold, bool)
+    if not valid_threshold or not 0 < threshold < _THRESHOLD_LIMIT:
+        raise ConfigError(
+            source, f"invalid threshold {threshold!r}: {_THRESHOLD_HELP}", field=where("threshold")
+        )
+
+    window_s = parse_duration(table["window"], source=source, field=where("window"))
+    if not 0 < window_s <= _MAX_WINDOW_S:
+        raise ConfigError(
+            source,
+            f"invalid window {table['window']!r}: must be > 0 and <= {format_duration(_MAX_WINDOW_S)}",
+            field=where("window"),
+        )
+
+    sustain_s = parse_duration(table.get("sustain", 0), source=source, field=where("sustain"))
+    cooldown_s = parse_duration(table.get("cooldown", 0), source=source, field=where("cooldown"))
+
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(
+            source, f"invalid enabled {enabled!r}: must be true or false", field=where("enabled")
+        )
+
+    description = table.get("description", "")
+    if not isinstance(description, str):
+        raise ConfigError(
+            source, f"invalid description {description!r}: must be a string", field=where("description")
+        )
+
+    return Rule(
+        name=name,
+        severity=Severity(severity),
+        signal=signal,
+        key=key,
+        threshold=threshold,
+        window_s=window_s,
+        sustain_s=sustain_s,
+        cooldown_s=cooldown_s,
+        enabled=enabled,
+        description=description,
+    )
+
+
+def _parse_name(table: dict, index: int, source: str) -> str:
+    # Checked first: every later message labels the rule by its name.
+    field = f"{_label(index, None)}.name"
+    if "name" not in table:
+        raise ConfigError(source, "missing required field", field=field)
+    name = table["name"]
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ConfigError(
+            source,
+            f"invalid name {name!r}: must match ^[a-z][a-z0-9_]{{0,63}}$ "
+            "(lowercase letter, then up to 63 lowercase letters, digits or underscores)",
+            field=field,
+        )
+    return name
+
+
+def _check_unique_names(rules: tuple[Rule, ...], source: str) -> None:
+    first_index: dict[str, int] = {}
+    for index, rule in enumerate(rules):
+        if rule.name in first_index:
+            raise ConfigError(
+                source,
+                f"duplicate rule name {rule.name!r} (already used by rule[{first_index[rule.name]}])",
+                field=f"{_label(index, rule.name)}.name",
+            )
+        first_index[rule.name] = index
+
+
+def _check_one_enabled_per_signal(rules: tuple[Rule, ...], source: str) -> None:
+    # The kernel holds a single threshold per signal, so two enabled rules on one
+    # signal cannot both be honoured; refuse rather than silently pick one.
+    owner: dict[str, int] = {}
+    for index, rule in enumerate(rules):
+        if not rule.enabled:
+            continue
+        if rule.signal in owner:
+            first = owner[rule.signal]
+            raise ConfigError(
+                source,
+                f"rules {rules[first].name!r} (rule[{first}]) and {rule.name!r} (rule[{index}]) are both "
+                f"enabled for signal {rule.signal!r}; at most one enabled rule per signal is allowed "
+                "because the kernel holds one threshold per signal (set enabled = false on one of them)",
+                field=f"{_label(index, rule.name)}.signal",
+            )
+        owner[rule.signal] = index
+
+
+def _label(index: int, name: str | None) -> str:
+    """`rule[0] (fork_storm)` when the name is known, else `rule[0]`."""
+    return f"rule[{index}] ({name})" if name else f"rule[{index}]"
+
+
+def _reason(exc: BaseException) -> str:
+    """The OS reason ("No such file or directory") without repeating the path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)

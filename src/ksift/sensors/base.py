@@ -1,0 +1,90 @@
+"""What every sensor shares: one BPF object, its ring buffer and its counters."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from ksift.config import AgentConfig
+from ksift.errors import BpfError
+from ksift.loader.bpf_object import BpfMap, BpfObject
+from ksift.loader.libbpf import Libbpf
+from ksift.transport import records
+from ksift.transport.ringbuf import RingBufferReader
+
+
+def default_objects_dir() -> Path:
+    """Where the compiled *.bpf.o live: $KSIFT_BPF_OBJECTS, else inside the package."""
+    override = os.environ.get("KSIFT_BPF_OBJECTS")
+    if override:
+        return Path(override)
+    return Path(str(resources.files("ksift") / "bpf_objects"))
+
+
+class Sensor:
+    """One BPF object with the common lifecycle; subclasses say what to configure and attach."""
+
+    name = "sensor"
+    object_file = ""
+    signals: tuple[str, ...] = ()
+
+    def __init__(self, lib: Libbpf, objects_dir: Path, config: AgentConfig, self_tgid: int):
+        self.lib = lib
+        self.path = objects_dir / self.object_file
+        self.config = config
+        self.self_tgid = self_tgid
+        self.obj: BpfObject | None = None
+        self.reader: RingBufferReader | None = None
+        self._counters: BpfMap | None = None
+
+    # Subclasses: rodata values and the programs to attach for the enabled rules.
+    def rodata(self) -> dict[str, int]:
+        return {}
+
+    def programs(self) -> list[str]:
+        return []
+
+    def start(self) -> None:
+        """open -> configure -> load -> attach; on any failure, everything is torn down."""
+        obj = BpfObject(self.path, self.lib)
+        self.obj = obj
+        try:
+            obj.open()
+            obj.set_rodata(ksift_tgid=self.self_tgid, wakeup_bytes=self.config.wakeup_bytes, **self.rodata())
+            obj.resize_map("ks_events", self.config.ringbuf_bytes)
+            wanted = set(self.programs())
+            for prog in obj.program_names():
+                obj.set_autoload(prog, prog in wanted)
+            obj.load()
+            for prog in self.programs():
+                obj.attach(prog)
+            events = obj.map("ks_events")
+            self.reader = RingBufferReader(events.fd, events.max_entries)
+            self._counters = obj.map("ks_counters")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def events_fd(self) -> int:
+        if self.reader is None:
+            raise BpfError(f"sensor {self.name} is not started")
+        return self.reader.fd
+
+    def counters(self) -> dict[str, int]:
+        if self._counters is None:
+            return {}
+        raw = self._counters.lookup(b"\0\0\0\0")
+        if raw is None:
+            return {}
+        return records.sum_counters(raw, self._counters.ncpus, self._counters.slot_size)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        self._counters = None
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None

@@ -1,0 +1,34 @@
+"""What every alert destination (console, store, webhook, ...) looks like."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A destination for alerts.
+
+    The agent calls `emit` on its event path, so an implementation must:
+
+    * never block for long: bound every I/O with a short timeout, or hand the
+      alert to a queue and deliver it from a thread of its own;
+    * never raise: one broken destination must not stop the others or the
+      agent. Count the outcome instead, in `delivered` and `failed`, and log
+      the reason through `logging`.
+
+    `close` flushes what can be flushed, releases resources, is safe to call
+    twice and never raises either.
+    """
+
+    name: str
+    delivered: int  # alerts handed over successfully
+    failed: int  # alerts lost to an error in this sink
+
+    def emit(self, alert: dict[str, Any]) -> None:
+        """Deliver one alert (see the class docstring for the rules)."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; idempotent and never raises."""
+        ...

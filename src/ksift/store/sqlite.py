@@ -1,0 +1,326 @@
+"""Local alert history in a single SQLite file.
+
+The agent appends alerts while the CLI reads them from another process, so
+the database runs in WAL mode (readers never block the writer). The whole
+alert dict is kept as JSON in `body`; the other columns exist only to filter
+and sort without parsing it.
+
+Every sqlite3 error is turned into StoreError naming the database path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from ksift.errors import StoreError
+from ksift.timeparse import parse_timestamp, rfc3339
+
+# Append-only: never edit a released migration, add a new version instead.
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+        CREATE TABLE alerts (
+            id TEXT PRIMARY KEY,
+            incident_id TEXT NOT NULL,
+            ts TEXT NOT NULL,
+            ts_unix REAL NOT NULL,
+            rule TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            status TEXT NOT NULL,
+            pid INTEGER,
+            summary TEXT NOT NULL,
+            body TEXT NOT NULL
+        );
+        CREATE INDEX alerts_ts_unix ON alerts (ts_unix);
+        CREATE INDEX alerts_rule_ts_unix ON alerts (rule, ts_unix);
+        CREATE INDEX alerts_incident_id ON alerts (incident_id);
+        """,
+    ),
+)
+
+_LATEST_VERSION = MIGRATIONS[-1][0]
+_BUSY_TIMEOUT_MS = 5000
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration script into single statements.
+
+    executescript() would commit our open transaction first, so migrations run
+    statement by statement; complete_statement() keeps a ';' inside a string
+    or trigger body from splitting a statement in two.
+    """
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \t\r\n;"):
+                yield pending
+            pending = ""
+    if pending.strip(" \t\r\n;"):
+        yield pending  # incomplete: let sqlite report the syntax error
+
+
+class AlertStore:
+    """Alerts persisted in SQLite, safe to share between threads of one process.
+
+    Use `AlertStore(path)` in the agent (creates and migrates the database) and
+    `AlertStore.open_readonly(path)` in the CLI (never creates or writes).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        # One connection shared by sink and query threads; sqlite3 objects are
+        # not safe for concurrent use, so every access holds this lock.
+        self._lock = threading.Lock()
+        self._readonly = False
+        self._conn = self._open_writable()
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike[str]) -> AlertStore:
+        """Open an existing store for reading; StoreError if it does not exist."""
+        store = cls.__new__(cls)
+        store.path = Path(path)
+        store._lock = threading.Lock()
+        store._readonly = True
+        store._conn = store._open_readonly()
+        return store
+
+    # -- opening -----------------------------------------------------------
+
+    def _open_writable(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            # Alerts carry command lines, so keep the file away from other users;
+            # sqlite gives the -wal and -shm files the same permissions.
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o640))
+        except OSError as exc:
+            raise StoreError(f"cannot create alert store {self.path}: {exc.strerror or exc}") from exc
+        conn = self._connect(str(self.path), uri=False)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"alert store {self.path}: cannot enable WAL journal mode (got {mode})")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._migrate(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot open alert store {self.path}: {exc}") from exc
+        except StoreError:
+            conn.close()
+            raise
+        return conn
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise StoreError(f"no alert store at {self.path}")
+        # mode=ro in a URI is the only way to stop sqlite creating the file.
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        conn = self._connect(uri, uri=True)
+        try:
+            version = self._read_version(conn)
+            if version > _LATEST_VERSION:
+                raise self._too_new(version)
+            if version < _LATEST_VERSION:
+                raise StoreError(
+                    f"alert store {self.path} has schema version {version}, "
+                    f"this ksift needs {_LATEST_VERSION}; start the agent once to migrate it"
+                )
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot read alert store {self.path}: {exc}") from exc
+        except StoreError:
+            conn.close()
+            raise
+        return conn
+
+    def _connect(self, target: str, uri: bool) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the
+            # sqlite3 module never opens a transaction behind our back.
+            conn = sqlite3.connect(
+                target,
+                uri=uri,
+                timeout=_BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open alert store {self.path}: {exc}") from exc
+        return conn
+
+    @staticmethod
+    def _read_version(conn: sqlite3.Connection) -> int:
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+        ).fetchone()
+        if not exists:
+            return 0
+        row = conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    def _too_new(self, version: int) -> StoreError:
+        return StoreError(
+            f"alert store {self.path} has schema version {version}, newer than this "
+            f"ksift knows ({_LATEST_VERSION}); upgrade ksift or use another path"
+        )
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, applied_at TEXT)"
+        )
+        current = self._read_version(conn)
+        if current > _LATEST_VERSION:
+            raise self._too_new(current)
+        for version, script in MIGRATIONS:
+            if version <= current:
+                continue
+            # IMMEDIATE takes the write lock up front; re-checking inside it
+            # makes two agents starting at once apply each migration once.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                done = conn.execute(
+                    "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
+                ).fetchone()
+                if not done:
+                    for statement in _statements(script):
+                        conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                        (version, rfc3339(time.time())),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    # -- public API --------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """The highest migration applied to this database (0 if none)."""
+        with self._guard("read schema version of"):
+            return self._read_version(self._conn)
+
+    def add(self, alert: dict[str, Any]) -> None:
+        """Store an alert, replacing any earlier one with the same id."""
+        row = self._row(alert)
+        with self._guard("write to"):
+            self._conn.execute(
+                "INSERT OR REPLACE INTO alerts "
+                "(id, incident_id, ts, ts_unix, rule, severity, status, pid, summary, body) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+
+    def list(
+        self,
+        since: datetime | None = None,
+        rule: str | None = None,
+        severity: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        """The newest `limit` matching alerts, returned oldest first.
+
+        A naive `since` is taken as UTC. Ties on timestamp keep insertion order.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        where: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            if since.tzinfo is None:
+                since = since.replace(tzinfo=timezone.utc)
+            where.append("ts_unix >= ?")
+            params.append(since.timestamp())
+        for column, value in (("rule", rule), ("severity", severity), ("status", status)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        # Pick the newest rows, then flip them back into chronological order.
+        sql = (
+            f"SELECT body FROM (SELECT body, ts_unix, rowid AS seq FROM alerts {clause} "
+            "ORDER BY ts_unix DESC, seq DESC LIMIT ?) ORDER BY ts_unix ASC, seq ASC"
+        )
+        params.append(limit)
+        with self._guard("read"):
+            rows = self._conn.execute(sql, params).fetchall()
+        return [self._decode(body) for (body,) in rows]
+
+    def get(self, alert_id: str) -> dict[str, Any] | None:
+        """The alert with this id, or None."""
+        with self._guard("read"):
+            row = self._conn.execute("SELECT body FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+        return None if row is None else self._decode(row[0])
+
+    def close(self) -> None:
+        """Close the database; safe to call more than once."""
+        with self._lock:
+            try:
+                self._conn.close()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot close alert store {self.path}: {exc}") from exc
+
+    def __enter__(self) -> AlertStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "ro" if self._readonly else "rw"
+        return f"AlertStore({str(self.path)!r}, {mode})"
+
+    # -- helpers -----------------------------------------------------------
+
+    @contextmanager
+    def _guard(self, action: str) -> Iterator[None]:
+        """Hold the lock and turn sqlite3 errors into StoreError naming the path."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot {action} alert store {self.path}: {exc}") from exc
+
+    def _row(self, alert: dict[str, Any]) -> tuple[Any, ...]:
+        """Extract the indexed columns; StoreError if the alert lacks them."""
+        try:
+            ts = alert["ts"]
+            ts_unix = parse_timestamp(ts).timestamp()
+            pid = (alert.get("subject") or {}).get("pid")
+            body = json.dumps(alert, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            return (
+                str(alert["id"]),
+                str(alert["incident_id"]),
+                str(ts),
+                ts_unix,
+                str(alert["rule"]),
+                str(alert["severity"]),
+                str(alert["status"]),
+                pid if isinstance(pid, int) else None,
+                str(alert["summary"]),
+                body,
+            )
+        except KeyError as exc:
+            raise StoreError(f"cannot store alert in {self.path}: missing field {exc}") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise StoreError(f"cannot store alert in {self.path}: {exc}") from None
+
+    def _decode(self, body: str) -> dict[str, Any]:
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise StoreError(f"alert store {self.path} holds a corrupt alert: {exc}") from None

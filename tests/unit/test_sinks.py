@@ -1,0 +1,236 @@
+import io
+import json
+
+import pytest
+
+from ksift.sinks.base import Sink
+from ksift.sinks.console import ConsoleSink, format_alert_text
+from ksift.sinks.store import StoreSink
+from ksift.store.sqlite import AlertStore
+
+
+def make_alert(**overrides):
+    alert = {
+        "id": "a1",
+        "incident_id": "inc-7f3a",
+        "status": "open",
+        "ts": "2026-11-25T00:10:00.123Z",
+        "rule": "fork_storm",
+        "severity": "warning",
+        "summary": "PID 1234 (bash) forked 57 times in the last 1s",
+        "count": 57,
+        "window_s": 1.0,
+        "threshold": 50,
+        "subject": {
+            "pid": 1234,
+            "ppid": 1200,
+            "comm": "bash",
+            "exe": "/usr/bin/bash",
+            "cmdline": ["bash", "-c", "f(){ f|f& };f"],
+            "uid": 0,
+            "cgroup_id": 4242,
+            "cgroup": "/system.slice/docker-abc123def456789.scope",
+            "container_id": "abc123def4567890abcdef",
+            "container_runtime": "docker",
+            "pod_uid": "pod-uid-1",
+            "systemd_unit": None,
+        },
+        "ancestry": [{"pid": 1200, "comm": "sshd"}, {"pid": 1, "comm": "systemd"}],
+        "stack": None,
+        "suppressed": 3,
+        "degraded": None,
+        "started_at": "2026-11-25T00:10:00.123Z",
+        "resolved_at": None,
+        "duration_s": None,
+        "extra_key": "kept",
+    }
+    alert.update(overrides)
+    return alert
+
+
+class BrokenPipeStream:
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+# -- protocol --------------------------------------------------------------
+
+
+def test_sinks_satisfy_the_protocol(tmp_path):
+    with AlertStore(tmp_path / "a.db") as store:
+        for sink in (ConsoleSink(io.StringIO(), json_lines=True), StoreSink(store)):
+            assert isinstance(sink, Sink)
+            assert sink.name
+            assert (sink.delivered, sink.failed) == (0, 0)
+
+
+# -- console: JSON lines ---------------------------------------------------
+
+
+def test_json_lines_parse_back():
+    stream = io.StringIO()
+    sink = ConsoleSink(stream, json_lines=True)
+    first, second = make_alert(), make_alert(id="a2", summary="naïve ✓")
+    sink.emit(first)
+    sink.emit(second)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert [json.loads(line) for line in lines] == [first, second]
+    assert sink.delivered == 2 and sink.failed == 0
+
+
+def test_json_lines_are_compact_and_flushed():
+    class Recorder(io.StringIO):
+        flushes = 0
+
+        def flush(self):
+            self.flushes += 1
+            super().flush()
+
+    stream = Recorder()
+    ConsoleSink(stream, json_lines=True).emit(make_alert())
+    assert stream.flushes >= 1
+    assert ", " not in stream.getvalue().split('"summary"')[0]  # compact separators
+
+
+# -- console: text -----------------------------------------------------------
+
+
+def test_text_format_contains_the_essentials():
+    text = format_alert_text(make_alert())
+    lines = text.splitlines()
+    assert text.endswith("\n")
+    assert lines[0] == (
+        "2026-11-25T00:10:00.123Z WARNING fork_storm OPEN  PID 1234 (bash) forked 57 times in the last 1s"
+    )
+    assert "  process: /usr/bin/bash bash -c 'f(){ f|f& };f' (uid 0)" in lines
+    assert "  parent:  1200 (sshd) <- 1 (systemd)" in lines
+    cgroup_line = next(line for line in lines if line.startswith("  cgroup:"))
+    assert "container: abc123def456 (docker)" in cgroup_line
+    assert "container: abc123def4567" not in cgroup_line  # short container id
+    assert "pod: pod-uid-1" in cgroup_line
+    assert "  incident: inc-7f3a  count 57 in 1s (threshold 50)  suppressed 3" in lines
+    assert "DEGRADED" not in text and "RESOLVED" not in text
+
+
+def test_text_format_omits_lines_whose_fields_are_all_null():
+    subject = dict.fromkeys(make_alert()["subject"])
+    text = format_alert_text(make_alert(subject=subject, ancestry=[], suppressed=0))
+    assert "process:" not in text
+    assert "parent:" not in text
+    assert "cgroup:" not in text
+    assert "suppressed" not in text
+    assert "incident:" in text
+
+
+def test_text_format_falls_back_to_ppid_and_comm():
+    subject = dict.fromkeys(make_alert()["subject"])
+    subject.update(ppid=77, comm="curl", cgroup_id=9)
+    text = format_alert_text(make_alert(subject=subject, ancestry=[]))
+    assert "  process: curl\n" in text
+    assert "  parent:  77\n" in text
+    assert "  cgroup:  id 9\n" in text
+
+
+def test_text_format_degraded_and_resolved():
+    alert = make_alert(
+        status="resolved",
+        degraded={"records_lost": 12, "reason": "ring buffer full"},
+        resolved_at="2026-11-25T00:10:03.323Z",
+        duration_s=3.2,
+    )
+    text = format_alert_text(alert)
+    assert " RESOLVED " in text.splitlines()[0]
+    assert "  DEGRADED: 12 records lost (ring buffer full)\n" in text
+    assert "  RESOLVED after 3.2s\n" in text
+
+
+def test_text_format_truncates_long_cmdlines():
+    subject = dict(make_alert()["subject"], cmdline=["python3", "-c", "x" * 5000])
+    text = format_alert_text(make_alert(subject=subject))
+    process_line = next(line for line in text.splitlines() if "process:" in line)
+    assert len(process_line) < 300
+    assert "..." in process_line
+
+
+def test_text_format_escapes_control_characters():
+    # comm and argv are chosen by the traced process: they must not forge lines.
+    subject = dict(make_alert()["subject"], comm="evil\nFAKE", cmdline=["sh", "a\nCRITICAL fake"])
+    text = format_alert_text(make_alert(subject=subject, summary="PID 1 (evil\nFAKE) forked"))
+    assert not any(line.startswith(("FAKE", "CRITICAL")) for line in text.splitlines())
+    assert "\\n" in text
+
+
+def test_text_format_survives_a_sparse_alert():
+    text = format_alert_text({"summary": "something happened"})
+    assert "something happened" in text
+
+
+def test_text_sink_writes_blocks():
+    stream = io.StringIO()
+    sink = ConsoleSink(stream, json_lines=False)
+    sink.emit(make_alert())
+    assert stream.getvalue() == format_alert_text(make_alert())
+    assert sink.delivered == 1
+
+
+# -- console: failures -------------------------------------------------------
+
+
+@pytest.mark.parametrize("json_lines", [True, False])
+def test_closed_stream_counts_failed_and_does_not_raise(json_lines):
+    stream = io.StringIO()
+    stream.close()
+    sink = ConsoleSink(stream, json_lines=json_lines)
+    sink.emit(make_alert())
+    sink.emit(make_alert())
+    assert (sink.delivered, sink.failed) == (0, 2)
+    sink.close()
+
+
+def test_broken_pipe_counts_failed_and_does_not_raise():
+    sink = ConsoleSink(BrokenPipeStream(), json_lines=True)
+    sink.emit(make_alert())
+    assert (sink.delivered, sink.failed) == (0, 1)
+    sink.close()
+
+
+def test_unencodable_text_counts_failed():
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii")
+    sink = ConsoleSink(stream, json_lines=False)
+    sink.emit(make_alert(summary="snowman ☃"))
+    assert sink.failed == 1
+
+
+def test_console_close_does_not_close_the_stream():
+    stream = io.StringIO()
+    ConsoleSink(stream, json_lines=True).close()
+    assert not stream.closed
+
+
+# -- store sink ----------------------------------------------------------------
+
+
+def test_store_sink_saves_alerts(tmp_path):
+    store = AlertStore(tmp_path / "alerts.db")
+    sink = StoreSink(store)
+    sink.emit(make_alert())
+    assert store.get("a1") == make_alert()
+    assert (sink.delivered, sink.failed) == (1, 0)
+    sink.close()
+    sink.close()
+
+
+def test_store_sink_counts_errors_and_does_not_raise(tmp_path, caplog):
+    store = AlertStore(tmp_path / "alerts.db")
+    sink = StoreSink(store)
+    sink.emit({"id": "broken"})  # missing required fields
+    store.close()
+    sink.emit(make_alert())  # store closed underneath
+    sink.emit("not a dict")  # type: ignore[arg-type]
+    assert (sink.delivered, sink.failed) == (0, 3)
+    assert "broken" in caplog.text
