@@ -23,6 +23,10 @@ struct {
 	__type(value, struct ksift_counters);
 } ks_counters SEC(".maps");
 
+/* Anchor every record layout in the object's BTF so the Python mirror can be
+ * checked against it (tests/unit/test_abi.py). Never read or written. */
+const struct ksift_record *ksift_record_abi __attribute__((unused));
+
 static __always_inline void count(__u32 idx)
 {
 	__u32 zero = 0;

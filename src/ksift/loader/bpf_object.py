@@ -194,6 +194,9 @@ class BpfObject:
     def program_names(self) -> list[str]:
         return [self.lib.so.bpf_program__name(p).decode() for p in self.lib.iter_programs(self._require())]
 
+    def section_name(self, program: str) -> str:
+        return self.lib.so.bpf_program__section_name(self._program(program)).decode()
+
     def _program(self, name: str) -> int:
         for prog in self.lib.iter_programs(self._require()):
             if self.lib.so.bpf_program__name(prog).decode() == name:

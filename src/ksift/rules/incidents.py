@@ -84,6 +84,7 @@ class IncidentEngine:
         self.windows = {r.name: KeyedWindows(max(int(r.window_s * NS), 1)) for r in rules}
         self._cooldown_until: dict[tuple[str, int], int] = {}
         self._cooldown_folded: dict[tuple[str, int], int] = {}
+        self._run_base: dict[tuple[str, int], int] = {}  # key's total before its current hot run (sustain)
         self._losses: deque[tuple[int, int]] = deque(maxlen=loss_memory)
         self.stats = {"crossings": 0, "opened": 0, "resolved": 0, "folded": 0, "cooldown_suppressed": 0,
                       "pending": 0, "refused_full": 0, "unknown_rule": 0}
@@ -119,6 +120,12 @@ class IncidentEngine:
                 return []
             del self._cooldown_until[ident]
 
+        run_start = windows.run_start_ns(c.key)
+        if run_start is None:
+            run_start = c.window_start_ns
+        if run_start == c.window_start_ns:
+            # A new run of hot windows: its count starts from this window's first event.
+            self._run_base[ident] = c.total - c.window_count
         if windows.sustained_ns(c.key) < int(rule.sustain_s * NS):
             self.stats["pending"] += 1
             return []
@@ -126,12 +133,12 @@ class IncidentEngine:
             self.stats["refused_full"] += 1
             return []
 
-        run_start = windows.run_start_ns(c.key) or c.window_start_ns
-        first = windows.last(c.key)
+        last = windows.last(c.key)
         inc = Incident(
             id=self.new_id(), rule=rule, key=c.key, task=c.task, opened_ns=c.ktime_ns,
-            first_window_ns=run_start, base_total=c.total - c.window_count, latest_total=c.total,
-            peak_window_count=max(c.window_count, first.count if first else 0), last_window_ns=c.window_start_ns,
+            first_window_ns=run_start, base_total=self._run_base.pop(ident, c.total - c.window_count),
+            latest_total=c.total, peak_window_count=max(c.window_count, last.count if last else 0),
+            last_window_ns=c.window_start_ns,
             suppressed=self._cooldown_folded.pop(ident, 0),
             records_lost=self.losses_between(c.window_start_ns - int(rule.window_s * NS), c.ktime_ns),
         )
@@ -189,6 +196,8 @@ class IncidentEngine:
         # Cooldown crossings wait for the key's next incident; bound how many keys we remember.
         while len(self._cooldown_folded) > self.max_open:
             self._cooldown_folded.pop(next(iter(self._cooldown_folded)))
+        while len(self._run_base) > self.max_open:
+            self._run_base.pop(next(iter(self._run_base)))
         for windows in self.windows.values():
             windows.evict_idle(now_ns)
         return out
