@@ -362,42 +362,52 @@ class BpfRunStats:
             os.close(self.fd)
             self.fd = -1
 
-    def snapshot(self, pid: int) -> dict[str, dict]:
-        """run_cnt / run_time_ns of the agent's programs (matched by owning pid when bpftool shows it)."""
-        if self.bpftool is None:
+    def snapshot(self, prog_ids: set[int]) -> dict[int, dict]:
+        """run_cnt / run_time_ns of the given programs, by id."""
+        progs = list_programs()
+        if progs is None:
+            self.error = "bpftool prog show failed"
             return {}
-        try:
-            out = subprocess.run([self.bpftool, "prog", "show", "--json"], capture_output=True,
-                                 text=True, timeout=20).stdout
-            progs = json.loads(out or "[]")
-        except (OSError, subprocess.SubprocessError, json.JSONDecodeError) as exc:
-            self.error = f"bpftool prog show: {exc}"
-            return {}
-        found: dict[str, dict] = {}
-        for prog in progs:
-            name = prog.get("name")
-            if name not in PROGRAMS:
-                continue
-            pids = [p.get("pid") for p in prog.get("pids", [])]
-            if pids and pid not in pids:
-                continue
-            found[name] = {"id": prog.get("id"), "run_cnt": prog.get("run_cnt", 0),
-                           "run_time_ns": prog.get("run_time_ns", 0)}
-        return found
+        return {p["id"]: {"name": p.get("name"), "run_cnt": p.get("run_cnt", 0),
+                          "run_time_ns": p.get("run_time_ns", 0)}
+                for p in progs if p.get("id") in prog_ids}
 
 
-def other_ksift_programs() -> list[dict]:
-    """ksift programs already loaded by someone else: they would tax the "without" rounds too."""
+def list_programs() -> list[dict] | None:
     bpftool = shutil.which("bpftool")
     if bpftool is None:
-        return []
+        return None
     try:
-        progs = json.loads(subprocess.run([bpftool, "prog", "show", "--json"], capture_output=True,
-                                          text=True, timeout=20).stdout or "[]")
+        out = subprocess.run([bpftool, "prog", "show", "--json"], capture_output=True, text=True, timeout=20)
+        return json.loads(out.stdout or "[]")
     except (OSError, subprocess.SubprocessError, json.JSONDecodeError):
-        return []
-    return [{"id": p.get("id"), "name": p.get("name"), "pids": p.get("pids", [])}
-            for p in progs if p.get("name") in PROGRAMS]
+        return None
+
+
+def agent_prog_ids(pid: int) -> set[int]:
+    """Ids of the BPF programs a process holds, from /proc/<pid>/fdinfo (no need for bpftool's pid view)."""
+    ids: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return ids
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-prog":
+                continue
+        except OSError:
+            continue
+        for line in (read_text(f"/proc/{pid}/fdinfo/{fd}") or "").splitlines():
+            if line.startswith("prog_id:"):
+                ids.add(int(line.split()[1]))
+    return ids
+
+
+def foreign_ksift_programs(own: set[int] = frozenset()) -> list[dict]:
+    """ksift programs loaded by someone else (another agent, a test): they tax the "without" side too."""
+    progs = list_programs() or []
+    return [{"id": p.get("id"), "name": p.get("name")} for p in progs
+            if p.get("name") in PROGRAMS and p.get("id") not in own]
 
 
 # -- the two halves ----------------------------------------------------------------------
@@ -409,14 +419,17 @@ def bench_overhead(args, forkloop: Path, workdir: Path) -> dict:
     for r in range(args.rounds):
         order = ("off", "on") if r % 2 == 0 else ("on", "off")
         for side in order:
-            host0 = host_cpu_times()
             if side == "off":
+                foreign = foreign_ksift_programs()
                 time.sleep(SETTLE_S)
+                host0 = host_cpu_times()
                 loop = run_forkloop(forkloop, args.forks)
                 entry = {"round": r + 1, "side": "off", **loop}
             else:
                 with Agent(args.ksift, workdir, f"overhead-{r + 1}").start() as agent:
+                    foreign = foreign_ksift_programs(agent_prog_ids(agent.proc.pid))
                     time.sleep(SETTLE_S)
+                    host0 = host_cpu_times()
                     a = agent.sample()
                     loop = run_forkloop(forkloop, args.forks)
                     b = agent.sample()
@@ -427,13 +440,16 @@ def bench_overhead(args, forkloop: Path, workdir: Path) -> dict:
                              "agent_exit": agent.exit_code, "agent_warnings": agent.warnings()}
             entry["cpu_ns_per_fork"] = round(1e9 * (loop["cpu_self_s"] + loop["cpu_children_s"]) / loop["n"], 1)
             entry["host"] = host_cpu_share(host0, host_cpu_times())
+            entry["foreign_ksift_programs"] = len(foreign)
             rounds.append(entry)
             extra = ""
             if side == "on":
                 extra = (f", alerts {entry['alerts']['total']}, agent "
                          f"{core_pct(entry['agent_during_loop']):.2f}% of a core")
             log(f"round {r + 1}/{args.rounds} {side:>3}: {loop['ns_per_fork']:,.0f} ns/fork "
-                f"(cpu {entry['cpu_ns_per_fork']:,.0f} ns/fork, steal {entry['host']['steal_pct']}%){extra}")
+                f"(cpu {entry['cpu_ns_per_fork']:,.0f} ns/fork, host busy {entry['host']['busy_pct']:.0f}%, "
+                f"steal {entry['host']['steal_pct']:.1f}%){extra}"
+                + (f" [{len(foreign)} foreign ksift programs loaded]" if foreign else ""))
 
     def side(name, key):
         return [e[key] for e in rounds if e["side"] == name]
@@ -467,6 +483,9 @@ def bench_overhead(args, forkloop: Path, workdir: Path) -> dict:
         "agent_ready_after_s": median([e["agent_startup"]["ready_after_s"] for e in on_rounds]),
         "agent_cpu_s_to_ready": median([e["agent_startup"]["cpu_s_to_ready"] for e in on_rounds]),
         "steal_pct_median": median([e["host"]["steal_pct"] for e in rounds]),
+        "host_busy_pct_median_off": median([e["host"]["busy_pct"] for e in rounds if e["side"] == "off"]),
+        "host_busy_pct_median_on": median([e["host"]["busy_pct"] for e in rounds if e["side"] == "on"]),
+        "rounds_with_foreign_ksift": sum(1 for e in rounds if e["foreign_ksift_programs"]),
     }
     return {"summary": summary, "rounds": rounds}
 
@@ -492,27 +511,30 @@ def bench_footprint(args, forkloop: Path, workdir: Path) -> dict:
     log(f"footprint: storm of {args.storm_rate} forks/s for {args.phase_seconds:g}s ({n} forks)")
     with Agent(args.ksift, workdir, "storm").start() as agent:
         time.sleep(FOOTPRINT_SETTLE_S)
+        own = agent_prog_ids(agent.proc.pid)
+        foreign = foreign_ksift_programs(own)
         with BpfRunStats() as bpf:
-            p0 = bpf.snapshot(agent.proc.pid) if bpf.error is None else {}
+            p0 = bpf.snapshot(own) if bpf.error is None else {}
             host0, a = host_cpu_times(), agent.sample()
             loop = run_forkloop(forkloop, n, args.storm_rate)
             time.sleep(STORM_TAIL_S)
             b = agent.sample()
             host = host_cpu_share(host0, host_cpu_times())
-            p1 = bpf.snapshot(agent.proc.pid) if bpf.error is None else {}
+            p1 = bpf.snapshot(own) if bpf.error is None else {}
         hooks = {}
-        for name in PROGRAMS:
-            if name in p0 and name in p1:
-                cnt = p1[name]["run_cnt"] - p0[name]["run_cnt"]
-                ns = p1[name]["run_time_ns"] - p0[name]["run_time_ns"]
-                hooks[name] = {"run_cnt": cnt, "run_time_ns": ns, "ns_per_run": round(ns / cnt, 1) if cnt else None}
+        for prog_id, after in p1.items():
+            if prog_id in p0 and after["name"] in PROGRAMS:
+                cnt = after["run_cnt"] - p0[prog_id]["run_cnt"]
+                ns = after["run_time_ns"] - p0[prog_id]["run_time_ns"]
+                hooks[after["name"]] = {"id": prog_id, "run_cnt": cnt, "run_time_ns": ns,
+                                        "ns_per_run": round(ns / cnt, 1) if cnt else None}
         if "ks_fork" in hooks and "ks_exit" in hooks and hooks["ks_fork"]["run_cnt"]:
             hooks["ns_per_fork_fork_plus_exit"] = round(
                 (hooks["ks_fork"]["run_time_ns"] + hooks["ks_exit"]["run_time_ns"]) / hooks["ks_fork"]["run_cnt"], 1)
         agent.stop()
         phases["storm"] = {"agent": cpu_delta(a, b), "startup": agent.startup, "host": host, "forkloop": loop,
                            "funnel": funnel_of(agent.stats()), "alerts": agent.alerts(),
-                           "bpf_hooks": hooks, "bpf_stats_error": bpf.error,
+                           "bpf_hooks": hooks, "bpf_stats_error": bpf.error, "foreign_ksift_programs": foreign,
                            "agent_exit": agent.exit_code, "agent_warnings": agent.warnings()}
     log(f"  storm: {core_pct(phases['storm']['agent']):.2f}% of a core, "
         f"VmHWM {phases['storm']['agent']['vm_hwm_kib'] / 1024:.1f} MiB, "
@@ -540,7 +562,9 @@ def print_report(result: dict, out=sys.stdout) -> None:
       f"spread of 'without' rounds {ov['spread_off_pct']:.1f}%\n")
     w(f"  alerts per 'with' round: {ov['alerts_per_on_round']:g} ({ov['alerts_total']} in all); "
       f"agent during the fast storm: {ov['agent_cpu_pct_during_fast_storm']:.2f}% of a core; "
-      f"host steal (median) {ov['steal_pct_median']}%\n")
+      f"host steal (median) {ov['steal_pct_median']:.1f}%\n")
+    w(f"  host CPU busy during the loops (median, of {m['cpus']} CPUs): without "
+      f"{ov['host_busy_pct_median_off']:.0f}%, with {ov['host_busy_pct_median_on']:.0f}%\n")
     w(f"  agent start: ready after {ov['agent_ready_after_s']:.2f}s, {ov['agent_cpu_s_to_ready']:.2f} CPU s\n")
 
     w("\nFootprint of the agent\n")
@@ -581,8 +605,12 @@ def print_report(result: dict, out=sys.stdout) -> None:
             w(f"  per fork (ks_fork + the child's ks_exit): {hooks['ns_per_fork_fork_plus_exit']:,.0f} ns\n")
     elif storm.get("bpf_stats_error"):
         w(f"\nIn-kernel hook cost not measured: {storm['bpf_stats_error']}\n")
-    if result.get("other_ksift_programs"):
-        w(f"\nWARNING: other ksift BPF programs were loaded during the run: {result['other_ksift_programs']}\n")
+    foreign = {"at start": len(result.get("foreign_ksift_programs_at_start", [])),
+               "overhead rounds": ov["rounds_with_foreign_ksift"],
+               "storm phase": len(storm.get("foreign_ksift_programs", []))}
+    if any(foreign.values()):
+        w(f"\nWARNING: another ksift (agent or test) had programs loaded: {foreign} "
+          f"(programs at start / rounds affected / programs during the storm); its hooks tax both sides\n")
 
 
 def parse_args(argv=None):
@@ -624,13 +652,13 @@ def main(argv=None) -> int:
               "params": {"rounds": args.rounds, "forks": args.forks, "storm_rate": args.storm_rate,
                          "phase_seconds": args.phase_seconds, "ksift": str(args.ksift)}}
     try:
-        already = other_ksift_programs()
+        already = foreign_ksift_programs()
+        result["foreign_ksift_programs_at_start"] = already
         if already:
             log(f"WARNING: ksift programs already loaded by another process: {already}")
         forkloop = build_forkloop(workdir)
         result["overhead"] = bench_overhead(args, forkloop, workdir)
         result["footprint"] = bench_footprint(args, forkloop, workdir)
-        result["other_ksift_programs"] = already or other_ksift_programs()
     except BenchError as exc:
         print(f"run_bench.py: {exc}", file=sys.stderr)
         print(f"run_bench.py: agent logs kept in {workdir}", file=sys.stderr)

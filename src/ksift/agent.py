@@ -70,10 +70,14 @@ class Agent:
         self.funnel = Funnel()
         self._stop: asyncio.Event | None = None
         self._last_dropped = 0
+        self._started = False
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
+        """Load and attach every sensor; all or nothing. Starting twice is a no-op."""
+        if self._started:
+            return
         started: list[Sensor] = []
         try:
             for sensor in self.sensors:
@@ -84,12 +88,21 @@ class Agent:
             for sensor in reversed(started):
                 sensor.close()
             raise
+        self._started = True
+
+    def __enter__(self) -> "Agent":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def close(self) -> None:
         """The one teardown path for the BPF side: every sensor detaches and closes."""
         for sensor in reversed(self.sensors):
             with contextlib.suppress(Exception):
                 sensor.close()
+        self._started = False
 
     def stop(self) -> None:
         if self._stop is not None:

@@ -130,12 +130,40 @@ class ScratchCgroup:
                 time.sleep(0.1)
 
 
-def ksift_bpf_in_kernel() -> list[str]:
-    """Names of ksift programs (all named ks_*) and of links to them still in the kernel."""
-    progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                                      check=True).stdout or "[]")
-    ours = {p["id"]: p.get("name", "") for p in progs if p.get("name", "").startswith("ks_")}
-    links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True,
-                                      check=True).stdout or "[]")
-    leaked_links = [f"link {ln['id']} -> {ours[ln['prog_id']]}" for ln in links if ln.get("prog_id") in ours]
-    return [f"prog {i} {n}" for i, n in ours.items()] + leaked_links
+def owned_bpf_ids(pid: int) -> tuple[set[int], set[int]]:
+    """(program ids, link ids) a running process holds, read from its fdinfo."""
+    progs, links = set(), set()
+    fdinfo = Path(f"/proc/{pid}/fdinfo")
+    for entry in fdinfo.iterdir():
+        try:
+            text = entry.read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        if "link_id" in fields:
+            links.add(int(fields["link_id"]))
+        elif "prog_id" in fields:
+            progs.add(int(fields["prog_id"]))
+    return progs, links
+
+
+def bpf_ids_in_kernel() -> tuple[set[int], set[int]]:
+    def ids(kind: str) -> set[int]:
+        out = subprocess.run(["bpftool", "-j", kind, "show"], capture_output=True, text=True, check=True).stdout
+        return {item["id"] for item in json.loads(out or "[]")}
+
+    return ids("prog"), ids("link")
+
+
+def assert_released(held: tuple[set[int], set[int]]) -> None:
+    """Nothing the agent held is still in the kernel (other agents on the host do not matter).
+
+    The kernel frees a closed program after an RCU grace period, so allow it a moment.
+    """
+    for _ in range(50):
+        progs, links = bpf_ids_in_kernel()
+        if not (held[0] & progs or held[1] & links):
+            return
+        time.sleep(0.1)
+    assert not (held[0] & progs), f"programs left in the kernel: {sorted(held[0] & progs)}"
+    assert not (held[1] & links), f"links left in the kernel: {sorted(held[1] & links)}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from harness import ScratchCgroup, ksift_bpf_in_kernel, run_forker, start_agent
+from harness import ScratchCgroup, assert_released, bpf_ids_in_kernel, owned_bpf_ids, run_forker, start_agent
 
 
 def _for_pid(alerts: list[dict], pid: int) -> list[dict]:
@@ -16,6 +16,7 @@ def test_fork_storm_gives_one_incident_with_context(tmp_path):
     with ScratchCgroup() as cg:
         agent = start_agent(tmp_path, duration=11)
         agent.wait_ready()
+        held = owned_bpf_ids(agent.proc.pid)
         t0 = time.monotonic()
         work = run_forker(rate=200, seconds=3, comm="ks-forker", cgroup=cg.path)
         cg_id, cg_rel = cg.id, cg.rel
@@ -58,13 +59,14 @@ def test_fork_storm_gives_one_incident_with_context(tmp_path):
     with AlertStore.open_readonly(agent.db_path) as store:
         stored = [a for a in store.list(rule="fork_storm") if a["subject"]["pid"] == work["pid"]]
     assert [a["status"] for a in stored] == ["open", "resolved"]
-    assert not ksift_bpf_in_kernel()
+    assert_released(held)
     assert time.monotonic() - t0 < 60
 
 
 def test_quiet_workload_gives_no_alert(tmp_path):
     agent = start_agent(tmp_path, duration=6)
     agent.wait_ready()
+    held = owned_bpf_ids(agent.proc.pid)
     work = run_forker(rate=3, seconds=3, comm="ks-quiet")
     assert agent.wait(timeout=60) == 0, agent.stderr()
 
@@ -72,15 +74,17 @@ def test_quiet_workload_gives_no_alert(tmp_path):
     stats = agent.stats()
     assert stats["kernel"]["process"]["rb_dropped"] == 0 and stats["transport"]["malformed"] == 0
     assert stats["kernel"]["process"]["fork_seen"] >= work["forks"]  # it was watching, and it saw them
-    assert not ksift_bpf_in_kernel()
+    assert_released(held)
 
 
 def test_sigterm_leaves_nothing_attached(tmp_path):
     agent = start_agent(tmp_path)
     agent.wait_ready()
-    assert any(name.startswith("prog") for name in ksift_bpf_in_kernel()), "agent attached nothing?"
+    held = owned_bpf_ids(agent.proc.pid)
+    assert len(held[0]) == 3 and len(held[1]) == 3, f"expected 3 programs and 3 links, got {held}"
+    assert held[0] <= bpf_ids_in_kernel()[0]
     assert agent.terminate() == 0, agent.stderr()
-    assert not ksift_bpf_in_kernel()
+    assert_released(held)
     assert agent.stats()["ticks"] > 0  # the normal teardown path ran
 
 
@@ -89,6 +93,8 @@ def test_sigint_leaves_nothing_attached(tmp_path):
 
     agent = start_agent(tmp_path)
     agent.wait_ready()
+    held = owned_bpf_ids(agent.proc.pid)
+    assert held[0] and held[1]
     agent.proc.send_signal(signal.SIGINT)
     assert agent.wait(timeout=30) == 0, agent.stderr()
-    assert not ksift_bpf_in_kernel()
+    assert_released(held)

@@ -121,11 +121,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             agent.start()
         except BpfError as exc:
             raise BpfError(f"{exc}\n(run `ksift doctor` to see what this host supports)") from exc
-        log.info("watching the host (tick %.0f ms)%s", config.tick_s * 1000,
-                 f" for {args.duration:g}s" if args.duration else "; Ctrl-C or SIGTERM stops")
-        asyncio.run(agent.run(args.duration))
+        with agent:  # detaches everything on every way out
+            log.info("watching the host (tick %.0f ms)%s", config.tick_s * 1000,
+                     f" for {args.duration:g}s" if args.duration else "; Ctrl-C or SIGTERM stops")
+            asyncio.run(agent.run(args.duration))
     finally:
-        agent.close()
         report = agent.funnel_report()
         log.info("funnel: %s", json.dumps(report, sort_keys=True))
         if args.stats:
