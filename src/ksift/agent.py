@@ -71,6 +71,7 @@ class Agent:
         self._stop: asyncio.Event | None = None
         self._last_dropped = 0
         self._started = False
+        self._owner = {rule.name: sensor for sensor in sensors for rule in sensor.rules()}
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -161,41 +162,44 @@ class Agent:
         self.funnel.records_malformed = sum(s.reader.malformed for s in self.sensors if s.reader)
         if len(batch) == 0:
             return
-        if isinstance(sensor, ProcessSensor):
+        try:
+            decoded = sensor.decode(batch)
+        except Exception:
+            log.exception("could not decode a batch of %d records from %s", len(batch), sensor.name)
+            self.funnel.records_failed += len(batch)
+            return
+        self.funnel.records_failed += decoded.failed
+        transitions: list[Transition] = []
+        for c in decoded.crossings:
             try:
-                crossings, exits = sensor.decode(batch)
+                transitions += self.engine.observe(c)
             except Exception:
-                log.exception("could not decode a batch of %d records from %s", len(batch), sensor.name)
-                self.funnel.records_failed += len(batch)
-                return
-            transitions: list[Transition] = []
-            for c in crossings:
-                try:
-                    transitions += self.engine.observe(c)
-                except Exception:
-                    log.exception("could not handle a crossing of %s for key %s", c.rule, c.key)
-                    self.funnel.records_failed += 1
-            if sensor.fork_rule is not None:
-                for tgid, total, code in exits:
-                    self.engine.key_exited(sensor.fork_rule.name, tgid, total, code)
-            self._refresh_open()
-            self._emit(transitions)
+                log.exception("could not handle a crossing of %s for key %s", c.rule, c.key)
+                self.funnel.records_failed += 1
+        for gone in decoded.exits:
+            self.engine.key_exited(gone.rule, gone.key, gone.total, gone.exit_code)
+        self._refresh_open()
+        self._emit(transitions)
 
     def _refresh_open(self) -> None:
-        for sensor in self.sensors:
-            if isinstance(sensor, ProcessSensor) and sensor.fork_rule is not None:
-                name = sensor.fork_rule.name
-                for rule, key in self.engine.open_keys():
-                    if rule != name:
-                        continue
-                    state = sensor.fork_state(key)
-                    if state is not None:
-                        self.engine.refresh(rule, key, *state)
+        """Read the live totals of open incidents' keys from the kernel (one lookup each)."""
+        for rule, key in self.engine.open_keys():
+            sensor = self._owner.get(rule)
+            if sensor is None:
+                continue
+            try:
+                state = sensor.current(rule, key)
+            except Exception:
+                log.exception("could not read the counters of %s key %s", rule, key)
+                continue
+            if state is not None:
+                self.engine.refresh(rule, key, state.total, state.window_start_ns, state.window_count)
 
     def _emit(self, transitions: list[Transition]) -> None:
         for tr in transitions:
             try:
-                alert = build_alert(tr, self.enricher, self.clocks)
+                owner = self._owner.get(tr.incident.rule.name)
+                alert = build_alert(tr, self.enricher, self.clocks, owner.summarize if owner else None)
             except Exception:
                 log.exception("could not build the %s alert of incident %s", tr.kind, tr.incident.id)
                 continue

@@ -24,26 +24,16 @@ class Clocks:
         return self.wall() - (self.mono_ns() - ktime_ns) / NS
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
-
-
-def summarize(inc: Incident, status: str) -> str:
-    """One sentence that says what is wrong and where."""
+def generic_summary(inc: Incident, status: str) -> str:
     who = f"PID {inc.task.tgid} ({inc.task.comm})"
     window = format_duration(inc.rule.window_s)
-    if inc.rule.signal == "process.fork":
-        if status == "open":
-            return f"{who} forked {inc.peak_window_count:,} times in the last {window}"
-        lasted = format_duration(max((inc.resolved_ns or 0) - inc.first_window_ns, 0) / NS)
-        end = " and exited" if inc.key_exited else ""
-        return (f"{who} fork storm is over{end}: {_plural(inc.count, 'fork')} in {lasted} "
-                f"(peak {inc.peak_window_count:,} in {window})")
-    verb = "crossed" if status == "open" else "is back under"
-    return f"{who} {verb} {inc.rule.name} threshold {inc.rule.threshold} per {window}"
+    if status == "open":
+        return f"{who} went over {inc.rule.name}: {inc.peak_window_count:,} in {window} (threshold {inc.rule.threshold})"
+    return f"{who} is back under {inc.rule.name} ({inc.count:,} in all)"
 
 
-def build_alert(tr: Transition, enricher: Enricher, clocks: Clocks) -> dict:
+def build_alert(tr: Transition, enricher: Enricher, clocks: Clocks,
+                summarize: Callable[[Incident, str], str | None] | None = None) -> dict:
     """The alert for one transition. Context is captured once, when the incident opens."""
     inc = tr.incident
     if not inc.context:
@@ -58,7 +48,7 @@ def build_alert(tr: Transition, enricher: Enricher, clocks: Clocks) -> dict:
         "ts": rfc3339(now),
         "rule": inc.rule.name,
         "severity": inc.rule.severity,
-        "summary": summarize(inc, tr.kind),
+        "summary": (summarize(inc, tr.kind) if summarize else None) or generic_summary(inc, tr.kind),
         "count": inc.count,
         "peak_window_count": inc.peak_window_count,
         "window_s": inc.rule.window_s,

@@ -82,11 +82,14 @@ def start_agent(workdir: Path, *args: str, duration: float | None = None) -> Age
     return AgentRun(proc, workdir)
 
 
-def run_forker(rate: float, seconds: float, comm: str = "ks-forker", cgroup: Path | None = None) -> dict:
+def run_forker(rate: float, seconds: float, comm: str = "ks-forker", cgroup: Path | None = None,
+               threads: bool = False) -> dict:
     cmd = [sys.executable, str(WORKLOADS / "forker.py"), "--rate", str(rate), "--seconds", str(seconds),
            "--comm", comm]
     if cgroup is not None:
         cmd += ["--cgroup", str(cgroup)]
+    if threads:
+        cmd.append("--threads")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -77,6 +77,17 @@ def test_quiet_workload_gives_no_alert(tmp_path):
     assert_released(held)
 
 
+def test_thread_storm_is_not_a_fork_storm(tmp_path):
+    agent = start_agent(tmp_path, duration=6)
+    agent.wait_ready()
+    work = run_forker(rate=300, seconds=3, comm="ks-threads", threads=True)
+    assert agent.wait(timeout=60) == 0, agent.stderr()
+
+    assert _for_pid(agent.alerts(), work["pid"]) == []
+    kernel = agent.stats()["kernel"]["process"]
+    assert kernel["fork_threads"] >= work["forks"]  # seen, and told apart from processes in the kernel
+
+
 def test_sigterm_leaves_nothing_attached(tmp_path):
     agent = start_agent(tmp_path)
     agent.wait_ready()

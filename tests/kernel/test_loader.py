@@ -61,15 +61,18 @@ def test_rodata_threshold_and_batch_lookup_of_aggregates(lib):
         try:
             deadline = 50
             state = None
-            while deadline and (state is None or state[0] < 5):
-                state = sensor.fork_state(parent.pid)
+            while deadline and (state is None or state.total < 5):
+                state = sensor.current("f", parent.pid)
                 deadline -= 1
                 subprocess.run(["sleep", "0.05"])
-            assert state is not None and state[0] == 5 and state[2] == 5
-            keys, values, n = sensor.obj.map("ks_fork_state").lookup_batch()
-            tgids = {int.from_bytes(keys[i * 4:(i + 1) * 4], "little") for i in range(n)}
-            assert parent.pid in tgids
+            assert state is not None and state.total == 5 and state.window_count == 5
+            fork_map = sensor.obj.map("ks_fork_state")
+            keys, values, n = fork_map.lookup_batch(chunk=2)  # several batch calls
+            tgids = [int.from_bytes(keys[i * 4:(i + 1) * 4], "little") for i in range(n)]
+            assert parent.pid in tgids and len(tgids) == len(set(tgids))
             assert os.getpid() not in tgids  # ksift's own forks are filtered in the kernel
+            _, _, deleted = fork_map.lookup_batch(delete=True)
+            assert deleted >= 1 and sensor.current("f", parent.pid) is None
         finally:
             parent.communicate(b"\n", timeout=10)
         # Under the threshold: nothing crossed, nothing emitted.

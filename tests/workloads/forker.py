@@ -1,8 +1,9 @@
 """Workload: one parent that creates child processes at a steady rate.
 
-usage: forker.py --rate N --seconds S [--comm NAME] [--cgroup DIR]
+usage: forker.py --rate N --seconds S [--comm NAME] [--cgroup DIR] [--threads]
 
-Each child exits at once; the parent reaps it. Prints one JSON line at the end:
+Each child exits at once; the parent reaps it. With --threads the children are
+threads (clones in the same thread group), which ksift must not count. Prints one JSON line at the end:
 {"pid": ..., "ppid": ..., "forks": ..., "elapsed_s": ...}.
 """
 
@@ -10,6 +11,7 @@ import argparse
 import ctypes
 import json
 import os
+import threading
 import time
 
 PR_SET_NAME = 15
@@ -21,6 +23,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--comm", default="ks-forker", help="process name the kernel will report")
     ap.add_argument("--cgroup", help="cgroup v2 directory to move into first")
+    ap.add_argument("--threads", action="store_true", help="start threads instead of processes")
     args = ap.parse_args()
 
     if args.cgroup:
@@ -31,10 +34,15 @@ def main() -> None:
     forks = 0
     start = time.monotonic()
     while time.monotonic() - start < args.seconds:
-        pid = os.fork()
-        if pid == 0:
-            os._exit(0)
-        os.waitpid(pid, 0)
+        if args.threads:
+            t = threading.Thread(target=lambda: None)
+            t.start()
+            t.join()
+        else:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
         forks += 1
         # Pace to absolute deadlines so the rate holds even when a fork is slow.
         delay = start + forks / args.rate - time.monotonic()

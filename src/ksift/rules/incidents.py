@@ -37,6 +37,25 @@ class Crossing:
     task: TaskContext
 
 
+@dataclass(frozen=True)
+class KeyExit:
+    """A key's process is gone; the kernel shipped its final totals."""
+
+    rule: str
+    key: int
+    total: int
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """A key's live counters, read from the kernel's aggregate map."""
+
+    total: int
+    window_start_ns: int
+    window_count: int
+
+
 @dataclass
 class Incident:
     id: str

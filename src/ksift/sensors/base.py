@@ -6,10 +6,16 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from dataclasses import dataclass, field
+
+import numpy as np
+
 from ksift.config import AgentConfig
 from ksift.errors import BpfError
 from ksift.loader.bpf_object import BpfMap, BpfObject
 from ksift.loader.libbpf import Libbpf
+from ksift.rules.incidents import Crossing, Incident, KeyExit, KeyState
+from ksift.rules.model import Rule
 from ksift.transport import records
 from ksift.transport.ringbuf import RingBufferReader
 
@@ -22,8 +28,21 @@ def default_objects_dir() -> Path:
     return Path(str(resources.files("ksift") / "bpf_objects"))
 
 
+@dataclass
+class Decoded:
+    """What one ring-buffer batch told us."""
+
+    crossings: list[Crossing] = field(default_factory=list)
+    exits: list[KeyExit] = field(default_factory=list)
+    failed: int = 0  # records that could not be decoded (counted, logged, skipped)
+
+
 class Sensor:
-    """One BPF object with the common lifecycle; subclasses say what to configure and attach."""
+    """One BPF object with the common lifecycle; subclasses say what to configure and attach.
+
+    A subclass declares its signals, and implements rodata(), programs(), decode(),
+    and optionally current() and summarize().
+    """
 
     name = "sensor"
     object_file = ""
@@ -38,12 +57,33 @@ class Sensor:
         self.reader: RingBufferReader | None = None
         self._counters: BpfMap | None = None
 
-    # Subclasses: rodata values and the programs to attach for the enabled rules.
+    @classmethod
+    def wanted(cls, rules) -> bool:
+        """Load this sensor only when an enabled rule needs one of its signals."""
+        return any(rules.for_signal(s) is not None for s in cls.signals)
+
+    # -- what subclasses provide ---------------------------------------------
+
+    def rules(self) -> list[Rule]:
+        """The enabled rules this sensor feeds."""
+        return []
+
     def rodata(self) -> dict[str, int]:
         return {}
 
     def programs(self) -> list[str]:
         return []
+
+    def decode(self, batch: np.ndarray) -> Decoded:
+        return Decoded()
+
+    def current(self, rule: str, key: int) -> KeyState | None:
+        """The key's live counters from the kernel, for incidents still open."""
+        return None
+
+    def summarize(self, incident: Incident, status: str) -> str | None:
+        """One sentence for the alert; None means the generic wording."""
+        return None
 
     def start(self) -> None:
         """open -> configure -> load -> attach; on any failure, everything is torn down."""

@@ -6,10 +6,11 @@ import logging
 
 import numpy as np
 
-from ksift.rules.incidents import NS, Crossing
+from ksift.rules.incidents import NS, Crossing, Incident, KeyExit, KeyState
 from ksift.rules.model import Rule, RuleSet
-from ksift.sensors.base import Sensor
+from ksift.sensors.base import Decoded, Sensor
 from ksift.transport import records
+from ksift.units import format_duration
 
 log = logging.getLogger("ksift.sensors.process")
 
@@ -26,9 +27,8 @@ class ProcessSensor(Sensor):
         self.fork_rule: Rule | None = rules.for_signal(FORK_SIGNAL)
         self._state = None
 
-    @classmethod
-    def wanted(cls, rules: RuleSet) -> bool:
-        return any(rules.for_signal(s) is not None for s in cls.signals)
+    def rules(self) -> list[Rule]:
+        return [self.fork_rule] if self.fork_rule is not None else []
 
     def rodata(self) -> dict[str, int]:
         rule = self.fork_rule
@@ -44,29 +44,43 @@ class ProcessSensor(Sensor):
         super().start()
         self._state = self.obj.map("ks_fork_state")
 
-    def decode(self, batch: np.ndarray) -> tuple[list[Crossing], list[tuple[int, int, int]]]:
-        """Crossings and (tgid, total, exit_code) of flagged parents that exited."""
-        crossings, exits = [], []
+    def decode(self, batch: np.ndarray) -> Decoded:
+        out = Decoded()
         if self.fork_rule is None or len(batch) == 0:
-            return crossings, exits
+            return out
+        rule = self.fork_rule.name
         rows, pay = records.payloads(batch, records.REC_FORK_CROSSING)
         for row, p in zip(rows, pay):
-            task = records.task_context(row["task"])
-            crossings.append(Crossing(
-                rule=self.fork_rule.name, key=task.tgid, ktime_ns=int(row["ktime_ns"]),
-                window_start_ns=int(p["window_start_ns"]), window_count=int(p["window_count"]),
-                total=int(p["total"]), task=task))
+            try:
+                task = records.task_context(row["task"])
+                out.crossings.append(Crossing(
+                    rule=rule, key=task.tgid, ktime_ns=int(row["ktime_ns"]),
+                    window_start_ns=int(p["window_start_ns"]), window_count=int(p["window_count"]),
+                    total=int(p["total"]), task=task))
+            except Exception:  # one odd record must not cost the rest of the batch
+                log.exception("skipping an undecodable fork crossing record")
+                out.failed += 1
         rows, pay = records.payloads(batch, records.REC_FORK_EXIT)
         for row, p in zip(rows, pay):
-            exits.append((int(row["task"]["tgid"]), int(p["total"]), int(p["exit_code"])))
-        return crossings, exits
+            out.exits.append(KeyExit(rule, int(row["task"]["tgid"]), int(p["total"]), int(p["exit_code"])))
+        return out
 
-    def fork_state(self, tgid: int) -> tuple[int, int, int] | None:
-        """(total, window_start_ns, window_count) of one parent, straight from the kernel map."""
+    def current(self, rule: str, key: int) -> KeyState | None:
+        """One parent's live counters, straight from the kernel map."""
         if self._state is None:
             return None
-        raw = self._state.lookup(tgid.to_bytes(4, "little"))
+        raw = self._state.lookup(key.to_bytes(4, "little"))
         if raw is None:
-            return None
+            return None  # the parent exited: its exit record carried the final totals
         st = np.frombuffer(raw[: records.FORK_STATE.itemsize], dtype=records.FORK_STATE)[0]
-        return int(st["total"]), int(st["window_start_ns"]), int(st["window_count"])
+        return KeyState(int(st["total"]), int(st["window_start_ns"]), int(st["window_count"]))
+
+    def summarize(self, inc: Incident, status: str) -> str:
+        who = f"PID {inc.task.tgid} ({inc.task.comm})"
+        window = format_duration(inc.rule.window_s)
+        if status == "open":
+            return f"{who} forked {inc.peak_window_count:,} times in the last {window}"
+        lasted = format_duration(round(max((inc.resolved_ns or 0) - inc.first_window_ns, 0) / NS, 1))
+        end = " and exited" if inc.key_exited else ""
+        forks = f"{inc.count:,} fork" + ("" if inc.count == 1 else "s")
+        return f"{who} fork storm is over{end}: {forks} in {lasted} (peak {inc.peak_window_count:,} in {window})"
