@@ -24,6 +24,7 @@ run: build
 	$(VENV)/bin/ksift run $(ARGS)
 
 test: build
+	$(VPY) -m ruff check src tests bench
 	$(VPY) -m pytest $(ARGS)
 
 build: deps $(BPF_OBJS)

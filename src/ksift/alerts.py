@@ -28,7 +28,8 @@ def generic_summary(inc: Incident, status: str) -> str:
     who = f"PID {inc.task.tgid} ({inc.task.comm})"
     window = format_duration(inc.rule.window_s)
     if status == "open":
-        return f"{who} went over {inc.rule.name}: {inc.peak_window_count:,} in {window} (threshold {inc.rule.threshold})"
+        return (f"{who} went over {inc.rule.name}: {inc.peak_window_count:,} in {window} "
+                f"(threshold {inc.rule.threshold})")
     return f"{who} is back under {inc.rule.name} ({inc.count:,} in all)"
 
 

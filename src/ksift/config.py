@@ -19,13 +19,13 @@ Layout (every section and field optional):
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
 from ksift.errors import ConfigError
+from ksift.tomlfile import parse_toml, read_text
 from ksift.units import format_duration, parse_duration
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -52,26 +52,12 @@ def load_config(path: str | os.PathLike[str] | None) -> AgentConfig:
     """Parse the config file at `path`; None means all defaults."""
     if path is None:
         return AgentConfig()
-    source = os.fspath(path)
-    try:
-        with open(source, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConfigError(source, f"cannot read config file: {reason}") from exc
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(source, f"not valid UTF-8: {exc}") from exc
-    return parse_config(text, source)
+    return parse_config(*read_text(path, "config file"))
 
 
 def parse_config(text: str, source: str) -> AgentConfig:
     """Parse config TOML `text`; `source` names where it came from in error messages."""
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, f"invalid TOML: {exc}") from exc
+    document = parse_toml(text, source)
 
     for section in document:
         if section not in _SECTIONS:

@@ -173,7 +173,7 @@ def test_resolver_on_this_host() -> None:
     mount = find_cgroup2_mount()
     try:
         with open("/proc/self/cgroup") as fh:
-            line = next((l for l in fh if l.startswith("0::")), None)
+            line = next((row for row in fh if row.startswith("0::")), None)
     except OSError:
         line = None
     if mount is None or line is None:

@@ -14,7 +14,7 @@ import os
 import sys
 from datetime import datetime, timezone
 
-from ksift.errors import BpfError, ConfigError, KsiftError, StoreError
+from ksift.errors import BpfError, ConfigError, KsiftError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from importlib import resources
 
 from ksift.errors import ConfigError
 from ksift.rules.model import SEVERITIES, SIGNALS, Rule, RuleSet, Severity
+from ksift.tomlfile import parse_toml, read_text
 from ksift.units import format_duration, parse_duration
 
 DEFAULT_RULES_RESOURCE = "default_rules.toml"
@@ -45,25 +45,12 @@ def load_rules(path: str | os.PathLike[str] | None = None) -> RuleSet:
     """Parse the rules file at `path`, or the packaged defaults when None."""
     if path is None:
         return parse_rules(default_rules_text(), DEFAULT_RULES_SOURCE)
-    source = os.fspath(path)
-    try:
-        with open(source, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise ConfigError(source, f"cannot read rules file: {_reason(exc)}") from exc
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(source, f"not valid UTF-8: {exc}") from exc
-    return parse_rules(text, source)
+    return parse_rules(*read_text(path, "rules file"))
 
 
 def parse_rules(text: str, source: str) -> RuleSet:
     """Parse rules TOML `text`; `source` names where it came from in error messages."""
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, f"invalid TOML: {exc}") from exc
+    document = parse_toml(text, source)
 
     for top_key in document:
         if top_key != "rule":
