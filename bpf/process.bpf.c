@@ -160,8 +160,12 @@ int BPF_PROG(ks_exit, struct task_struct *task, bool group_dead)
 			submit_record(rec);
 		}
 	}
-	bpf_map_delete_elem(&ks_fork_state, &tgid);
-	bpf_map_delete_elem(&ks_exec_path, &tgid);
+	/* Most exiting processes never forked nor exec'd while we watched: a
+	 * lock-free lookup first spares them the bucket lock a delete takes. */
+	if (st)
+		bpf_map_delete_elem(&ks_fork_state, &tgid);
+	if (bpf_map_lookup_elem(&ks_exec_path, &tgid))
+		bpf_map_delete_elem(&ks_exec_path, &tgid);
 	return 0;
 }
 
