@@ -109,3 +109,25 @@ def test_sigint_leaves_nothing_attached(tmp_path):
     agent.proc.send_signal(signal.SIGINT)
     assert agent.wait(timeout=30) == 0, agent.stderr()
     assert_released(held)
+
+
+def test_context_survives_a_parent_that_is_gone_before_the_alert(tmp_path):
+    # A burst of ~200 forks in 0.1 s, then the parent exits; with a 1 s tick the
+    # agent usually builds the alert after the process is gone.
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\ntick = "1s"\n')
+    agent = start_agent(tmp_path, "--config", str(config), duration=6)
+    agent.wait_ready()
+    work = run_forker(rate=2000, seconds=0.1, comm="ks-burst")
+    assert agent.wait(timeout=60) == 0, agent.stderr()
+
+    alerts = _for_pid(agent.alerts(), work["pid"])
+    assert [a["status"] for a in alerts] == ["open", "resolved"]
+    for alert in alerts:
+        subject = alert["subject"]
+        assert subject["comm"] == "ks-burst" and subject["ppid"] == os.getpid()
+        assert subject["cgroup_id"] > 0 and subject["cgroup"] is not None
+        assert subject["exe"] and "python" in subject["exe"]  # the exec path the kernel recorded
+        assert alert["ancestry"][0]["pid"] == os.getpid()
+    assert alerts[1]["subject_exited"] is True
+    assert abs(alerts[1]["count"] - work["forks"]) <= 0.1 * work["forks"]

@@ -187,8 +187,9 @@ class BpfObject:
         ret = self.lib.so.bpf_object__load(obj)
         if ret < 0:
             err = -ret if ret != -1 else ctypes.get_errno()
+            hint = " (loading BPF needs root, or CAP_BPF and CAP_PERFMON)" if err == errno_mod.EPERM else ""
             raise BpfLoadError(f"kernel refused BPF object {self.path.name}: {errno_mod.errorcode.get(err, err)} "
-                               f"({_strerror(err)})", self.lib.take_log())
+                               f"({_strerror(err)}){hint}", self.lib.take_log())
         self._loaded = True
 
     def program_names(self) -> list[str]:
