@@ -2,7 +2,7 @@
 /*
  * ksift.h: every record layout and constant shared between the BPF programs
  * and the Python agent. The Python mirror lives in src/ksift/transport/records.py
- * and tests/kernel/test_abi.py checks it against the BTF of the built objects.
+ * and tests/unit/test_abi.py checks it against the BTF of the built objects.
  *
  * Records are fixed-size (KSIFT_RECORD_SIZE) with the type tag at offset 0, so a
  * batch read from the ring buffer decodes as one numpy structured array.

@@ -1,6 +1,6 @@
 """numpy mirrors of the record layouts: must match bpf/ksift.h.
 
-tests/kernel/test_abi.py compares every size and offset here with the BTF of
+tests/unit/test_abi.py compares every size and offset here with the BTF of
 the built BPF objects, so a drift between C and Python fails the build.
 """
 
