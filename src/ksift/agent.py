@@ -101,8 +101,10 @@ class Agent:
     def close(self) -> None:
         """The one teardown path for the BPF side: every sensor detaches and closes."""
         for sensor in reversed(self.sensors):
-            with contextlib.suppress(Exception):
+            try:
                 sensor.close()
+            except Exception:  # keep closing the others: nothing may stay attached
+                log.exception("closing sensor %s failed", sensor.name)
         self._started = False
 
     def stop(self) -> None:
