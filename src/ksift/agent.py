@@ -70,15 +70,12 @@ class Agent:
         self.funnel = Funnel()
         self._stop: asyncio.Event | None = None
         self._last_dropped = 0
-        self._started = False
         self._owner = {rule.name: sensor for sensor in sensors for rule in sensor.rules()}
 
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
-        """Load and attach every sensor; all or nothing. Starting twice is a no-op."""
-        if self._started:
-            return
+        """Load and attach every sensor; all or nothing."""
         started: list[Sensor] = []
         try:
             for sensor in self.sensors:
@@ -89,7 +86,6 @@ class Agent:
             for sensor in reversed(started):
                 sensor.close()
             raise
-        self._started = True
 
     def __enter__(self) -> "Agent":
         self.start()
@@ -105,11 +101,6 @@ class Agent:
                 sensor.close()
             except Exception:  # keep closing the others: nothing may stay attached
                 log.exception("closing sensor %s failed", sensor.name)
-        self._started = False
-
-    def stop(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
 
     async def run(self, duration_s: float | None = None) -> None:
         loop = asyncio.get_running_loop()

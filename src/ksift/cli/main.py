@@ -117,14 +117,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     enricher = Enricher(procfs, CgroupResolver(find_cgroup2_mount()))
     agent = Agent(config, rules, sensors, enricher, sinks)
     try:
-        try:
-            agent.start()
-        except BpfError as exc:
-            raise BpfError(f"{exc}\n(run `ksift doctor` to see what this host supports)") from exc
-        with agent:  # detaches everything on every way out
+        with agent:  # attaches; detaches everything on every way out
             log.info("watching the host (tick %.0f ms)%s", config.tick_s * 1000,
                      f" for {args.duration:g}s" if args.duration else "; Ctrl-C or SIGTERM stops")
             asyncio.run(agent.run(args.duration))
+    except BpfError as exc:
+        raise BpfError(f"{exc}\n(run `ksift doctor` to see what this host supports)") from exc
     finally:
         report = agent.funnel_report()
         log.info("funnel: %s", json.dumps(report, sort_keys=True))

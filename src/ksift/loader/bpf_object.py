@@ -52,11 +52,6 @@ class BpfMap:
         kbuf = ctypes.create_string_buffer(bytes(key), self.key_size)
         return self.lib.so.bpf_map_delete_elem(self.fd, kbuf) == 0
 
-    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
-        kbuf = ctypes.create_string_buffer(bytes(key), self.key_size)
-        vbuf = ctypes.create_string_buffer(bytes(value), self.slot_size * self.ncpus)
-        self.lib.check_int(self.lib.so.bpf_map_update_elem(self.fd, kbuf, vbuf, flags), f"update map {self.name}")
-
     def lookup_batch(self, delete: bool = False, chunk: int = 4096) -> tuple[bytes, bytes, int]:
         """Read (and optionally delete) every entry with batch calls.
 
@@ -174,11 +169,6 @@ class BpfObject:
         self.lib.check_int(self.lib.so.bpf_map__set_max_entries(self._find_map(name), max_entries),
                            f"resize map {name}")
 
-    def reuse_map(self, name: str, fd: int) -> None:
-        """Share a map (e.g. one event ring buffer) already created by another object."""
-        self._require(loaded=False)
-        self.lib.check_int(self.lib.so.bpf_map__reuse_fd(self._find_map(name), fd), f"reuse map {name}")
-
     # -- load and attach -----------------------------------------------------
 
     def load(self) -> None:
@@ -216,13 +206,6 @@ class BpfObject:
             section = self.lib.so.bpf_program__section_name(prog).decode()
             raise BpfError(f"cannot attach {program} ({section}): {_strerror(err)}\n{self.lib.take_log()}")
         self._links[program] = link
-
-    def attach_perf_event(self, program: str, pfd: int, label: str) -> None:
-        self._require(loaded=True)
-        link = self.lib.so.bpf_program__attach_perf_event(self._program(program), pfd)
-        if not link:
-            raise BpfError(f"cannot attach {program} to perf event {label}: {_strerror(ctypes.get_errno())}")
-        self._links[f"{program}@{label}"] = link
 
     @property
     def attached(self) -> list[str]:

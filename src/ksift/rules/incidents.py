@@ -200,8 +200,7 @@ class IncidentEngine:
         """Resolve incidents whose key stayed under the threshold for a whole window."""
         out = []
         for ident, inc in list(self.open.items()):
-            window_ns = int(inc.rule.window_s * NS)
-            if now_ns < inc.last_window_ns + 2 * window_ns + self.grace_ns:
+            if not self.windows[inc.rule.name].quiet_since(inc.key, now_ns - self.grace_ns):
                 continue
             inc.status = "resolved"
             inc.resolved_ns = now_ns
