@@ -99,4 +99,15 @@ static __always_inline void fill_task(struct ksift_task *out, struct task_struct
 	}
 }
 
+/* The executable's basename from mm->exe_file: always at hand, unlike the full
+ * path (bpf_d_path is not allowed from tracepoints). Enrichment adds the full
+ * path from /proc while the process lives. */
+static __always_inline void fill_exe_name(struct ksift_task *out, struct task_struct *task)
+{
+	const unsigned char *name = BPF_CORE_READ(task, mm, exe_file, f_path.dentry, d_name.name);
+
+	if (name)
+		bpf_probe_read_kernel_str(out->exe, sizeof(out->exe), name);
+}
+
 #endif /* KSIFT_COMMON_BPF_H */

@@ -18,28 +18,28 @@
  * buffer's own 8-byte header every record occupies exactly 512 bytes. */
 #define KSIFT_RECORD_SIZE 504
 
-/* Record types (ksift_record.type). */
-enum ksift_record_type {
-	KSIFT_REC_FORK_CROSSING = 1, /* a parent crossed the fork threshold in a window */
-	KSIFT_REC_FORK_EXIT = 2,     /* a flagged parent exited: final totals */
-};
+/* Record types (ksift_record.type): one range per sensor, so a type names its
+ * sensor in any dump. Each sensor's own header (bpf/<sensor>.h) defines its
+ * types, payload structs and counters. */
+#define KSIFT_REC_PROCESS_BASE   0   /* process.h: fork storms */
+#define KSIFT_REC_LIFECYCLE_BASE 10  /* lifecycle.h: exec churn, crash loops */
+#define KSIFT_REC_FILE_BASE      20  /* file.h: fd bursts */
+#define KSIFT_REC_NET_BASE       30  /* net.h: connection storms */
+#define KSIFT_REC_REQUEST_BASE   40  /* request.h: slow requests */
+#define KSIFT_REC_CPU_BASE       50  /* cpu.h: CPU hogs */
+#define KSIFT_REC_MEMORY_BASE    60  /* memory.h: OOM kills, memory growth */
 
-/* Per-CPU counters, one slot each in ksift_counters.v[]. Every stage of the
- * kernel side counts what it saw, filtered, aggregated, emitted and dropped. */
+/* Per-CPU counters, one slot each in ksift_counters.v[]. Slots below
+ * KSIFT_CNT_SENSOR_BASE are the transport's and mean the same in every object;
+ * each sensor numbers its own from KSIFT_CNT_SENSOR_BASE up (what it saw,
+ * filtered, aggregated and emitted). */
 enum ksift_counter {
-	KSIFT_CNT_FORK_SEEN = 0,       /* every sched_process_fork */
-	KSIFT_CNT_FORK_THREADS,        /* clones that made a thread: not counted */
-	KSIFT_CNT_FORK_SELF,           /* forks by ksift itself: filtered */
-	KSIFT_CNT_FORK_AGGREGATED,     /* new processes counted in the per-parent map */
-	KSIFT_CNT_FORK_CROSSINGS,      /* threshold crossings (one per parent per window) */
-	KSIFT_CNT_EXEC_SEEN,
-	KSIFT_CNT_EXIT_SEEN,           /* thread-group exits */
-	KSIFT_CNT_EXIT_FLAGGED,        /* exits of flagged parents (final record) */
-	KSIFT_CNT_MAP_FULL,            /* map updates that failed */
-	KSIFT_CNT_RB_EMITTED,          /* records submitted to the ring buffer */
+	KSIFT_CNT_RB_EMITTED = 0,      /* records submitted to the ring buffer */
 	KSIFT_CNT_RB_DROPPED,          /* ring buffer reservations that failed */
 	KSIFT_CNT_RB_WAKEUPS,          /* forced wake-ups (watermark crossed) */
-	KSIFT_CNT_MAX = 16,
+	KSIFT_CNT_MAP_FULL,            /* map updates that failed */
+	KSIFT_CNT_SENSOR_BASE = 4,
+	KSIFT_CNT_MAX = 32,
 };
 
 struct ksift_counters {
@@ -67,39 +67,19 @@ struct ksift_task {
 	char exe[KSIFT_PATH_LEN]; /* exec filename if seen, else exe basename */
 };
 
-struct ksift_fork_crossing {
-	__u64 window_start_ns;  /* ktime of the window's first fork */
-	__u64 total;            /* forks by this parent since first tracked */
-	__u32 window_count;     /* forks in this window at the crossing */
-	__u32 threshold;
-};
-
-struct ksift_fork_exit {
-	__u64 window_start_ns;
-	__u64 total;
-	__u32 window_count;
-	__u32 exit_code;        /* task->exit_code: (status << 8) | signal */
-};
-
 struct ksift_record {
 	__u32 type;             /* enum ksift_record_type */
 	__u32 cpu;
 	__u64 ktime_ns;         /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
 	struct ksift_task task;
 	union {
-		struct ksift_fork_crossing fork;
-		struct ksift_fork_exit fork_exit;
 		__u8 raw[KSIFT_RECORD_SIZE - 16 - sizeof(struct ksift_task)];
-	} u;
+	} u; /* the sensor's payload: cast raw to its struct (see KSIFT_PAYLOAD) */
 };
 
-/* Per-parent fork state in the LRU hash, keyed by tgid. */
-struct ksift_fork_state {
-	__u64 window_start_ns;
-	__u64 reported_window_ns; /* window_start_ns of the last crossing emitted */
-	__u64 total;
-	__u32 window_count;
-	__u32 flagged;            /* crossed at least once: report its exit */
-};
+/* The payload of a record as the sensor's own struct, checked to fit. */
+#define KSIFT_PAYLOAD(rec, type) ({ \
+	_Static_assert(sizeof(type) <= sizeof((rec)->u.raw), #type " does not fit a record"); \
+	(type *)(rec)->u.raw; })
 
 #endif /* KSIFT_H */

@@ -10,7 +10,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
-#include "ksift.h"
+#include "process.h"
 #include "common.bpf.h"
 
 /* Set from the rules between open and load (see sensors/process.py). */
@@ -43,15 +43,14 @@ static __always_inline void fill_exe(struct ksift_task *out, struct task_struct 
 		return;
 	}
 	/* Exec'd before ksift started: the basename is what the kernel keeps handy. */
-	const unsigned char *name = BPF_CORE_READ(task, mm, exe_file, f_path.dentry, d_name.name);
-	if (name)
-		bpf_probe_read_kernel_str(out->exe, sizeof(out->exe), name);
+	fill_exe_name(out, task);
 }
 
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(ks_fork, struct task_struct *parent, struct task_struct *child)
 {
 	struct ksift_fork_state *st, init = {};
+	struct ksift_fork_crossing *fork;
 	struct ksift_record *rec;
 	__u64 now, window_start, reported;
 	__u32 tgid, n;
@@ -109,10 +108,11 @@ int BPF_PROG(ks_fork, struct task_struct *parent, struct task_struct *child)
 	count(KSIFT_CNT_FORK_CROSSINGS);
 	fill_task(&rec->task, parent);
 	fill_exe(&rec->task, parent);
-	rec->u.fork.window_start_ns = window_start;
-	rec->u.fork.window_count = n;
-	rec->u.fork.threshold = fork_threshold;
-	rec->u.fork.total = st->total;
+	fork = KSIFT_PAYLOAD(rec, struct ksift_fork_crossing);
+	fork->window_start_ns = window_start;
+	fork->window_count = n;
+	fork->threshold = fork_threshold;
+	fork->total = st->total;
 	submit_record(rec);
 	return 0;
 }
@@ -137,6 +137,7 @@ SEC("tp_btf/sched_process_exit")
 int BPF_PROG(ks_exit, struct task_struct *task, bool group_dead)
 {
 	struct ksift_fork_state *st;
+	struct ksift_fork_exit *fexit;
 	struct ksift_record *rec;
 	__u32 tgid;
 
@@ -153,10 +154,11 @@ int BPF_PROG(ks_exit, struct task_struct *task, bool group_dead)
 		if (rec) {
 			fill_task(&rec->task, task);
 			fill_exe(&rec->task, task);
-			rec->u.fork_exit.window_start_ns = st->window_start_ns;
-			rec->u.fork_exit.window_count = st->window_count;
-			rec->u.fork_exit.total = st->total;
-			rec->u.fork_exit.exit_code = BPF_CORE_READ(task, exit_code);
+			fexit = KSIFT_PAYLOAD(rec, struct ksift_fork_exit);
+			fexit->window_start_ns = st->window_start_ns;
+			fexit->window_count = st->window_count;
+			fexit->total = st->total;
+			fexit->exit_code = BPF_CORE_READ(task, exit_code);
 			submit_record(rec);
 		}
 	}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from ksift.enrich.context import Enricher
 from ksift.rules.incidents import IncidentEngine, Transition
 from ksift.rules.model import RuleSet
 from ksift.sensors.base import Sensor
-from ksift.sensors.process import ProcessSensor
 from ksift.sinks.base import Sink
 
 log = logging.getLogger("ksift.agent")
@@ -71,6 +69,7 @@ class Agent:
         self._stop: asyncio.Event | None = None
         self._last_dropped = 0
         self._owner = {rule.name: sensor for sensor in sensors for rule in sensor.rules()}
+        self.ready = False  # every sensor attached and the loop running (readiness)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -110,7 +109,14 @@ class Agent:
         for sensor in self.sensors:
             loop.add_reader(sensor.events_fd, self._drain_one, sensor)
         deadline = None if duration_s is None else loop.time() + duration_s
+        started: list[Sink] = []
         try:
+            # Sinks with their own tasks (network delivery, the HTTP server) start in this loop.
+            for sink in self.sinks:
+                if hasattr(sink, "start"):
+                    await sink.start()
+                    started.append(sink)
+            self.ready = True
             while not self._stop.is_set():
                 self.tick()
                 timeout = self.config.tick_s
@@ -123,6 +129,12 @@ class Agent:
                 await asyncio.sleep(timeout)
             self.tick()  # hand over what arrived since the last tick
         finally:
+            self.ready = False
+            for sink in reversed(started):
+                try:
+                    await sink.stop()
+                except Exception:
+                    log.exception("stopping sink %s failed", sink.name)
             for sensor in self.sensors:
                 with contextlib.suppress(Exception):
                     loop.remove_reader(sensor.events_fd)
@@ -193,7 +205,8 @@ class Agent:
         for tr in transitions:
             try:
                 owner = self._owner.get(tr.incident.rule.name)
-                alert = build_alert(tr, self.enricher, self.clocks, owner.summarize if owner else None)
+                alert = build_alert(tr, self.enricher, self.clocks, owner.summarize if owner else None,
+                                    owner.details if owner else None)
             except Exception:
                 log.exception("could not build the %s alert of incident %s", tr.kind, tr.incident.id)
                 continue
@@ -204,13 +217,9 @@ class Agent:
                 except Exception:  # a sink must not raise; if one does, the others still get the alert
                     log.exception("sink %s failed", sink.name)
 
+    def owner(self, rule_name: str) -> Sensor | None:
+        """The sensor that feeds a rule (for the API and remediation)."""
+        return self._owner.get(rule_name)
+
     def funnel_report(self) -> dict:
         return self.funnel.as_dict(self.engine, self.sinks)
-
-
-def build_sensors(lib, objects_dir, config: AgentConfig, rules: RuleSet) -> list[Sensor]:
-    """Only the sensors an enabled rule needs: an unused hook costs the whole host."""
-    sensors: list[Sensor] = []
-    if ProcessSensor.wanted(rules):
-        sensors.append(ProcessSensor(lib, objects_dir, config, os.getpid(), rules=rules))
-    return sensors

@@ -34,8 +34,13 @@ def generic_summary(inc: Incident, status: str) -> str:
 
 
 def build_alert(tr: Transition, enricher: Enricher, clocks: Clocks,
-                summarize: Callable[[Incident, str], str | None] | None = None) -> dict:
-    """The alert for one transition. Context is captured once, when the incident opens."""
+                summarize: Callable[[Incident, str], str | None] | None = None,
+                details: Callable[[Incident, str], dict | None] | None = None) -> dict:
+    """The alert for one transition. Context is captured once, when the incident opens.
+
+    summarize and details come from the sensor that owns the rule: its sentence
+    and its signal's own figures (request path, exit status, address...).
+    """
     inc = tr.incident
     if not inc.context:
         inc.context = {"subject": enricher.subject(inc.task), "ancestry": enricher.ancestry(inc.task)}
@@ -56,7 +61,8 @@ def build_alert(tr: Transition, enricher: Enricher, clocks: Clocks,
         "threshold": inc.rule.threshold,
         "subject": inc.context["subject"],
         "ancestry": inc.context["ancestry"],
-        "stack": None,
+        "details": (details(inc, tr.kind) if details else None) or inc.details or None,
+        "stack": inc.stack,
         "suppressed": inc.suppressed,
         "degraded": ({"records_lost": inc.records_lost,
                       "reason": "the kernel could not hand over every record while this incident was open"}

@@ -9,7 +9,7 @@ import os
 import pytest
 from harness import assert_released, owned_bpf_ids
 
-from ksift.agent import Agent, build_sensors
+from ksift.agent import Agent
 from ksift.config import AgentConfig
 from ksift.enrich.cgroup import CgroupResolver
 from ksift.enrich.context import Enricher
@@ -17,6 +17,7 @@ from ksift.enrich.procfs import ProcFS
 from ksift.loader.libbpf import Libbpf
 from ksift.rules.parse import load_rules
 from ksift.sensors.base import default_objects_dir
+from ksift.sensors.registry import build_sensors
 from ksift.sinks.console import ConsoleSink
 
 

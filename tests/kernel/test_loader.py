@@ -51,7 +51,7 @@ def test_missing_object_says_how_to_build(tmp_path, lib):
 def test_rodata_threshold_and_batch_lookup_of_aggregates(lib):
     rules = parse_rules('[[rule]]\nname="f"\nseverity="info"\nsignal="process.fork"\nkey="tgid"\n'
                         'threshold=1000\nwindow="10s"\n', "<test>")
-    sensor = ProcessSensor(lib, default_objects_dir(), AgentConfig(), os.getpid(), rules=rules)
+    sensor = ProcessSensor(lib, default_objects_dir(), AgentConfig(), os.getpid(), rules)
     sensor.start()
     try:
         assert sorted(sensor.obj.attached) == ["ks_exec", "ks_exit", "ks_fork"]

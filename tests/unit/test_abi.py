@@ -14,20 +14,22 @@ import numpy as np
 import pytest
 
 from ksift.sensors.base import default_objects_dir
+from ksift.sensors.registry import all_sensor_classes
 from ksift.transport import records
 
 OBJECTS = sorted(default_objects_dir().glob("*.bpf.o"))
+SENSORS = all_sensor_classes()
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 
 # C struct name -> (numpy dtype, {C member name: numpy field name} where they differ)
 MIRRORS = {
     "ksift_record": (records.RECORD, {"u": "payload"}),
     "ksift_task": (records.TASK, {}),
     "ksift_ancestor": (records.ANCESTOR, {}),
-    "ksift_fork_crossing": (records.FORK_CROSSING, {}),
-    "ksift_fork_exit": (records.FORK_EXIT, {}),
-    "ksift_fork_state": (records.FORK_STATE, {}),
     "ksift_counters": (records.COUNTERS, {}),
 }
+for _sensor in SENSORS:
+    MIRRORS.update(_sensor.abi)
 
 
 def btf_structs(obj: Path) -> dict[str, dict]:
@@ -64,11 +66,30 @@ def test_record_stride_is_fixed():
     assert records.RECORD.itemsize == records.RECORD_SIZE
 
 
-def test_counter_names_match_header():
-    header = (Path(__file__).resolve().parents[2] / "bpf" / "ksift.h").read_text()
-    body = header.split("enum ksift_counter {", 1)[1].split("};", 1)[0]
-    names = [line.split("KSIFT_CNT_", 1)[1].split()[0].rstrip(",").split("=")[0].lower()
-             for line in body.splitlines() if "KSIFT_CNT_" in line]
-    names = [n for n in names if n != "max"]
-    assert tuple(names) == records.COUNTER_NAMES
+def enum_names(enum: str) -> list[str]:
+    """Member names of a C enum in bpf/*.h, lowercased, without the KSIFT_CNT_ prefix."""
+    for header in sorted(BPF_DIR.glob("*.h")):
+        text = header.read_text()
+        if f"enum {enum} {{" in text:
+            body = text.split(f"enum {enum} {{", 1)[1].split("};", 1)[0]
+            return [line.split("KSIFT_CNT_", 1)[1].split()[0].rstrip(",").split("=")[0].lower()
+                    for line in body.splitlines() if line.strip().startswith("KSIFT_CNT_")]
+    raise AssertionError(f"enum {enum} not found in {BPF_DIR}/*.h")
+
+
+def test_common_counter_names_match_header():
+    names = [n for n in enum_names("ksift_counter") if n not in ("max", "sensor_base")]
+    assert tuple(names) == records.COMMON_COUNTER_NAMES
+    assert len(names) == records.SENSOR_COUNTER_BASE
     assert np.dtype(records.COUNTERS).itemsize == 8 * records.COUNTER_SLOTS
+
+
+@pytest.mark.parametrize("sensor", SENSORS, ids=[s.name for s in SENSORS])
+def test_sensor_counter_names_match_header(sensor):
+    assert tuple(enum_names(sensor.counter_enum)) == sensor.counter_names
+    assert len(sensor.all_counter_names()) <= records.COUNTER_SLOTS
+
+
+@pytest.mark.parametrize("sensor", SENSORS, ids=[s.name for s in SENSORS])
+def test_every_sensor_object_is_built(sensor):
+    assert (default_objects_dir() / sensor.object_file).exists(), f"{sensor.object_file}: run `make build`"

@@ -19,7 +19,7 @@ CID = "0123456789abcdef" * 4
 POD = "1a2b3c4d-5e6f-7a8b-9c0d-112233445566"
 
 SUBJECT_KEYS = {
-    "pid", "ppid", "comm", "exe", "cmdline", "uid", "cgroup_id", "cgroup",
+    "pid", "ppid", "comm", "exe", "cmdline", "uid", "start_boottime_ns", "cgroup_id", "cgroup",
     "container_id", "container_runtime", "pod_uid", "systemd_unit",
 }
 
@@ -96,11 +96,13 @@ def test_subject_of_a_live_process_uses_proc_and_cgroup_id(proc: Path, cgroot: P
     make_proc(proc, 100, "curl", 50, 5000, exe="/usr/bin/curl", cmdline=b"curl\0-s\0http://x\0",
               cgroup="0::/somewhere/else\n")
     cg_id = os.stat(cgroot / "system.slice" / f"docker-{CID}.scope").st_ino
-    s = enricher(proc, cgroot).subject(task(cgroup_id=cg_id))
+    t = task(cgroup_id=cg_id)
+    s = enricher(proc, cgroot).subject(t)
     assert set(s) == SUBJECT_KEYS
     assert s == {
         "pid": 100, "ppid": 50, "comm": "curl", "exe": "/usr/bin/curl",
-        "cmdline": ["curl", "-s", "http://x"], "uid": 1000, "cgroup_id": cg_id,
+        "cmdline": ["curl", "-s", "http://x"], "uid": 1000, "start_boottime_ns": t.start_boottime_ns,
+        "cgroup_id": cg_id,
         # The id the kernel saw beats where /proc says the process is now.
         "cgroup": f"/system.slice/docker-{CID}.scope", "container_id": CID,
         "container_runtime": "docker", "pod_uid": None, "systemd_unit": None,

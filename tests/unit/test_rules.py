@@ -193,10 +193,9 @@ def test_severity_rank_orders():
         (
             rule_toml(signal='"process.exec"'),
             "rule[0] (fork_storm).signal",
-            "'process.exec' (known signals: process.fork)",
+            "'process.exec' (known signals: cpu.usage, file.open",
         ),
         (rule_toml(key='"pid"'), "rule[0] (fork_storm).key", "'pid'"),
-        (rule_toml(threshold="0"), "rule[0] (fork_storm).threshold", "invalid threshold 0"),
         (rule_toml(threshold='"abc"'), "rule[0] (fork_storm).threshold", "invalid threshold 'abc'"),
         (rule_toml(threshold="true"), "rule[0] (fork_storm).threshold", "invalid threshold True"),
         (rule_toml(threshold=str(2**32)), "rule[0] (fork_storm).threshold", f"invalid threshold {2**32}"),
@@ -272,3 +271,37 @@ def test_invalid_toml_carries_tomllib_message(tmp_path):
         load_rules(str(path))
     assert str(info.value).startswith(f"{path}: invalid TOML: ")
     assert "line 2" in str(info.value)
+
+
+def test_threshold_zero_means_the_first_event():
+    assert parse_rules(rule_toml(threshold="0"), SOURCE).rules[0].threshold == 0
+
+
+SLOW = """
+[[rule]]
+name = "slow"
+severity = "warning"
+signal = "net.slow_request"
+key = "tgid"
+threshold = 0
+window = "10s"
+"""
+
+
+def test_params_default_and_override():
+    rule = parse_rules(SLOW, SOURCE).rules[0]
+    assert rule.param("latency") == 0.5 and rule.params["latency"] == 0.5
+    rule = parse_rules(SLOW + 'params = { latency = "250ms" }\n', SOURCE).rules[0]
+    assert rule.param("latency") == 0.25
+
+
+@pytest.mark.parametrize("params, field, words", [
+    ('params = { latncy = "1s" }', "rule[0] (slow).params.latncy", "unknown parameter 'latncy'"),
+    ('params = { latency = "2h" }', "rule[0] (slow).params.latency", "must be between"),
+    ('params = { latency = "soon" }', "rule[0] (slow).params.latency", "soon"),
+    ('params = 3', "rule[0] (slow).params", "must be a table"),
+])
+def test_bad_params_name_the_field(params, field, words):
+    with pytest.raises(ConfigError) as err:
+        parse_rules(SLOW + params + "\n", SOURCE)
+    assert field in str(err.value) and words in str(err.value)

@@ -81,7 +81,7 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ksift.agent import Agent, build_sensors
+    from ksift.agent import Agent
     from ksift.config import default_db_path, load_config
     from ksift.enrich.cgroup import CgroupResolver, find_cgroup2_mount
     from ksift.enrich.context import Enricher
@@ -89,6 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ksift.loader.libbpf import Libbpf
     from ksift.rules.parse import load_rules
     from ksift.sensors.base import default_objects_dir
+    from ksift.sensors.registry import build_sensors
     from ksift.sinks.console import ConsoleSink
     from ksift.sinks.store import StoreSink
     from ksift.store.sqlite import AlertStore

@@ -55,6 +55,7 @@ class Enricher:
             "exe": exe or task.exe or None,
             "cmdline": cmdline,
             "uid": task.uid,
+            "start_boottime_ns": task.start_boottime_ns,  # with pid, the process's identity
             "cgroup_id": task.cgroup_id,
             "cgroup": cgroup,
             "container_id": info.container_id if info else None,

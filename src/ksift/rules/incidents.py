@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 from ksift.events import TaskContext
 from ksift.rules.model import Rule
@@ -29,12 +30,14 @@ class Crossing:
     """The kernel's report that a key went over a rule's threshold in a window."""
 
     rule: str
-    key: int
+    key: Hashable  # what the rule groups by: a tgid, or a tuple such as (tgid, address, port)
     ktime_ns: int
     window_start_ns: int
     window_count: int  # events in that window when it crossed
     total: int  # the key's running event total (monotonic) at the crossing
     task: TaskContext
+    details: Mapping[str, Any] = field(default_factory=dict)  # what this signal adds (path, latency, address...)
+    stack: Any = None  # symbolized stack(s) when the signal captures them
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class KeyExit:
     """A key's process is gone; the kernel shipped its final totals."""
 
     rule: str
-    key: int
+    key: Hashable
     total: int
     exit_code: int | None = None
 
@@ -60,7 +63,7 @@ class KeyState:
 class Incident:
     id: str
     rule: Rule
-    key: int
+    key: Hashable
     task: TaskContext
     opened_ns: int  # kernel time the incident opened (alert time)
     first_window_ns: int  # start of the first hot window
@@ -76,6 +79,8 @@ class Incident:
     exit_code: int | None = None
     records_lost: int = 0
     context: dict = field(default_factory=dict)  # enrichment captured when it opened
+    details: dict = field(default_factory=dict)  # the signal's own figures, first crossing then updates
+    stack: Any = None
 
     @property
     def count(self) -> int:
@@ -99,11 +104,11 @@ class IncidentEngine:
         self.grace_ns = grace_ns  # transit slack: a record may reach us one tick late
         self.new_id = new_id
         self.max_open = max_open
-        self.open: dict[tuple[str, int], Incident] = {}
+        self.open: dict[tuple[str, Hashable], Incident] = {}
         self.windows = {r.name: KeyedWindows(max(int(r.window_s * NS), 1)) for r in rules}
-        self._cooldown_until: dict[tuple[str, int], int] = {}
-        self._cooldown_folded: dict[tuple[str, int], int] = {}
-        self._run_base: dict[tuple[str, int], int] = {}  # key's total before its current hot run (sustain)
+        self._cooldown_until: dict[tuple[str, Hashable], int] = {}
+        self._cooldown_folded: dict[tuple[str, Hashable], int] = {}
+        self._run_base: dict[tuple[str, Hashable], int] = {}  # key's total before its current hot run (sustain)
         self._losses: deque[tuple[int, int]] = deque(maxlen=loss_memory)
         self.stats = {"crossings": 0, "opened": 0, "resolved": 0, "folded": 0, "cooldown_suppressed": 0,
                       "pending": 0, "refused_full": 0, "unknown_rule": 0}
@@ -129,6 +134,9 @@ class IncidentEngine:
             inc.last_window_ns = max(inc.last_window_ns, c.window_start_ns)
             inc.latest_total = max(inc.latest_total, c.total)
             inc.peak_window_count = max(inc.peak_window_count, c.window_count)
+            inc.details.update(c.details)
+            if inc.stack is None:
+                inc.stack = c.stack
             return []
 
         until = self._cooldown_until.get(ident)
@@ -160,12 +168,13 @@ class IncidentEngine:
             last_window_ns=c.window_start_ns,
             suppressed=self._cooldown_folded.pop(ident, 0),
             records_lost=self.losses_between(c.window_start_ns - int(rule.window_s * NS), c.ktime_ns),
+            details=dict(c.details), stack=c.stack,
         )
         self.open[ident] = inc
         self.stats["opened"] += 1
         return [Transition("open", inc)]
 
-    def refresh(self, rule: str, key: int, total: int, window_start_ns: int, window_count: int) -> None:
+    def refresh(self, rule: str, key: Hashable, total: int, window_start_ns: int, window_count: int) -> None:
         """Fresh totals of an open incident's key, read from the kernel's map."""
         inc = self.open.get((rule, key))
         if inc is None:
@@ -174,7 +183,7 @@ class IncidentEngine:
         if window_start_ns == inc.last_window_ns:
             inc.peak_window_count = max(inc.peak_window_count, window_count)
 
-    def key_exited(self, rule: str, key: int, total: int, exit_code: int | None = None) -> None:
+    def key_exited(self, rule: str, key: Hashable, total: int, exit_code: int | None = None) -> None:
         """The key's process is gone; its last totals came with the exit record."""
         inc = self.open.get((rule, key))
         if inc is None:
@@ -220,5 +229,5 @@ class IncidentEngine:
             windows.evict_idle(now_ns)
         return out
 
-    def open_keys(self) -> list[tuple[str, int]]:
+    def open_keys(self) -> list[tuple[str, Hashable]]:
         return list(self.open)

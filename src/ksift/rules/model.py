@@ -6,9 +6,25 @@ Plain frozen values: the parser builds them, the engine and the BPF loader read 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A per-rule setting a signal understands, beyond threshold and window.
+
+    kind: "duration" (seconds, written "500ms"), "int", "float" or "bytes".
+    """
+
+    name: str
+    kind: str
+    default: float | int
+    minimum: float | int
+    maximum: float | int
+    help: str
 
 
 @dataclass(frozen=True)
@@ -16,9 +32,17 @@ class SignalSpec:
     """A kind of event the kernel side counts, and what it can be grouped by."""
 
     name: str
-    keys: tuple[str, ...]  # fields a rule may group counts by
-    unit: str  # what one count is, for alert text ("forks")
+    keys: tuple[str, ...]  # what a rule groups counts by; the first is the default
+    unit: str  # what the threshold counts ("forks", "% of one CPU")
     description: str
+    params: tuple[ParamSpec, ...] = ()
+    where: str = "kernel"  # where the threshold is decided: "kernel" or "user space"
+
+    def param(self, name: str) -> ParamSpec | None:
+        for spec in self.params:
+            if spec.name == name:
+                return spec
+        return None
 
 
 def _registry(*specs: SignalSpec) -> Mapping[str, SignalSpec]:
@@ -26,14 +50,79 @@ def _registry(*specs: SignalSpec) -> Mapping[str, SignalSpec]:
     return MappingProxyType({spec.name: spec for spec in specs})
 
 
-# Every signal a rule may name. Adding a signal means adding a SignalSpec here
-# (and the kernel program that counts it).
+_MIB = 1 << 20
+
+# Every signal a rule may name. Adding a signal means adding a SignalSpec here,
+# the sensor that feeds it (sensors/registry.py) and its kernel program.
 SIGNALS: Mapping[str, SignalSpec] = _registry(
     SignalSpec(
         name="process.fork",
         keys=("tgid",),
         unit="forks",
         description="new processes (not threads) created by one parent, counted in the kernel",
+    ),
+    SignalSpec(
+        name="process.short_lived",
+        keys=("tgid",),
+        unit="short-lived children",
+        description="children of one parent (tgid) that exec'd and exited within max_lifetime",
+        params=(ParamSpec("max_lifetime", "duration", 1.0, 0.001, 3600.0,
+                          "a child that exits sooner than this after it started counts"),),
+    ),
+    SignalSpec(
+        name="process.crash",
+        keys=("parent_exe",),
+        unit="failed exits",
+        description="exits with a non-zero status or by a signal, of one executable under one parent",
+    ),
+    SignalSpec(
+        name="file.open",
+        keys=("tgid",),
+        unit="new file descriptors",
+        description="successful open/openat/openat2/creat/socket/accept calls of one process "
+                    "(attaches syscall tracepoints: a cost on every syscall of the host)",
+    ),
+    SignalSpec(
+        name="net.connect",
+        keys=("tgid_destination",),
+        unit="connections",
+        description="outgoing TCP connection attempts (IPv4 and IPv6) from one process to one address and port",
+    ),
+    SignalSpec(
+        name="net.slow_request",
+        keys=("tgid",),
+        unit="slow requests",
+        description="requests on TCP connections a process accepted that took longer than latency "
+                    "(first read after a response to the first write of the next response)",
+        params=(ParamSpec("latency", "duration", 0.5, 0.001, 3600.0,
+                          "a request slower than this counts"),),
+    ),
+    SignalSpec(
+        name="cpu.usage",
+        keys=("tgid",),
+        unit="% of one CPU",
+        description="CPU time of one process, sampled in the kernel (perf cpu-clock), as a share of one core",
+        params=(ParamSpec("sample_hz", "int", 49, 1, 1000, "samples per second per CPU"),),
+    ),
+    SignalSpec(
+        name="memory.oom_kill",
+        keys=("victim",),
+        unit="OOM kills",
+        description="the kernel's OOM killer chose a victim (oom:mark_victim)",
+    ),
+    SignalSpec(
+        name="memory.rss_growth",
+        keys=("tgid",),
+        unit="MB of resident memory growth",
+        description="resident memory of one process growing within window, from the kernel's rss_stat "
+                    "tracepoint (only processes that pass step are tracked)",
+        where="user space",
+        params=(
+            ParamSpec("min_growth_percent", "float", 50.0, 0.0, 100000.0,
+                      "the growth must also be at least this share of the starting RSS"),
+            ParamSpec("step", "bytes", 32 * _MIB, _MIB, 1 << 40,
+                      "the kernel reports a process each time its RSS grows by this much"),
+        ),
     ),
 )
 
@@ -79,6 +168,17 @@ class Rule:
     cooldown_s: float = 0.0
     enabled: bool = True
     description: str = ""
+    params: Mapping[str, float | int] = field(default_factory=dict)  # the signal's ParamSpecs, defaults filled
+    policy: Any = None  # remediation policy (ksift.remediation); None = monitor only
+
+    def param(self, name: str) -> float | int:
+        """A signal parameter: the rule's value, else the signal's default."""
+        if name in self.params:
+            return self.params[name]
+        spec = SIGNALS[self.signal].param(name)
+        if spec is None:
+            raise KeyError(f"signal {self.signal!r} has no parameter {name!r}")
+        return spec.default
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import re
 from importlib import resources
+from types import MappingProxyType
 
 from ksift.errors import ConfigError
-from ksift.rules.model import SEVERITIES, SIGNALS, Rule, RuleSet, Severity
+from ksift.rules.model import SEVERITIES, SIGNALS, ParamSpec, Rule, RuleSet, Severity, SignalSpec
 from ksift.tomlfile import parse_toml, read_text
 from ksift.units import format_duration, parse_duration
 
@@ -20,15 +21,15 @@ DEFAULT_RULES_SOURCE = "<default rules: ksift/rules/default_rules.toml>"
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _REQUIRED = ("name", "severity", "signal", "key", "threshold", "window")
-_OPTIONAL = ("description", "sustain", "cooldown", "enabled")
+_OPTIONAL = ("description", "sustain", "cooldown", "enabled", "params", "policy")
 _ALLOWED = ", ".join(sorted(_REQUIRED + _OPTIONAL))
 
 # The kernel stores thresholds as u32 and fires on "count > threshold".
 _THRESHOLD_LIMIT = 2**32
 _MAX_WINDOW_S = 3600.0
 _THRESHOLD_HELP = (
-    f"must be an integer > 0 and < {_THRESHOLD_LIMIT} "
-    "(alert when more than threshold events happen within window)"
+    f"must be an integer >= 0 and < {_THRESHOLD_LIMIT} "
+    "(alert when more than threshold events happen within window; 0 = on the first one)"
 )
 
 
@@ -111,7 +112,7 @@ def _parse_rule(table: dict, index: int, source: str) -> Rule:
     threshold = table["threshold"]
     # bool is an int subclass; `threshold = true` must not become 1.
     valid_threshold = isinstance(threshold, int) and not isinstance(threshold, bool)
-    if not valid_threshold or not 0 < threshold < _THRESHOLD_LIMIT:
+    if not valid_threshold or not 0 <= threshold < _THRESHOLD_LIMIT:
         raise ConfigError(
             source, f"invalid threshold {threshold!r}: {_THRESHOLD_HELP}", field=where("threshold")
         )
@@ -139,6 +140,14 @@ def _parse_rule(table: dict, index: int, source: str) -> Rule:
             source, f"invalid description {description!r}: must be a string", field=where("description")
         )
 
+    params = _parse_params(table.get("params", {}), SIGNALS[signal], source, where("params"))
+    policy = None
+    if "policy" in table:
+        # Imported here: remediation is optional machinery the rules model must not depend on.
+        from ksift.remediation.policy import parse_policy
+
+        policy = parse_policy(table["policy"], source, where("policy"))
+
     return Rule(
         name=name,
         severity=Severity(severity),
@@ -150,7 +159,46 @@ def _parse_rule(table: dict, index: int, source: str) -> Rule:
         cooldown_s=cooldown_s,
         enabled=enabled,
         description=description,
+        params=MappingProxyType(params),
+        policy=policy,
     )
+
+
+def _parse_params(table: object, spec: SignalSpec, source: str, field: str) -> dict[str, float | int]:
+    """The signal's parameters: every known one with its default, overridden by the rule."""
+    if not isinstance(table, dict):
+        raise ConfigError(source, "must be a table, e.g. params = { latency = \"500ms\" }", field=field)
+    known = {p.name: p for p in spec.params}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        allowed = ", ".join(known) or "none"
+        raise ConfigError(source, f"unknown parameter {unknown[0]!r} for signal {spec.name!r} (allowed: {allowed})",
+                          field=f"{field}.{unknown[0]}")
+    out: dict[str, float | int] = {}
+    for name, param in known.items():
+        if name not in table:
+            out[name] = param.default
+            continue
+        out[name] = _param_value(table[name], param, source, f"{field}.{name}")
+    return out
+
+
+def _param_value(raw: object, param: ParamSpec, source: str, field: str) -> float | int:
+    if param.kind == "duration":
+        value: float | int = parse_duration(raw, source=source, field=field)
+        shown = format_duration
+    elif param.kind in ("int", "bytes"):
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise ConfigError(source, f"invalid value {raw!r}: must be an integer ({param.help})", field=field)
+        value, shown = raw, str
+    else:
+        if not isinstance(raw, (int, float)) or isinstance(raw, bool):
+            raise ConfigError(source, f"invalid value {raw!r}: must be a number ({param.help})", field=field)
+        value, shown = float(raw), str
+    if not param.minimum <= value <= param.maximum:
+        raise ConfigError(source, f"invalid value {raw!r}: must be between {shown(param.minimum)} and "
+                                  f"{shown(param.maximum)} ({param.help})", field=field)
+    return value
 
 
 def _parse_name(table: dict, index: int, source: str) -> str:

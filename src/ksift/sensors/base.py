@@ -14,7 +14,7 @@ from ksift.errors import BpfError
 from ksift.loader.bpf_object import BpfMap, BpfObject
 from ksift.loader.libbpf import Libbpf
 from ksift.rules.incidents import Crossing, Incident, KeyExit, KeyState
-from ksift.rules.model import Rule
+from ksift.rules.model import Rule, RuleSet
 from ksift.transport import records
 from ksift.transport.ringbuf import RingBufferReader
 
@@ -39,33 +39,47 @@ class Decoded:
 class Sensor:
     """One BPF object with the common lifecycle; subclasses say what to configure and attach.
 
-    A subclass declares its signals, and implements rodata(), programs(), decode(),
-    and optionally current() and summarize().
+    A subclass declares its signals, object file, counter names and ABI mirrors,
+    and implements rodata(), programs() (only the hooks its enabled rules need),
+    decode(), and optionally current(), summarize() and details().
     """
 
     name = "sensor"
     object_file = ""
     signals: tuple[str, ...] = ()
+    # Names of the sensor's own counter slots, from records.SENSOR_COUNTER_BASE on,
+    # in the order of its enum in bpf/<sensor>.h (`counter_enum`).
+    counter_names: tuple[str, ...] = ()
+    counter_enum = ""
+    # C struct name -> (numpy dtype, {C member: numpy field} where they differ):
+    # checked against the object's BTF by tests/unit/test_abi.py.
+    abi: dict[str, tuple[np.dtype, dict[str, str]]] = {}
 
-    def __init__(self, lib: Libbpf, objects_dir: Path, config: AgentConfig, self_tgid: int):
+    def __init__(self, lib: Libbpf, objects_dir: Path, config: AgentConfig, self_tgid: int, rules: RuleSet):
         self.lib = lib
         self.path = objects_dir / self.object_file
         self.config = config
         self.self_tgid = self_tgid
+        # signal -> its enabled rule, for this sensor's signals only
+        self.enabled: dict[str, Rule] = {s: r for s in self.signals if (r := rules.for_signal(s)) is not None}
         self.obj: BpfObject | None = None
         self.reader: RingBufferReader | None = None
         self._counters: BpfMap | None = None
 
     @classmethod
-    def wanted(cls, rules) -> bool:
+    def wanted(cls, rules: RuleSet) -> bool:
         """Load this sensor only when an enabled rule needs one of its signals."""
         return any(rules.for_signal(s) is not None for s in cls.signals)
+
+    @classmethod
+    def all_counter_names(cls) -> tuple[str, ...]:
+        return records.COMMON_COUNTER_NAMES + cls.counter_names
 
     # -- what subclasses provide ---------------------------------------------
 
     def rules(self) -> list[Rule]:
         """The enabled rules this sensor feeds."""
-        return []
+        return list(self.enabled.values())
 
     def rodata(self) -> dict[str, int]:
         return {}
@@ -82,6 +96,10 @@ class Sensor:
 
     def summarize(self, incident: Incident, status: str) -> str | None:
         """One sentence for the alert; None means the generic wording."""
+        return None
+
+    def details(self, incident: Incident, status: str) -> dict | None:
+        """The signal's own figures for the alert's `details`; None means incident.details."""
         return None
 
     def start(self) -> None:
@@ -117,7 +135,7 @@ class Sensor:
         raw = self._counters.lookup(b"\0\0\0\0")
         if raw is None:
             return {}
-        return records.sum_counters(raw, self._counters.ncpus, self._counters.slot_size)
+        return records.sum_counters(raw, self._counters.ncpus, self._counters.slot_size, self.all_counter_names())
 
     def close(self) -> None:
         if self.reader is not None:

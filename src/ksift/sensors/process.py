@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from ksift.rules.incidents import NS, Crossing, Incident, KeyExit, KeyState
-from ksift.rules.model import Rule, RuleSet
+from ksift.rules.model import Rule
 from ksift.sensors.base import Decoded, Sensor
 from ksift.transport import records
 from ksift.units import format_duration
@@ -17,18 +17,43 @@ log = logging.getLogger("ksift.sensors.process")
 FORK_SIGNAL = "process.fork"
 
 
+# Mirrors of bpf/process.h.
+REC_FORK_CROSSING = 1
+REC_FORK_EXIT = 2
+FORK_CROSSING = np.dtype(
+    [("window_start_ns", "<u8"), ("total", "<u8"), ("window_count", "<u4"), ("threshold", "<u4")]
+)
+FORK_EXIT = np.dtype(
+    [("window_start_ns", "<u8"), ("total", "<u8"), ("window_count", "<u4"), ("exit_code", "<u4")]
+)
+FORK_STATE = np.dtype(
+    [
+        ("window_start_ns", "<u8"),
+        ("reported_window_ns", "<u8"),
+        ("total", "<u8"),
+        ("window_count", "<u4"),
+        ("flagged", "<u4"),
+    ]
+)
+
+
 class ProcessSensor(Sensor):
     name = "process"
     object_file = "process.bpf.o"
     signals = (FORK_SIGNAL,)
+    counter_enum = "ksift_process_counter"
+    counter_names = ("fork_seen", "fork_threads", "fork_self", "fork_aggregated", "fork_crossings",
+                     "exec_seen", "exit_seen", "exit_flagged")
+    abi = {
+        "ksift_fork_crossing": (FORK_CROSSING, {}),
+        "ksift_fork_exit": (FORK_EXIT, {}),
+        "ksift_fork_state": (FORK_STATE, {}),
+    }
 
-    def __init__(self, *args, rules: RuleSet, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fork_rule: Rule | None = rules.for_signal(FORK_SIGNAL)
+        self.fork_rule: Rule | None = self.enabled.get(FORK_SIGNAL)
         self._state = None
-
-    def rules(self) -> list[Rule]:
-        return [self.fork_rule] if self.fork_rule is not None else []
 
     def rodata(self) -> dict[str, int]:
         rule = self.fork_rule
@@ -49,7 +74,7 @@ class ProcessSensor(Sensor):
         if self.fork_rule is None or len(batch) == 0:
             return out
         rule = self.fork_rule.name
-        rows, pay = records.payloads(batch, records.REC_FORK_CROSSING)
+        rows, pay = records.payloads(batch, REC_FORK_CROSSING, FORK_CROSSING)
         for row, p in zip(rows, pay):
             try:
                 task = records.task_context(row["task"])
@@ -60,7 +85,7 @@ class ProcessSensor(Sensor):
             except Exception:  # one odd record must not cost the rest of the batch
                 log.exception("skipping an undecodable fork crossing record")
                 out.failed += 1
-        rows, pay = records.payloads(batch, records.REC_FORK_EXIT)
+        rows, pay = records.payloads(batch, REC_FORK_EXIT, FORK_EXIT)
         for row, p in zip(rows, pay):
             out.exits.append(KeyExit(rule, int(row["task"]["tgid"]), int(p["total"]), int(p["exit_code"])))
         return out
@@ -72,7 +97,7 @@ class ProcessSensor(Sensor):
         raw = self._state.lookup(key.to_bytes(4, "little"))
         if raw is None:
             return None  # the parent exited: its exit record carried the final totals
-        st = np.frombuffer(raw[: records.FORK_STATE.itemsize], dtype=records.FORK_STATE)[0]
+        st = np.frombuffer(raw[: FORK_STATE.itemsize], dtype=FORK_STATE)[0]
         return KeyState(int(st["total"]), int(st["window_start_ns"]), int(st["window_count"]))
 
     def summarize(self, inc: Incident, status: str) -> str:

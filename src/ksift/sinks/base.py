@@ -19,6 +19,10 @@ class Sink(Protocol):
 
     `close` flushes what can be flushed, releases resources, is safe to call
     twice and never raises either.
+
+    A sink that needs the event loop (network delivery, the HTTP server) may
+    also define `async start()` and `async stop()`: the agent awaits them when
+    its loop starts and before it ends.
     """
 
     name: str

@@ -1,0 +1,50 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * process.h: the process sensor's records, state and counters (fork storms).
+ * Python mirror: src/ksift/sensors/process.py, checked by tests/unit/test_abi.py.
+ */
+#ifndef KSIFT_PROCESS_H
+#define KSIFT_PROCESS_H
+
+#include "ksift.h"
+
+enum ksift_process_record {
+	KSIFT_REC_FORK_CROSSING = KSIFT_REC_PROCESS_BASE + 1, /* a parent crossed the fork threshold */
+	KSIFT_REC_FORK_EXIT = KSIFT_REC_PROCESS_BASE + 2,     /* a flagged parent exited: final totals */
+};
+
+enum ksift_process_counter {
+	KSIFT_CNT_FORK_SEEN = KSIFT_CNT_SENSOR_BASE, /* every sched_process_fork */
+	KSIFT_CNT_FORK_THREADS,        /* clones that made a thread: not counted */
+	KSIFT_CNT_FORK_SELF,           /* forks by ksift itself: filtered */
+	KSIFT_CNT_FORK_AGGREGATED,     /* new processes counted in the per-parent map */
+	KSIFT_CNT_FORK_CROSSINGS,      /* threshold crossings (one per parent per window) */
+	KSIFT_CNT_EXEC_SEEN,
+	KSIFT_CNT_EXIT_SEEN,           /* thread-group exits */
+	KSIFT_CNT_EXIT_FLAGGED,        /* exits of flagged parents (final record) */
+};
+
+struct ksift_fork_crossing {
+	__u64 window_start_ns;  /* ktime of the window's first fork */
+	__u64 total;            /* forks by this parent since first tracked */
+	__u32 window_count;     /* forks in this window at the crossing */
+	__u32 threshold;
+};
+
+struct ksift_fork_exit {
+	__u64 window_start_ns;
+	__u64 total;
+	__u32 window_count;
+	__u32 exit_code;        /* task->exit_code: (status << 8) | signal */
+};
+
+/* Per-parent fork state in the LRU hash, keyed by tgid. */
+struct ksift_fork_state {
+	__u64 window_start_ns;
+	__u64 reported_window_ns; /* window_start_ns of the last crossing emitted */
+	__u64 total;
+	__u32 window_count;
+	__u32 flagged;            /* crossed at least once: report its exit */
+};
+
+#endif /* KSIFT_PROCESS_H */

@@ -1,0 +1,56 @@
+"""Which sensor feeds which signal, and building only the sensors enabled rules need.
+
+Sensor modules are imported only when one of their signals has an enabled rule,
+so a host that watches only forks never loads (or even imports) the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from ksift.config import AgentConfig
+from ksift.loader.libbpf import Libbpf
+from ksift.rules.model import SIGNALS, RuleSet
+from ksift.sensors.base import Sensor
+
+# signal -> (module, class) of the sensor that feeds it.
+SENSORS: dict[str, tuple[str, str]] = {
+    "process.fork": ("ksift.sensors.process", "ProcessSensor"),
+    "process.short_lived": ("ksift.sensors.lifecycle", "LifecycleSensor"),
+    "process.crash": ("ksift.sensors.lifecycle", "LifecycleSensor"),
+    "file.open": ("ksift.sensors.files", "FileSensor"),
+    "net.connect": ("ksift.sensors.net", "ConnectSensor"),
+    "net.slow_request": ("ksift.sensors.request", "RequestSensor"),
+    "cpu.usage": ("ksift.sensors.cpu", "CpuSensor"),
+    "memory.oom_kill": ("ksift.sensors.memory", "MemorySensor"),
+    "memory.rss_growth": ("ksift.sensors.memory", "MemorySensor"),
+}
+
+assert set(SENSORS) == set(SIGNALS), "every signal needs a sensor"
+
+
+def sensor_class(signal: str) -> type[Sensor]:
+    module, name = SENSORS[signal]
+    return getattr(importlib.import_module(module), name)
+
+
+def all_sensor_classes() -> list[type[Sensor]]:
+    """Every sensor class, once each (for doctor and the ABI test)."""
+    out: list[type[Sensor]] = []
+    for signal in SENSORS:
+        cls = sensor_class(signal)
+        if cls not in out:
+            out.append(cls)
+    return out
+
+
+def build_sensors(lib: Libbpf, objects_dir: Path, config: AgentConfig, rules: RuleSet) -> list[Sensor]:
+    """Only the sensors an enabled rule needs: an unused hook costs the whole host."""
+    classes: list[type[Sensor]] = []
+    for rule in rules.enabled():
+        cls = sensor_class(rule.signal)
+        if cls not in classes:
+            classes.append(cls)
+    return [cls(lib, objects_dir, config, os.getpid(), rules) for cls in classes]
