@@ -14,8 +14,11 @@ BPF_OBJS    := $(patsubst bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(BPF_SRC))
 BPF_CFLAGS  := -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_x86 -Wall -Werror -Ibpf
 # Debian packages the build and the tests need (pinned by Debian 12's archive).
 APT_PKGS    := clang-14 libbpf-dev libbpf1 bpftool make gcc python3-venv
+# What only the tests need: the real receivers and a headless browser they drive.
+TEST_APT_PKGS := prometheus prometheus-alertmanager chromium chromium-driver
 STAMP_SYS   := $(VENV)/.system-deps
 STAMP_PY    := $(VENV)/.python-deps
+STAMP_TEST  := $(VENV)/.test-system-deps
 ARGS        ?=
 
 .PHONY: run test build deps system-deps vmlinux bench clean
@@ -23,7 +26,7 @@ ARGS        ?=
 run: build
 	$(VENV)/bin/ksift run $(ARGS)
 
-test: build
+test: build $(STAMP_TEST)
 	$(VPY) -m ruff check src tests bench
 	$(VPY) -m pytest $(ARGS)
 
@@ -33,14 +36,23 @@ deps: $(STAMP_PY)
 
 system-deps: $(STAMP_SYS)
 
-$(STAMP_SYS):
-	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# Install the Debian packages named in $(1) that are missing (root only).
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "need root to install:$$missing" >&2; exit 1; fi; \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
+
+$(STAMP_SYS):
+	$(call apt_install,$(APT_PKGS))
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	@touch $@
+
+$(STAMP_TEST): $(STAMP_SYS)
+	$(call apt_install,$(TEST_APT_PKGS))
 	@touch $@
 
 $(STAMP_PY): $(STAMP_SYS) pyproject.toml

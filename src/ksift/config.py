@@ -14,13 +14,17 @@ Layout (every section and field optional):
     file = "/etc/ksift/rules.toml"
     [output]
     json = false
+
+Sections owned by other parts of ksift ([api], [sinks], [kubernetes],
+[remediation]) are parsed by those parts (see _EXTENSIONS) and documented with them.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+import importlib
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -46,6 +50,14 @@ class AgentConfig:
     db_path: str | None = None  # None: default_db_path()
     rules_path: str | None = None  # None: the packaged default rules
     json_output: bool = False
+    # Parsed extension sections by name (see _EXTENSIONS); absent ones read as their defaults.
+    extensions: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def section(self, name: str) -> Any:
+        """An extension section's parsed config: the file's, else its defaults."""
+        if name in self.extensions:
+            return self.extensions[name]
+        return _parse_extension(name, {}, "<defaults>")
 
 
 def load_config(path: str | os.PathLike[str] | None) -> AgentConfig:
@@ -60,10 +72,19 @@ def parse_config(text: str, source: str) -> AgentConfig:
     document = parse_toml(text, source)
 
     for section in document:
-        if section not in _SECTIONS:
-            raise ConfigError(source, f"unknown section (allowed: {', '.join(_SECTIONS)})", field=section)
+        if section not in _SECTIONS and section not in _EXTENSIONS:
+            allowed = ", ".join([*_SECTIONS, *_EXTENSIONS])
+            raise ConfigError(source, f"unknown section (allowed: {allowed})", field=section)
 
     values: dict[str, Any] = {}
+    extensions = {}
+    for section in _EXTENSIONS:
+        if section in document:
+            table = document[section]
+            if not isinstance(table, dict):
+                raise ConfigError(source, f"must be a table, written [{section}]", field=section)
+            extensions[section] = _parse_extension(section, table, source)
+    values["extensions"] = MappingProxyType(extensions)
     for section, fields in _SECTIONS.items():
         table = document.get(section, {})
         if not isinstance(table, dict):
@@ -193,3 +214,20 @@ _SECTIONS: Mapping[str, Mapping[str, tuple[str, _Converter]]] = MappingProxyType
         "output": MappingProxyType({"json": ("json_output", _bool)}),
     }
 )
+
+# Sections parsed by the part of ksift they configure: section -> (module, function).
+# The function takes (table, source) and returns a frozen config object; it names
+# fields as "<section>.<field>" in its ConfigErrors. Imported only when needed.
+_EXTENSIONS: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "api": ("ksift.interfaces.settings", "parse_api"),
+        "sinks": ("ksift.sinks.settings", "parse_sinks"),
+        "kubernetes": ("ksift.enrich.kubernetes", "parse_kubernetes"),
+        "remediation": ("ksift.remediation.settings", "parse_remediation"),
+    }
+)
+
+
+def _parse_extension(section: str, table: dict, source: str) -> Any:
+    module, function = _EXTENSIONS[section]
+    return getattr(importlib.import_module(module), function)(table, source)
