@@ -70,6 +70,9 @@ class Agent:
         self._last_dropped = 0
         self._owner = {rule.name: sensor for sensor in sensors for rule in sensor.rules()}
         self.ready = False  # every sensor attached and the loop running (readiness)
+        for sink in sinks:
+            if hasattr(sink, "bind"):  # sinks that read the agent: the API, remediation
+                sink.bind(self)
 
     # -- lifecycle -----------------------------------------------------------
 

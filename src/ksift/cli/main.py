@@ -91,6 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ksift.sensors.base import default_objects_dir
     from ksift.sensors.registry import build_sensors
     from ksift.sinks.console import ConsoleSink
+    from ksift.sinks.factory import configured_sinks
     from ksift.sinks.store import StoreSink
     from ksift.store.sqlite import AlertStore
 
@@ -108,6 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = AlertStore(db_path)
     log.info("alert store: %s", db_path)
     sinks = [ConsoleSink(sys.stdout, json_lines=args.json or config.json_output), StoreSink(store)]
+    sinks += configured_sinks(config, rules, store)
     try:
         lib = Libbpf()
     except OSError as exc:
