@@ -21,9 +21,9 @@ Sections owned by other parts of ksift ([api], [sinks], [kubernetes],
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Mapping
-import importlib
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
