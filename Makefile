@@ -21,7 +21,7 @@ STAMP_PY    := $(VENV)/.python-deps
 STAMP_TEST  := $(VENV)/.test-system-deps
 ARGS        ?=
 
-.PHONY: run test build deps system-deps vmlinux bench clean
+.PHONY: run test build deps system-deps vmlinux bench bench-sensors clean
 
 run: build
 	$(VENV)/bin/ksift run $(ARGS)
@@ -70,6 +70,10 @@ vmlinux:
 
 bench: build
 	$(VPY) bench/run_bench.py $(ARGS)
+
+# Each sensor alone on the operation it hooks, with and without ksift (bench/sensor_bench.py).
+bench-sensors: build
+	$(VPY) bench/sensor_bench.py $(ARGS)
 
 clean:
 	rm -rf $(BPF_OUT) build *.egg-info src/*.egg-info

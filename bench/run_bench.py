@@ -215,9 +215,10 @@ def cpu_delta(a: ProcSample, b: ProcSample) -> dict:
 class Agent:
     """`ksift run` as a subprocess: started, waited for, sampled, stopped with SIGTERM."""
 
-    def __init__(self, ksift: Path, workdir: Path, tag: str):
+    def __init__(self, ksift: Path, workdir: Path, tag: str, extra_args: tuple[str, ...] = ()):
         self.ksift = ksift
         self.tag = tag
+        self.extra_args = tuple(extra_args)
         self.db = workdir / f"{tag}.db"
         self.stats_path = workdir / f"{tag}.stats.json"
         self.out_path = workdir / f"{tag}.stdout"
@@ -228,7 +229,7 @@ class Agent:
 
     def start(self, timeout_s: float = 60.0) -> "Agent":
         cmd = [str(self.ksift), "run", "--json", "--for", str(AGENT_CAP_S),
-               "--db", str(self.db), "--stats", str(self.stats_path)]
+               "--db", str(self.db), "--stats", str(self.stats_path), *self.extra_args]
         t0 = time.monotonic()
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
