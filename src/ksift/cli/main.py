@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
     check = rules_sub.add_parser("check", help="validate a rules file")
     check.add_argument("file")
+    rules_sub.add_parser("signals", help="list the signals rules can watch, with their keys and params")
     return p
 
 
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_doctor(sys.stdout)
         if args.command == "rules":
+            if args.rules_command == "signals":
+                return cmd_rules_signals(args)
             return cmd_rules_check(args)
     except ConfigError as exc:
         print(f"ksift: error: {exc}", file=sys.stderr)
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`ksift alerts | head`): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return EXIT_USAGE
 
 
@@ -164,6 +171,19 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             print(format_alert_text(alert))
     if not rows and not args.json:
         print("no alerts", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_rules_signals(args: argparse.Namespace) -> int:
+    from ksift.rules.model import SIGNALS
+    from ksift.units import format_duration
+
+    for spec in SIGNALS.values():
+        print(f"{spec.name}: {spec.description}")
+        print(f"  key: {' | '.join(spec.keys)}; threshold counts {spec.unit}; decided in {spec.where}")
+        for param in spec.params:
+            default = format_duration(param.default) if param.kind == "duration" else param.default
+            print(f"  params.{param.name} ({param.kind}, default {default}): {param.help}")
     return EXIT_OK
 
 
