@@ -92,7 +92,8 @@ def test_sigterm_leaves_nothing_attached(tmp_path):
     agent = start_agent(tmp_path)
     agent.wait_ready()
     held = owned_bpf_ids(agent.proc.pid)
-    assert len(held[0]) == 3 and len(held[1]) == 3, f"expected 3 programs and 3 links, got {held}"
+    # every sensor of the default rules: at least the three process hooks, each attached
+    assert len(held[0]) >= 3 and len(held[1]) >= len(held[0]), f"expected programs and their links, got {held}"
     assert held[0] <= bpf_ids_in_kernel()[0]
     assert agent.terminate() == 0, agent.stderr()
     assert_released(held)

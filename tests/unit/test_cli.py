@@ -26,7 +26,8 @@ def test_rules_check_accepts_the_default_rules(tmp_path):
     path.write_text(default_rules_text())
     done = ksift("rules", "check", str(path))
     assert done.returncode == 0, done.stderr
-    assert "fork_storm" in done.stdout and "1 enabled" in done.stdout
+    assert "9 rule(s), 8 enabled" in done.stdout
+    assert "enabled  fork_storm" in done.stdout and "disabled fd_burst" in done.stdout
 
 
 @pytest.mark.parametrize("body, needles", [

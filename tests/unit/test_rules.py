@@ -47,26 +47,35 @@ def parse_error(text: str) -> ConfigError:
 # --- the packaged default
 
 
-def test_default_rules_parse_to_fork_storm():
+DEFAULT_RULE_NAMES = ("fork_storm", "exec_churn", "crash_loop", "fd_burst", "connect_storm", "slow_request",
+                      "cpu_hog", "oom_kill", "memory_growth")
+
+
+def test_default_rules_are_every_detection():
     rules = load_rules()
     assert rules.source == DEFAULT_RULES_SOURCE
-    assert rules.rules == (
-        Rule(
-            name="fork_storm",
-            severity=Severity.WARNING,
-            signal="process.fork",
-            key="tgid",
-            threshold=50,
-            window_s=1.0,
-            sustain_s=0.0,
-            cooldown_s=30.0,
-            enabled=True,
-            description=(
-                "One parent created more than 50 processes within one second (fork storm or fork bomb)"
-            ),
-        ),
+    assert sorted(r.name for r in rules.rules) == sorted(DEFAULT_RULE_NAMES)
+    # one rule for every signal a sensor feeds, so every detection ships with a default
+    assert {r.signal for r in rules.rules} == set(SIGNALS)
+    # fd_burst is the one that taxes every syscall of the host: opt-in
+    assert {r.name for r in rules.rules if not r.enabled} == {"fd_burst"}
+
+
+def test_default_fork_storm_rule():
+    rule = load_rules().by_name("fork_storm")
+    assert rule == Rule(
+        name="fork_storm",
+        severity=Severity.WARNING,
+        signal="process.fork",
+        key="tgid",
+        threshold=50,
+        window_s=1.0,
+        sustain_s=0.0,
+        cooldown_s=30.0,
+        enabled=True,
+        description="One parent created more than 50 processes within one second (fork storm or fork bomb)",
     )
-    assert rules.rules[0].severity == "warning"
+    assert rule.severity == "warning"
 
 
 def test_default_rules_text_is_commented_toml():
