@@ -24,6 +24,45 @@ BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 _PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 
+ONLINE_CPUS_PATH = "/sys/devices/system/cpu/online"
+# SEC("perf_event") names no event: attach() samples cpu-clock at this rate (a prime,
+# so the samples do not beat with timers that run at round rates).
+DEFAULT_SAMPLE_HZ = 49
+_PERF_ERRNO_HINTS = {
+    errno_mod.EACCES: " (needs root, or CAP_PERFMON; see sysctl kernel.perf_event_paranoid)",
+    errno_mod.EPERM: " (needs root, or CAP_PERFMON; see sysctl kernel.perf_event_paranoid)",
+    errno_mod.EINVAL: " (is the rate above sysctl kernel.perf_event_max_sample_rate?)",
+    errno_mod.ENOENT: " (this kernel has no cpu-clock perf event)",
+    errno_mod.ENODEV: " (the CPU is offline, or this kernel has no cpu-clock perf event)",
+}
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """The kernel's CPU list format ("0-3,5,7-8") as sorted CPU numbers; ValueError if malformed."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"bad CPU range {part!r} in {text.strip()!r}")
+        lo, hi = int(first), int(last) if dash else int(first)
+        if hi < lo:
+            raise ValueError(f"bad CPU range {part!r} in {text.strip()!r}")
+        cpus.update(range(lo, hi + 1))
+    if not cpus:
+        raise ValueError(f"no CPUs in {text.strip()!r}")
+    return sorted(cpus)
+
+
+def online_cpus(path: str = ONLINE_CPUS_PATH) -> list[int]:
+    """The CPUs online now (a CPU brought online later is not sampled until the agent restarts)."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            return parse_cpu_list(fh.read())
+    except (OSError, ValueError) as exc:
+        raise BpfError(f"cannot read the online CPUs from {path}: {exc}") from exc
+
 
 class BpfMap:
     """A loaded map addressed by fd; keys and values are bytes-like."""
@@ -92,6 +131,7 @@ class BpfObject:
         self.lib = lib
         self._obj: int | None = None
         self._links: dict[str, int] = {}
+        self._perf_fds: dict[str, int] = {}  # link name -> the perf event fd that link owns
         self._loaded = False
 
     # -- lifecycle -----------------------------------------------------------
@@ -115,12 +155,17 @@ class BpfObject:
         self.close()
 
     def close(self) -> None:
-        """The one teardown path: detach every link, then free the object. Idempotent."""
+        """The one teardown path: detach every link, then free the object. Idempotent.
+
+        A perf event's fd belongs to its link: libbpf disables and closes it when
+        the link is destroyed, so it is never closed twice here.
+        """
         for name, link in list(self._links.items()):
             ret = self.lib.so.bpf_link__destroy(link)
             if ret < 0:
                 log.warning("detaching %s from %s failed: %d", name, self.path.name, ret)
         self._links.clear()
+        self._perf_fds.clear()
         if self._obj is not None:
             self.lib.so.bpf_object__close(self._obj)
             self._obj = None
@@ -200,6 +245,10 @@ class BpfObject:
         if program in self._links:
             return
         prog = self._program(program)
+        if self.lib.so.bpf_program__section_name(prog).decode() == "perf_event":
+            # libbpf cannot attach it from the section name: it needs events to sample.
+            self.attach_perf_event(program, DEFAULT_SAMPLE_HZ)
+            return
         link = self.lib.so.bpf_program__attach(prog)
         if not link:
             err = ctypes.get_errno()
@@ -207,9 +256,65 @@ class BpfObject:
             raise BpfError(f"cannot attach {program} ({section}): {_strerror(err)}\n{self.lib.take_log()}")
         self._links[program] = link
 
+    def attach_perf_event(self, program: str, sample_hz: int, cpus: list[int] | None = None) -> None:
+        """Run a SEC("perf_event") program on cpu-clock samples, sample_hz per CPU.
+
+        One perf event and one link per CPU (default: every online CPU), named
+        "<program>@cpu<N>". On failure the links made so far stay in the object,
+        so close() releases them with everything else.
+        """
+        self._require(loaded=True)
+        prog = self._program(program)
+        section = self.lib.so.bpf_program__section_name(prog).decode()
+        if section != "perf_event":
+            raise BpfError(f"cannot attach {program} ({section}) to perf events: it is not SEC(\"perf_event\")")
+        if not 1 <= sample_hz <= 100_000:
+            raise BpfError(f"cannot attach {program}: sample rate {sample_hz} Hz is outside 1..100000")
+        for cpu in online_cpus() if cpus is None else cpus:
+            name = f"{program}@cpu{cpu}"
+            if name in self._links:
+                continue
+            try:
+                pfd = self.lib.perf_event_open_cpu_clock(cpu, sample_hz)
+            except OSError as exc:
+                raise BpfError(f"cannot attach {program} (perf_event): {exc.strerror}"
+                               f"{_PERF_ERRNO_HINTS.get(exc.errno, '')}") from exc
+            link = self.lib.so.bpf_program__attach_perf_event(prog, pfd)
+            if not link:
+                err = ctypes.get_errno()
+                os.close(pfd)  # never attached, so still ours to close
+                raise BpfError(f"cannot attach {program} to the cpu-clock event of CPU {cpu}: {_strerror(err)}\n"
+                               f"{self.lib.take_log()}")
+            self._links[name] = link
+            self._perf_fds[name] = pfd
+
     @property
     def attached(self) -> list[str]:
         return list(self._links)
+
+    @property
+    def perf_fds(self) -> dict[str, int]:
+        """The perf event fds held through links, by link name."""
+        return dict(self._perf_fds)
+
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        """(run_time_ns, run_cnt) of each loaded program, from the kernel's bpf_prog_info.
+
+        The kernel counts these only while kernel.bpf_stats_enabled is on (it
+        costs every program run a clock read); ksift never turns it on itself.
+        """
+        out: dict[str, tuple[int, int]] = {}
+        obj = self._require(loaded=True)
+        for prog in self.lib.iter_programs(obj):
+            fd = self.lib.so.bpf_program__fd(prog)
+            if fd < 0:
+                continue  # not loaded (autoload off): no rule needs it
+            info = _BpfProgInfoHead()
+            size = ctypes.c_uint32(ctypes.sizeof(info))
+            self.lib.check_int(self.lib.so.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+                               "read program info")
+            out[self.lib.so.bpf_program__name(prog).decode()] = (info.run_time_ns, info.run_cnt)
+        return out
 
     def map(self, name: str) -> BpfMap:
         self._require(loaded=True)
@@ -217,6 +322,30 @@ class BpfObject:
         so = self.lib.so
         return BpfMap(self.lib, name, so.bpf_map__fd(m), so.bpf_map__type(m), so.bpf_map__key_size(m),
                       so.bpf_map__value_size(m), so.bpf_map__max_entries(m))
+
+
+class _BpfProgInfoHead(ctypes.Structure):
+    """struct bpf_prog_info (uapi/linux/bpf.h) up to run_cnt; a shorter info_len is allowed.
+
+    Every pointer/length pair stays zero, so the kernel copies no arrays back.
+    """
+
+    _fields_ = [
+        ("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32), ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16), ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32), ("netns_dev", ctypes.c_uint64), ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32), ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64), ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32), ("func_info_rec_size", ctypes.c_uint32), ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32), ("nr_line_info", ctypes.c_uint32), ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64), ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32), ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32), ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64),
+    ]
 
 
 def _strerror(err: int) -> str:

@@ -1,9 +1,10 @@
 """A thin ctypes layer over libbpf.so.1 (Debian's libbpf1).
 
 Only what ksift needs: open, rodata, autoload, load, attach, map access
-(including batch ops). Pointer-returning libbpf 1.x calls return NULL and set
-errno; int-returning ones return a negative errno. Both become OSError here,
-and the callers above translate those into ksift.errors.
+(including batch ops), and perf_event_open for the CPU sampler.
+Pointer-returning libbpf 1.x calls return NULL and set errno; int-returning
+ones return a negative errno. Both become OSError here, and the callers above
+translate those into ksift.errors.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ _VA_LIST_TAG_SIZE = 24
 
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
+# perf_event_open(2) on x86-64 (no libc wrapper exists), and the values ksift uses.
+SYS_PERF_EVENT_OPEN = 298
+PERF_TYPE_SOFTWARE = 1
+PERF_COUNT_SW_CPU_CLOCK = 0
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+PERF_ATTR_FLAG_DISABLED = 1 << 0  # libbpf enables the event once the program is attached
+PERF_ATTR_FLAG_FREQ = 1 << 10  # sample_freq is a rate in Hz, not a period
+
 
 class BtfType(ctypes.Structure):
     _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size_or_type", ctypes.c_uint32)]
@@ -33,6 +42,24 @@ class BtfType(ctypes.Structure):
 
 class BtfVarSecinfo(ctypes.Structure):
     _fields_ = [("type", ctypes.c_uint32), ("offset", ctypes.c_uint32), ("size", ctypes.c_uint32)]
+
+
+class PerfEventAttr(ctypes.Structure):
+    """struct perf_event_attr as of PERF_ATTR_SIZE_VER8 (136 bytes); older kernels accept it
+    because every field they do not know is zero."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32), ("size", ctypes.c_uint32), ("config", ctypes.c_uint64),
+        ("sample_period_or_freq", ctypes.c_uint64), ("sample_type", ctypes.c_uint64),
+        ("read_format", ctypes.c_uint64), ("flags", ctypes.c_uint64),
+        ("wakeup_events", ctypes.c_uint32), ("bp_type", ctypes.c_uint32),
+        ("config1", ctypes.c_uint64), ("config2", ctypes.c_uint64), ("branch_sample_type", ctypes.c_uint64),
+        ("sample_regs_user", ctypes.c_uint64), ("sample_stack_user", ctypes.c_uint32),
+        ("clockid", ctypes.c_int32), ("sample_regs_intr", ctypes.c_uint64), ("aux_watermark", ctypes.c_uint32),
+        ("sample_max_stack", ctypes.c_uint16), ("reserved_2", ctypes.c_uint16),
+        ("aux_sample_size", ctypes.c_uint32), ("reserved_3", ctypes.c_uint32),
+        ("sig_data", ctypes.c_uint64), ("config3", ctypes.c_uint64),
+    ]
 
 
 def _sig(fn, restype, *argtypes):
@@ -56,6 +83,7 @@ class Libbpf:
         self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         self._libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
         self._libc.vsnprintf.restype = ctypes.c_int
+        self._libc.syscall.restype = ctypes.c_long
         self.recent_log: collections.deque[str] = collections.deque(maxlen=log_lines)
         self._declare()
         self._print_cb = _PRINT_FN(self._on_print)  # keep a reference: libbpf holds the pointer
@@ -83,8 +111,10 @@ class Libbpf:
         _sig(s.bpf_program__section_name, ctypes.c_char_p, p)
         _sig(s.bpf_program__set_autoload, i, p, ctypes.c_bool)
         _sig(s.bpf_program__attach, p, p)
+        _sig(s.bpf_program__attach_perf_event, p, p, i)
         _sig(s.bpf_program__fd, i, p)
         _sig(s.bpf_link__destroy, i, p)
+        _sig(s.bpf_link__fd, i, p)
         _sig(s.btf__find_by_name_kind, i, p, ctypes.c_char_p, u32)
         _sig(s.btf__type_by_id, ctypes.POINTER(BtfType), p, u32)
         _sig(s.btf__name_by_offset, ctypes.c_char_p, p, u32)
@@ -94,6 +124,7 @@ class Libbpf:
         _sig(s.bpf_map_lookup_and_delete_batch, i, i, p, p, p, p, ctypes.POINTER(u32), p)
         _sig(s.libbpf_num_possible_cpus, i)
         _sig(s.libbpf_probe_bpf_map_type, i, i, p)
+        _sig(s.bpf_obj_get_info_by_fd, i, i, p, ctypes.POINTER(u32))  # libbpf 1.1 has no prog-specific one
 
     # -- logging -------------------------------------------------------------
 
@@ -167,6 +198,21 @@ class Libbpf:
             name = self.so.btf__name_by_offset(btf, var.name_off).decode()
             out[name] = (info.offset, info.size)
         return out
+
+    def perf_event_open_cpu_clock(self, cpu: int, sample_hz: int) -> int:
+        """A disabled cpu-clock sampling event on one CPU (every task on it), sample_hz per second.
+
+        Returns the event's fd (close-on-exec); raises OSError naming the CPU and the rate.
+        """
+        attr = PerfEventAttr(type=PERF_TYPE_SOFTWARE, size=ctypes.sizeof(PerfEventAttr),
+                             config=PERF_COUNT_SW_CPU_CLOCK, sample_period_or_freq=sample_hz,
+                             flags=PERF_ATTR_FLAG_DISABLED | PERF_ATTR_FLAG_FREQ)
+        fd = self._libc.syscall(ctypes.c_long(SYS_PERF_EVENT_OPEN), ctypes.byref(attr), ctypes.c_int(-1),
+                                ctypes.c_int(cpu), ctypes.c_int(-1), ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
+        if fd < 0:
+            err = ctypes.get_errno() or errno_mod.EINVAL
+            raise OSError(err, f"perf_event_open(cpu-clock, cpu {cpu}, {sample_hz} Hz): {os.strerror(err)}")
+        return fd
 
     def num_possible_cpus(self) -> int:
         return self.check_int(self.so.libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")

@@ -1,0 +1,71 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * cpu.h: the CPU sensor's records, state and counters (CPU hogs).
+ * Python mirror: src/ksift/sensors/cpu.py, checked by tests/unit/test_abi.py.
+ */
+#ifndef KSIFT_CPU_H
+#define KSIFT_CPU_H
+
+#include "ksift.h"
+
+/* Frames kept per stack in the stack-trace map. Deep enough for real programs;
+ * the map's memory is max_entries * depth * 8 bytes, preallocated. */
+#define KSIFT_CPU_STACK_DEPTH 64
+
+enum ksift_cpu_record {
+	KSIFT_REC_CPU_CROSSING = KSIFT_REC_CPU_BASE + 1, /* a process went over the CPU share in a window */
+	KSIFT_REC_CPU_EXIT = KSIFT_REC_CPU_BASE + 2,     /* a flagged process exited: final totals */
+};
+
+enum ksift_cpu_counter {
+	KSIFT_CNT_CPU_SAMPLES = KSIFT_CNT_SENSOR_BASE, /* every cpu-clock sample, every CPU */
+	KSIFT_CNT_CPU_IDLE,            /* samples of the idle task: nobody to count */
+	KSIFT_CNT_CPU_SELF,            /* samples of ksift itself: filtered */
+	KSIFT_CNT_CPU_AGGREGATED,      /* samples counted in the per-process map */
+	KSIFT_CNT_CPU_CROSSINGS,       /* threshold crossings (one per process per window) */
+	KSIFT_CNT_CPU_STACKS,          /* samples of hot processes whose stacks were counted */
+	KSIFT_CNT_CPU_STACK_COLLISIONS, /* a stack's slot in the stack map held another stack: not captured */
+	KSIFT_CNT_CPU_STACK_ERRORS,    /* stacks not captured for another reason (no memory, no callchain) */
+	KSIFT_CNT_CPU_EXIT_FLAGGED,    /* exits of flagged processes (final record) */
+};
+
+struct ksift_cpu_crossing {
+	__u64 window_start_ns;  /* ktime of the window's first sample */
+	__u64 total;            /* samples of this process since first tracked */
+	__u64 run_start_ns;     /* start of the current run of hot windows */
+	__u64 run_samples;      /* samples since run_start_ns */
+	__u32 window_count;     /* samples in this window at the crossing */
+	__u32 threshold;        /* samples per window the count went over */
+};
+
+struct ksift_cpu_exit {
+	__u64 window_start_ns;
+	__u64 total;
+	__u32 window_count;
+	__u32 exit_code;        /* task->exit_code: (status << 8) | signal */
+};
+
+/* Per-process sampling state in the LRU hash, keyed by tgid. */
+struct ksift_cpu_state {
+	__u64 window_start_ns;
+	__u64 reported_window_ns; /* window_start_ns of the last crossing emitted */
+	__u64 total;
+	__u64 run_start_ns;
+	__u64 run_samples;
+	__u32 window_count;
+	__u32 prev_window_count;  /* samples in the previous window (hot when > threshold) */
+	__u32 flagged;            /* crossed at least once: report its exit */
+	__u32 _pad;
+};
+
+/* Key of the per-stack sample counts of hot processes. A negative stack id
+ * means no stack of that kind (a kernel thread has no user stack, a sample
+ * taken in user mode has no kernel stack). */
+struct ksift_cpu_stack_key {
+	__u32 tgid;
+	__s32 user_stack_id;
+	__s32 kernel_stack_id;
+	__u32 _pad;
+};
+
+#endif /* KSIFT_CPU_H */

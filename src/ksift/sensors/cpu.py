@@ -1,0 +1,420 @@
+"""CPU sensor: processes that keep more than a share of a core busy (bpf/cpu.bpf.c).
+
+The kernel samples every CPU with perf cpu-clock at `sample_hz` and counts the
+samples of each process per window; a process over
+    threshold% / 100 * sample_hz * window
+samples in one window is shipped as a crossing, once per window. While a
+process is over, its user and kernel stacks are counted in the kernel; each
+batch of crossings drains those counts here, symbolizes them while the process
+still lives, and the alert carries the hottest stacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ksift.config import AgentConfig
+from ksift.enrich.symbols import Symbolizer
+from ksift.errors import ConfigError
+from ksift.loader.bpf_object import BpfMap, BpfObject
+from ksift.loader.libbpf import Libbpf
+from ksift.rules.incidents import NS, Crossing, Incident, KeyExit, KeyState
+from ksift.rules.model import Rule, RuleSet
+from ksift.sensors.base import Decoded, Sensor
+from ksift.transport import records
+from ksift.transport.ringbuf import RingBufferReader
+from ksift.units import format_duration
+
+log = logging.getLogger("ksift.sensors.cpu")
+
+CPU_SIGNAL = "cpu.usage"
+SAMPLER = "ks_cpu_sample"
+EXIT_HOOK = "ks_cpu_exit"
+
+# A window must hold enough samples for a share to mean something: at 49 Hz a
+# 1 s window has 49, and 90% of them is 44; at 5 samples, one sample is 20%.
+MIN_SAMPLES_PER_WINDOW = 10
+TOP_STACKS = 5
+# A stack id nobody sampled for this long is deleted from the kernel's stack map.
+STACK_ID_TTL_NS = 30 * NS
+
+# Mirrors of bpf/cpu.h.
+STACK_DEPTH = 64
+REC_CPU_CROSSING = 51
+REC_CPU_EXIT = 52
+CPU_CROSSING = np.dtype(
+    [
+        ("window_start_ns", "<u8"),
+        ("total", "<u8"),
+        ("run_start_ns", "<u8"),
+        ("run_samples", "<u8"),
+        ("window_count", "<u4"),
+        ("threshold", "<u4"),
+    ]
+)
+CPU_EXIT = np.dtype(
+    [("window_start_ns", "<u8"), ("total", "<u8"), ("window_count", "<u4"), ("exit_code", "<u4")]
+)
+CPU_STATE = np.dtype(
+    [
+        ("window_start_ns", "<u8"),
+        ("reported_window_ns", "<u8"),
+        ("total", "<u8"),
+        ("run_start_ns", "<u8"),
+        ("run_samples", "<u8"),
+        ("window_count", "<u4"),
+        ("prev_window_count", "<u4"),
+        ("flagged", "<u4"),
+        ("_pad", "<u4"),
+    ]
+)
+STACK_KEY = np.dtype(
+    [("tgid", "<u4"), ("user_stack_id", "<i4"), ("kernel_stack_id", "<i4"), ("_pad", "<u4")]
+)
+LOST_FRAME = "[stack lost]"
+
+
+def samples_threshold(threshold_percent: int, sample_hz: int, window_s: float) -> int:
+    """Samples per window a process must go over: threshold% of sample_hz * window, rounded down.
+
+    Integer arithmetic on nanoseconds, so 90% of 49 Hz over 1 s is exactly 44 (44.1 rounded down).
+    """
+    window_ns = round(window_s * NS)
+    return threshold_percent * sample_hz * window_ns // (100 * NS)
+
+
+def check_rule(rule: Rule, source: str, label: str) -> None:
+    """Refuse a window too short for the sample rate to measure a share (ConfigError naming both)."""
+    hz = int(rule.param("sample_hz"))
+    per_window = hz * rule.window_s
+    if per_window < MIN_SAMPLES_PER_WINDOW:
+        raise ConfigError(source, f"window {format_duration(rule.window_s)} at params.sample_hz {hz} holds "
+                                  f"{per_window:g} samples of a busy core; at least {MIN_SAMPLES_PER_WINDOW} are "
+                                  "needed to measure a share: lengthen the window or raise sample_hz",
+                          field=f"{label}.window")
+
+
+def share_percent(samples: int, elapsed_ns: int, sample_hz: int) -> float:
+    """Samples as a share of one core: a task on a CPU all the time gets one sample per
+    period, the first at the start (so elapsed * hz + 1 of them)."""
+    expected = max(elapsed_ns, 0) * sample_hz / NS + 1
+    return 100.0 * samples / expected
+
+
+def hot_frame(stacks: list[dict] | None) -> str | None:
+    """Where the hottest stack spends its time: its innermost user frame, else its kernel one."""
+    if not stacks:
+        return None
+    top = stacks[0]
+    for frames in (top.get("user") or [], top.get("kernel") or []):
+        if frames and frames[0] != LOST_FRAME:
+            return frames[0]
+    return None
+
+
+def _as_call(frame: str) -> str:
+    # "handle_batch" reads as a function; "worker+0x1a2" and "0x7f..." are places, not calls.
+    return frame if "+0x" in frame or frame.startswith("0x") or frame.startswith("[") else f"{frame}()"
+
+
+@dataclass
+class _Book:
+    start_boottime_ns: int | None
+    last_window_ns: int
+    counts: Counter = field(default_factory=Counter)
+    other: int = 0  # samples of stacks beyond the per-process bound
+
+
+class StackBook:
+    """Samples per distinct (user frames, kernel frames) of each hot process, bounded.
+
+    A process's book restarts when a new run of hot windows starts (a whole quiet
+    window since its last crossing) or its pid names another process.
+    """
+
+    def __init__(self, max_processes: int = 256, max_stacks: int = 512):
+        self.max_processes = max_processes
+        self.max_stacks = max_stacks
+        self._books: OrderedDict[int, _Book] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._books)
+
+    def track(self, tgid: int, start_boottime_ns: int, window_start_ns: int, window_ns: int) -> None:
+        """A crossing of tgid: keep its book, or start a new one for a new run or process."""
+        book = self._books.get(tgid)
+        if (book is None or book.start_boottime_ns not in (None, start_boottime_ns)
+                or window_start_ns - book.last_window_ns > 2 * window_ns):
+            book = _Book(start_boottime_ns, window_start_ns)
+        book.start_boottime_ns = start_boottime_ns
+        book.last_window_ns = max(book.last_window_ns, window_start_ns)
+        self._put(tgid, book)
+
+    def start_boottime_ns(self, tgid: int) -> int | None:
+        book = self._books.get(tgid)
+        return book.start_boottime_ns if book else None
+
+    def add(self, tgid: int, user: tuple[str, ...], kernel: tuple[str, ...], samples: int) -> None:
+        book = self._books.get(tgid)
+        if book is None:  # samples of a process whose crossing we never saw (evicted, or raced)
+            book = _Book(None, 0)
+            self._put(tgid, book)
+        key = (user, kernel)
+        if key in book.counts or len(book.counts) < self.max_stacks:
+            book.counts[key] += samples
+        else:
+            book.other += samples
+
+    def top(self, tgid: int, n: int = TOP_STACKS) -> list[dict]:
+        """The n stacks with the most samples, as the alert shows them."""
+        book = self._books.get(tgid)
+        if book is None:
+            return []
+        return [{"samples": count, "user": list(user), "kernel": list(kernel)}
+                for (user, kernel), count in book.counts.most_common(n)]
+
+    def _put(self, tgid: int, book: _Book) -> None:
+        self._books[tgid] = book
+        self._books.move_to_end(tgid)
+        while len(self._books) > self.max_processes:
+            self._books.popitem(last=False)
+
+
+class CpuSensor(Sensor):
+    name = "cpu"
+    object_file = "cpu.bpf.o"
+    signals = (CPU_SIGNAL,)
+    counter_enum = "ksift_cpu_counter"
+    counter_names = ("cpu_samples", "cpu_idle", "cpu_self", "cpu_aggregated", "cpu_crossings", "cpu_stacks",
+                     "cpu_stack_collisions", "cpu_stack_errors", "cpu_exit_flagged")
+    abi = {
+        "ksift_cpu_crossing": (CPU_CROSSING, {}),
+        "ksift_cpu_exit": (CPU_EXIT, {}),
+        "ksift_cpu_state": (CPU_STATE, {}),
+        "ksift_cpu_stack_key": (STACK_KEY, {}),
+    }
+
+    def __init__(self, lib: Libbpf, objects_dir: Path, config: AgentConfig, self_tgid: int, rules: RuleSet,
+                 symbolizer: Symbolizer | None = None, clock_ns: Callable[[], int] = time.monotonic_ns):
+        super().__init__(lib, objects_dir, config, self_tgid, rules)
+        self.cpu_rule: Rule | None = self.enabled.get(CPU_SIGNAL)
+        self.sample_hz = 0
+        self.window_threshold = 0
+        if self.cpu_rule is not None:
+            rule = self.cpu_rule
+            check_rule(rule, rules.source, f"rule[{rules.rules.index(rule)}] ({rule.name})")
+            self.sample_hz = int(rule.param("sample_hz"))
+            self.window_threshold = samples_threshold(rule.threshold, self.sample_hz, rule.window_s)
+        self.symbolizer = symbolizer or Symbolizer()
+        self.clock_ns = clock_ns
+        self.book = StackBook()
+        # Stack ids read from the kernel: their addresses, and when a sample last named them.
+        # An id keeps its stack until we delete it (no BPF_F_REUSE_STACKID), so both stay valid till then.
+        self._stack_addresses_by_id: dict[int, list[int]] = {}
+        self._stack_seen_ns: dict[int, int] = {}
+        self.stack_stats = {"drained": 0, "lost": 0}  # stack-count entries read, stacks gone before we read them
+        self._state: BpfMap | None = None
+        self._stacks: BpfMap | None = None
+        self._stack_counts: BpfMap | None = None
+
+    def rodata(self) -> dict[str, int]:
+        rule = self.cpu_rule
+        if rule is None:
+            return {}
+        return {"cpu_threshold": self.window_threshold, "cpu_window_ns": round(rule.window_s * NS)}
+
+    def programs(self) -> list[str]:
+        # The exit hook ships the final totals of flagged processes and frees their state.
+        return [SAMPLER, EXIT_HOOK] if self.cpu_rule is not None else []
+
+    def start(self) -> None:
+        """The base lifecycle, except that the sampler is attached to one cpu-clock event per CPU."""
+        obj = BpfObject(self.path, self.lib)
+        self.obj = obj
+        try:
+            obj.open()
+            obj.set_rodata(ksift_tgid=self.self_tgid, wakeup_bytes=self.config.wakeup_bytes, **self.rodata())
+            obj.resize_map("ks_events", self.config.ringbuf_bytes)
+            wanted = set(self.programs())
+            for prog in obj.program_names():
+                obj.set_autoload(prog, prog in wanted)
+            obj.load()
+            for prog in self.programs():
+                if prog == SAMPLER:
+                    obj.attach_perf_event(prog, self.sample_hz)
+                else:
+                    obj.attach(prog)
+            events = obj.map("ks_events")
+            self.reader = RingBufferReader(events.fd, events.max_entries)
+            self._counters = obj.map("ks_counters")
+            self._state = obj.map("ks_cpu_state")
+            self._stacks = obj.map("ks_cpu_stacks")
+            self._stack_counts = obj.map("ks_cpu_stack_counts")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._state = self._stacks = self._stack_counts = None
+        super().close()
+
+    def counters(self) -> dict[str, int]:
+        """The kernel's counters, plus what became of the stacks in user space."""
+        out = super().counters()
+        if out:
+            out.update(stacks_drained=self.stack_stats["drained"], stacks_lost=self.stack_stats["lost"])
+        return out
+
+    # -- records -------------------------------------------------------------
+
+    def decode(self, batch: np.ndarray) -> Decoded:
+        out = Decoded()
+        rule = self.cpu_rule
+        if rule is None or len(batch) == 0:
+            return out
+        window_ns = round(rule.window_s * NS)
+        rows, pay = records.payloads(batch, REC_CPU_CROSSING, CPU_CROSSING)
+        decoded = []
+        for row, p in zip(rows, pay):
+            try:
+                task = records.task_context(row["task"])
+                self.book.track(task.tgid, task.start_boottime_ns, int(p["window_start_ns"]), window_ns)
+                decoded.append((row, p, task))
+            except Exception:  # one odd record must not cost the rest of the batch
+                log.exception("skipping an undecodable CPU crossing record")
+                out.failed += 1
+        if decoded:
+            try:
+                self.drain_stacks()
+            except Exception:  # stacks are context: the alert still goes out without them
+                log.exception("could not read the stacks of hot processes")
+        for row, p, task in decoded:
+            try:
+                out.crossings.append(self._crossing(rule, row, p, task))
+            except Exception:
+                log.exception("skipping an undecodable CPU crossing record")
+                out.failed += 1
+        rows, pay = records.payloads(batch, REC_CPU_EXIT, CPU_EXIT)
+        for row, p in zip(rows, pay):
+            out.exits.append(KeyExit(rule.name, int(row["task"]["tgid"]), int(p["total"]), int(p["exit_code"])))
+        return out
+
+    def _crossing(self, rule: Rule, row: np.void, p: np.void, task) -> Crossing:
+        ktime = int(row["ktime_ns"])
+        run_ns = ktime - int(p["run_start_ns"])
+        run_samples = int(p["run_samples"])
+        details = {
+            "cpu_share_percent": round(share_percent(run_samples, run_ns, self.sample_hz), 1),
+            "hot_for_s": round(run_ns / NS, 1),
+            "samples": run_samples,
+            "sample_hz": self.sample_hz,
+            "threshold_percent": rule.threshold,
+            "window_samples_threshold": int(p["threshold"]),
+        }
+        return Crossing(rule=rule.name, key=task.tgid, ktime_ns=ktime,
+                        window_start_ns=int(p["window_start_ns"]), window_count=int(p["window_count"]),
+                        total=int(p["total"]), task=task, details=details,
+                        stack=self.book.top(task.tgid) or None)
+
+    def drain_stacks(self) -> int:
+        """Move the kernel's stack counts into the book, symbolized; returns the entries read.
+
+        The counts are read and deleted in one batch. Each stack id they name is
+        read from the stack map once and remembered; an id no sample named for
+        STACK_ID_TTL_NS is deleted from the kernel, so a count drained a moment
+        after its id was read still finds it, and the map holds only live stacks.
+        """
+        if self._stack_counts is None or self._stacks is None:
+            return 0
+        keys, values, n = self._stack_counts.lookup_batch(delete=True)
+        now = self.clock_ns()
+        if n:
+            entries = np.frombuffer(keys, dtype=STACK_KEY, count=n)
+            samples = np.frombuffer(values, dtype="<u8", count=n)
+            ids = {int(i) for i in np.concatenate([entries["user_stack_id"], entries["kernel_stack_id"]]) if i >= 0}
+            for sid in ids:
+                self._stack_seen_ns[sid] = now
+                if sid not in self._stack_addresses_by_id:
+                    found = self._read_stack(sid)
+                    if found is not None:
+                        self._stack_addresses_by_id[sid] = found
+            user_cache: dict[tuple[int, int], tuple[str, ...]] = {}
+            kernel_cache: dict[int, tuple[str, ...]] = {}
+            for entry, count in zip(entries, samples):
+                tgid, uid, kid = int(entry["tgid"]), int(entry["user_stack_id"]), int(entry["kernel_stack_id"])
+                if (tgid, uid) not in user_cache:
+                    user_cache[(tgid, uid)] = self._user_frames(tgid, uid)
+                if kid not in kernel_cache:
+                    kernel_cache[kid] = self._kernel_frames(kid)
+                self.book.add(tgid, user_cache[(tgid, uid)], kernel_cache[kid], int(count))
+            self.stack_stats["drained"] += n
+        for sid, seen in list(self._stack_seen_ns.items()):
+            if now - seen > STACK_ID_TTL_NS:
+                self._stacks.delete(sid.to_bytes(4, "little"))
+                del self._stack_seen_ns[sid]
+                self._stack_addresses_by_id.pop(sid, None)
+        return n
+
+    def _read_stack(self, stack_id: int) -> list[int] | None:
+        raw = self._stacks.lookup(stack_id.to_bytes(4, "little"))
+        if raw is None:
+            self.stack_stats["lost"] += 1
+            return None
+        # Frames fill the slot from the start; the rest is zero.
+        return [int(a) for a in np.frombuffer(raw[: STACK_DEPTH * 8], dtype="<u8") if a]
+
+    def _user_frames(self, tgid: int, stack_id: int) -> tuple[str, ...]:
+        if stack_id < 0:
+            return ()
+        found = self._stack_addresses_by_id.get(stack_id)
+        if found is None:
+            return (LOST_FRAME,)
+        start = self.book.start_boottime_ns(tgid)
+        return tuple(self.symbolizer.user_frames(tgid, found, start))
+
+    def _kernel_frames(self, stack_id: int) -> tuple[str, ...]:
+        if stack_id < 0:
+            return ()
+        found = self._stack_addresses_by_id.get(stack_id)
+        if found is None:
+            return (LOST_FRAME,)
+        return tuple(self.symbolizer.kernel_frames(found))
+
+    def current(self, rule: str, key: int) -> KeyState | None:
+        """One process's live sample counters, straight from the kernel map."""
+        if self._state is None:
+            return None
+        raw = self._state.lookup(int(key).to_bytes(4, "little"))
+        if raw is None:
+            return None  # exited: its exit record carried the final totals
+        st = np.frombuffer(raw[: CPU_STATE.itemsize], dtype=CPU_STATE)[0]
+        return KeyState(int(st["total"]), int(st["window_start_ns"]), int(st["window_count"]))
+
+    # -- alerts --------------------------------------------------------------
+
+    def summarize(self, inc: Incident, status: str) -> str:
+        who = f"PID {inc.task.tgid} ({inc.task.comm})"
+        share = inc.details.get("cpu_share_percent")
+        hot_for = inc.details.get("hot_for_s")
+        used = (f"{share:.0f}% of a core for {format_duration(max(round(hot_for), 1))}"
+                if share is not None and hot_for is not None else f"over {inc.rule.threshold}% of a core")
+        if status == "open":
+            frame = hot_frame(inc.stack)
+            text = f"CPU high: {who} used {used}"
+            if frame:
+                text += f" in {_as_call(frame)}"
+            text += f", parent PID {inc.task.ppid}"
+            container = (inc.context.get("subject") or {}).get("container_id")
+            if container:
+                text += f", in container {container[:12]}"
+            return text
+        if inc.key_exited:
+            return f"CPU high is over: {who} exited after using {used}"
+        return f"CPU high is over: {who} is back under {inc.rule.threshold}% of a core (it used {used})"

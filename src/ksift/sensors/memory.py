@@ -1,0 +1,447 @@
+"""Memory sensor: OOM kills and resident memory growth (bpf/memory.bpf.c).
+
+oom_kill: the kernel ships one record per OOM victim (oom:mark_victim) with its
+memory figures and the memory cgroup whose limit was hit, decided in the kernel
+(the nearest memcg from the victim's up whose page_counter usage was at its max
+when the victim was marked). Here the cgroup ids become paths.
+
+memory_growth: the kernel reports a process only when its RSS moved a whole
+`step` from its last report (kmem:rss_stat); each report carries the previous
+one's level and time, so user space keeps a short chain of samples per process
+and decides (GrowthTracker) whether the RSS keeps growing: more than the
+threshold and min_growth_percent within the window, spread over the window
+rather than one allocation, and still at its highest.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from collections import OrderedDict, deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ksift.enrich.cgroup import CgroupResolver, find_cgroup2_mount
+from ksift.rules.incidents import NS, Crossing, Incident
+from ksift.rules.model import Rule
+from ksift.sensors.base import Decoded, Sensor
+from ksift.transport import records
+from ksift.units import format_duration
+
+log = logging.getLogger("ksift.sensors.memory")
+
+OOM_SIGNAL = "memory.oom_kill"
+GROWTH_SIGNAL = "memory.rss_growth"
+MIB = 1 << 20
+
+# Mirrors of bpf/memory.h.
+MEMCG_NAME_LEN = 24
+REC_OOM_KILL = 61
+REC_RSS_STEP = 62
+LIMIT_KINDS = {0: None, 1: "memory", 2: "memory+swap"}
+OOM_KILL = np.dtype(
+    [
+        ("total_vm_pages", "<u8"),
+        ("anon_rss_pages", "<u8"),
+        ("file_rss_pages", "<u8"),
+        ("shmem_rss_pages", "<u8"),
+        ("pgtables_bytes", "<u8"),
+        ("memcg_id", "<u8"),
+        ("limit_memcg_id", "<u8"),
+        ("limit_pages", "<u8"),
+        ("usage_pages", "<u8"),
+        ("oom_score_adj", "<i4"),
+        ("uid", "<u4"),
+        ("trigger_tgid", "<u4"),
+        ("limit_kind", "<u4"),
+        ("limit_depth", "<u4"),
+        ("hierarchy_id", "<u4"),
+        ("memcg_name", f"S{MEMCG_NAME_LEN}"),
+        ("limit_name", f"S{MEMCG_NAME_LEN}"),
+    ]
+)
+RSS_STEP = np.dtype(
+    [
+        ("rss_pages", "<u8"),
+        ("anon_pages", "<u8"),
+        ("file_pages", "<u8"),
+        ("shmem_pages", "<u8"),
+        ("prev_pages", "<u8"),
+        ("prev_ns", "<u8"),
+        ("reports", "<u8"),
+    ]
+)
+RSS_STATE = np.dtype([("mm", "<u8"), ("level_pages", "<u8"), ("level_ns", "<u8"), ("reports", "<u8")])
+
+LIMIT_SOURCE = ("kernel: the nearest memory cgroup, from the victim's up, whose usage was at its limit "
+                "when the victim was chosen")
+
+
+def mib(nbytes: int | float) -> str:
+    """Bytes as MiB for sentences: '64 MiB', '3.5 MiB'."""
+    value = nbytes / MIB
+    return f"{value:.0f} MiB" if value >= 10 or value == int(value) else f"{value:.1f} MiB"
+
+
+# -- where the memory controller lives ----------------------------------------
+
+
+def find_memory_v1_mount(mountinfo_text: str) -> str | None:
+    """Mount point of the cgroup v1 hierarchy that holds the memory controller, if any."""
+    for line in mountinfo_text.splitlines():
+        fields = line.split()
+        try:
+            sep = fields.index("-", 6)
+        except ValueError:
+            continue
+        if len(fields) < sep + 4 or fields[sep + 1] != "cgroup":
+            continue
+        if "memory" in fields[sep + 3].split(","):
+            # mountinfo escapes spaces as \040; cgroup mount points have none in practice
+            return fields[4].replace("\\040", " ")
+    return None
+
+
+class MemcgPaths:
+    """Memory cgroup ids (kernfs ids: directory inodes) to paths, per hierarchy.
+
+    hierarchy 0 is cgroup v2 (the unified mount); any other id is the v1
+    hierarchy that holds the memory controller. Roots are looked up once, lazily.
+    """
+
+    def __init__(self, mountinfo: str = "/proc/self/mountinfo", rescan_interval_s: float = 0.5):
+        self.mountinfo = mountinfo
+        self.rescan_interval_s = rescan_interval_s
+        self._resolvers: dict[bool, CgroupResolver] = {}
+
+    def _resolver(self, v2: bool) -> CgroupResolver:
+        resolver = self._resolvers.get(v2)
+        if resolver is None:
+            if v2:
+                root = find_cgroup2_mount(self.mountinfo)
+            else:
+                try:
+                    with open(self.mountinfo) as fh:
+                        root = find_memory_v1_mount(fh.read())
+                except OSError:
+                    root = None
+            # OOM kills are rare and a walk is cheap: rescan soon after a miss.
+            resolver = self._resolvers[v2] = CgroupResolver(root, rescan_interval_s=self.rescan_interval_s)
+        return resolver
+
+    def path(self, hierarchy_id: int, cgroup_id: int) -> str | None:
+        if cgroup_id == 0:
+            return None
+        return self._resolver(hierarchy_id == 0).path_for_id(cgroup_id)
+
+
+# -- growth over a window -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Growth:
+    """A rise of one process's RSS: from its lowest recent report to its latest."""
+
+    from_bytes: int
+    from_ns: int
+    to_bytes: int
+    to_ns: int
+    samples: int  # reports from the low point to the latest, both included
+
+    @property
+    def growth_bytes(self) -> int:
+        return self.to_bytes - self.from_bytes
+
+    @property
+    def seconds(self) -> float:
+        return (self.to_ns - self.from_ns) / NS
+
+    @property
+    def percent(self) -> float | None:
+        return 100.0 * self.growth_bytes / self.from_bytes if self.from_bytes > 0 else None
+
+
+def rising_growth(samples: list[tuple[int, int]], window_ns: int, threshold_bytes: int,
+                  min_percent: float) -> Growth | None:
+    """Does this (ktime_ns, rss_bytes) series, oldest first, show RSS that keeps growing?
+
+    Over the samples within window_ns of the latest one:
+    - still rising: the latest sample is the highest;
+    - from the most recent lowest sample before it, the RSS grew by more than
+      threshold_bytes and by at least min_percent of where it started;
+    - kept growing, not one allocation: the rise spans at least half the window
+      and each half of it holds at least a quarter of the growth.
+    """
+    if len(samples) < 2:
+        return None
+    latest_ns, latest = samples[-1]
+    recent = [s for s in samples if s[0] >= latest_ns - window_ns]
+    if len(recent) < 2 or latest < max(rss for _, rss in recent):
+        return None
+    low_index = 0
+    for i, (_, rss) in enumerate(recent[:-1]):
+        if rss <= recent[low_index][1]:
+            low_index = i  # the latest of equal lows: where the current rise began
+    low_ns, low = recent[low_index]
+    growth = latest - low
+    if growth <= threshold_bytes:
+        return None
+    if low > 0 and growth * 100 < min_percent * low:
+        return None
+    span = latest_ns - low_ns
+    if span * 2 < window_ns:
+        return None
+    mid_ns = low_ns + span // 2
+    mid = low
+    for t, rss in recent[low_index:]:
+        if t > mid_ns:
+            break
+        mid = rss
+    if (mid - low) * 4 < growth or (latest - mid) * 4 < growth:
+        return None
+    return Growth(low, low_ns, latest, latest_ns, len(recent) - low_index)
+
+
+@dataclass
+class _Series:
+    identity: int  # the process's start time: a recycled pid starts a new series
+    samples: deque = field(default_factory=deque)
+
+
+class GrowthTracker:
+    """A short, bounded chain of RSS reports per process, judged by rising_growth().
+
+    Each kernel report carries the previous report's time and level; a report
+    that does not chain onto what we hold (first sight, exec, a lost record)
+    starts the series over from that previous point. Samples older than the
+    window are dropped, and so are processes with nothing within the window:
+    the next report of such a process carries all that is needed to restart.
+    """
+
+    def __init__(self, window_ns: int, threshold_bytes: int, min_percent: float,
+                 max_keys: int = 4096, per_key: int = 256):
+        if window_ns <= 0:
+            raise ValueError("window_ns must be positive")
+        self.window_ns = window_ns
+        self.threshold_bytes = threshold_bytes
+        self.min_percent = min_percent
+        self.max_keys = max_keys
+        self.per_key = per_key
+        self._series: OrderedDict[Hashable, _Series] = OrderedDict()
+        self.restarted = 0  # reports that did not chain onto the series we held
+
+    def __len__(self) -> int:
+        return len(self._series)
+
+    def add(self, key: Hashable, identity: int, prev_ns: int, prev_bytes: int,
+            now_ns: int, now_bytes: int) -> Growth | None:
+        series = self._series.get(key)
+        if series is None or series.identity != identity or not series.samples \
+                or series.samples[-1][0] != prev_ns:
+            if series is not None:
+                self.restarted += 1
+            series = _Series(identity, deque([(prev_ns, prev_bytes)], maxlen=self.per_key))
+            self._series[key] = series
+        series.samples.append((now_ns, now_bytes))
+        self._series.move_to_end(key)
+        # Keep the latest sample always: the next report chains onto it.
+        while len(series.samples) > 1 and series.samples[0][0] < now_ns - self.window_ns:
+            series.samples.popleft()
+        self._evict(now_ns)
+        return rising_growth(list(series.samples), self.window_ns, self.threshold_bytes, self.min_percent)
+
+    def _evict(self, now_ns: int) -> None:
+        while len(self._series) > self.max_keys:
+            self._series.popitem(last=False)
+        while self._series:
+            key, oldest = next(iter(self._series.items()))
+            if oldest.samples and oldest.samples[-1][0] >= now_ns - self.window_ns:
+                break
+            del self._series[key]
+
+
+# -- the sensor -------------------------------------------------------------------
+
+
+class MemorySensor(Sensor):
+    name = "memory"
+    object_file = "memory.bpf.o"
+    signals = (OOM_SIGNAL, GROWTH_SIGNAL)
+    counter_enum = "ksift_memory_counter"
+    counter_names = ("oom_seen", "oom_limit_found", "rss_seen", "rss_other_mm", "rss_tracked", "rss_rebased",
+                     "rss_steps")
+    abi = {
+        "ksift_oom_kill": (OOM_KILL, {}),
+        "ksift_rss_step": (RSS_STEP, {}),
+        "ksift_rss_state": (RSS_STATE, {}),
+    }
+
+    def __init__(self, *args, page_size: int = mmap.PAGESIZE, memcg_paths: MemcgPaths | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.page_size = page_size
+        self.oom_rule: Rule | None = self.enabled.get(OOM_SIGNAL)
+        self.growth_rule: Rule | None = self.enabled.get(GROWTH_SIGNAL)
+        self.memcg_paths = memcg_paths or MemcgPaths()
+        self.growth: GrowthTracker | None = None
+        if self.growth_rule is not None:
+            rule = self.growth_rule
+            self.growth = GrowthTracker(int(rule.window_s * NS), rule.threshold * MIB,
+                                        float(rule.param("min_growth_percent")))
+
+    def rodata(self) -> dict[str, int]:
+        if self.growth_rule is None:
+            return {}
+        return {"rss_step_pages": max(1, int(self.growth_rule.param("step")) // self.page_size)}
+
+    def programs(self) -> list[str]:
+        progs = []
+        if self.oom_rule is not None:
+            progs.append("ks_mark_victim")
+        if self.growth_rule is not None:
+            progs.append("ks_rss_stat")
+        return progs
+
+    # -- records ------------------------------------------------------------------
+
+    def decode(self, batch: np.ndarray) -> Decoded:
+        out = Decoded()
+        if len(batch) == 0:
+            return out
+        if self.oom_rule is not None:
+            self._decode_oom(batch, self.oom_rule.name, out)
+        if self.growth_rule is not None:
+            self._decode_growth(batch, self.growth_rule.name, out)
+        return out
+
+    def _decode_oom(self, batch: np.ndarray, rule: str, out: Decoded) -> None:
+        rows, pay = records.payloads(batch, REC_OOM_KILL, OOM_KILL)
+        for row, p in zip(rows, pay):
+            try:
+                task = records.task_context(row["task"])
+                ktime = int(row["ktime_ns"])
+                out.crossings.append(Crossing(rule=rule, key=task.tgid, ktime_ns=ktime, window_start_ns=ktime,
+                                              window_count=1, total=1, task=task, details=self.oom_details(p)))
+            except Exception:  # one odd record must not cost the rest of the batch
+                log.exception("skipping an undecodable OOM kill record")
+                out.failed += 1
+
+    def oom_details(self, p: np.void) -> dict[str, Any]:
+        """The victim's figures and the cgroup whose limit was hit, as alert details."""
+        page = self.page_size
+        hierarchy = int(p["hierarchy_id"])
+        memcg = self._memcg(hierarchy, int(p["memcg_id"]), bytes(p["memcg_name"]))
+        kind = LIMIT_KINDS.get(int(p["limit_kind"]))
+        found = kind is not None
+        return {
+            "total_vm_bytes": int(p["total_vm_pages"]) * page,
+            "anon_rss_bytes": int(p["anon_rss_pages"]) * page,
+            "file_rss_bytes": int(p["file_rss_pages"]) * page,
+            "shmem_rss_bytes": int(p["shmem_rss_pages"]) * page,
+            "pgtables_bytes": int(p["pgtables_bytes"]),
+            "oom_score_adj": int(p["oom_score_adj"]),
+            "uid": int(p["uid"]),
+            "trigger_pid": int(p["trigger_tgid"]),
+            "memory_cgroup": memcg,
+            "memory_cgroup_version": 2 if hierarchy == 0 else 1,
+            "limit_cgroup": (self._memcg(hierarchy, int(p["limit_memcg_id"]), bytes(p["limit_name"]))
+                             if found else None),
+            "limit_bytes": int(p["limit_pages"]) * page if found else None,
+            "limit_usage_bytes": int(p["usage_pages"]) * page if found else None,
+            "limit_kind": kind,
+            "limit_levels_up": int(p["limit_depth"]) if found else None,
+            "limit_source": LIMIT_SOURCE,
+        }
+
+    def _memcg(self, hierarchy: int, cgroup_id: int, name: bytes) -> str | None:
+        try:
+            path = self.memcg_paths.path(hierarchy, cgroup_id)
+        except Exception:  # enrichment must never cost the alert
+            log.exception("could not resolve memory cgroup %d", cgroup_id)
+            path = None
+        if path is not None:
+            return path
+        # Gone already (or no mount to walk): the name the kernel captured.
+        text = records.text(name)
+        return f".../{text}" if text else None
+
+    def _decode_growth(self, batch: np.ndarray, rule: str, out: Decoded) -> None:
+        rows, pay = records.payloads(batch, REC_RSS_STEP, RSS_STEP)
+        order = np.argsort(rows["ktime_ns"], kind="stable")  # chains need each process's reports in order
+        for i in order:
+            row, p = rows[i], pay[i]
+            try:
+                task = records.task_context(row["task"])
+                ktime = int(row["ktime_ns"])
+                found = self.growth.add(task.tgid, task.start_boottime_ns, int(p["prev_ns"]),
+                                        int(p["prev_pages"]) * self.page_size, ktime,
+                                        int(p["rss_pages"]) * self.page_size)
+                if found is None:
+                    continue
+                out.crossings.append(Crossing(
+                    rule=rule, key=task.tgid, ktime_ns=ktime, window_start_ns=found.from_ns,
+                    window_count=found.growth_bytes // MIB, total=found.to_bytes // MIB, task=task,
+                    details=self.growth_details(found, p)))
+            except Exception:
+                log.exception("skipping an undecodable RSS step record")
+                out.failed += 1
+
+    def growth_details(self, g: Growth, p: np.void) -> dict[str, Any]:
+        page = self.page_size
+        percent = g.percent
+        return {
+            "from_bytes": g.from_bytes,
+            "to_bytes": g.to_bytes,
+            "growth_bytes": g.growth_bytes,
+            "growth_percent": round(percent, 1) if percent is not None else None,
+            "seconds": round(g.seconds, 3),
+            "reports": g.samples,
+            "anon_rss_bytes": int(p["anon_pages"]) * page,
+            "file_rss_bytes": int(p["file_pages"]) * page,
+            "shmem_rss_bytes": int(p["shmem_pages"]) * page,
+            "step_bytes": int(self.growth_rule.param("step")),
+        }
+
+    # -- alerts -------------------------------------------------------------------
+
+    def summarize(self, inc: Incident, status: str) -> str | None:
+        if inc.rule.signal == OOM_SIGNAL:
+            return oom_summary(inc, status)
+        if inc.rule.signal == GROWTH_SIGNAL:
+            return growth_summary(inc, status)
+        return None
+
+
+def oom_cause(d: dict[str, Any]) -> str:
+    """Which limit the kill answered, from oom_details()."""
+    limit = d.get("limit_cgroup")
+    if d.get("limit_kind") is None or limit is None:
+        return "no memory cgroup was at its limit (system-wide OOM)"
+    what = "memory+swap limit" if d["limit_kind"] == "memory+swap" else "limit"
+    if limit == d.get("memory_cgroup"):
+        return f"cgroup {what} {mib(d['limit_bytes'])} reached"
+    return f"{what} {mib(d['limit_bytes'])} of parent cgroup {limit} reached"
+
+
+def oom_summary(inc: Incident, status: str) -> str:
+    d = inc.details
+    who = f"PID {inc.task.tgid} ({inc.task.comm})"
+    where = d.get("memory_cgroup") or "?"
+    anon = mib(d.get("anon_rss_bytes", 0))
+    if status == "open":
+        return f"OOM killer killed {who} in cgroup {where}: {oom_cause(d)} (anon RSS {anon})"
+    quiet = format_duration(inc.rule.window_s)
+    return f"OOM kill of {who} in cgroup {where} ({oom_cause(d)}): no other kill of it in {quiet}"
+
+
+def growth_summary(inc: Incident, status: str) -> str:
+    d = inc.details
+    who = f"PID {inc.task.tgid} ({inc.task.comm})"
+    grew = f"from {mib(d['from_bytes'])} to {mib(d['to_bytes'])} in {format_duration(round(d['seconds'], 1))}"
+    percent = d.get("growth_percent")
+    extra = f"+{mib(d['growth_bytes'])}" + (f", +{percent:.0f}%" if percent is not None else "")
+    if status == "open":
+        return f"{who} RSS grew {grew} ({extra}), still rising"
+    return f"{who} RSS stopped growing: last rise {grew} ({extra})"
