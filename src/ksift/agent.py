@@ -49,7 +49,9 @@ class Funnel:
                           "malformed": self.records_malformed, "failed": self.records_failed},
             "rules": dict(engine.stats, open_incidents=len(engine.open)),
             "alerts": dict(self.alerts),
-            "sinks": {s.name: {"delivered": s.delivered, "failed": s.failed} for s in sinks},
+            # Network sinks also report retried, gave_up, dropped_queue_full... (sinks/delivery.py).
+            "sinks": {s.name: (s.counters() if callable(getattr(s, "counters", None))
+                               else {"delivered": s.delivered, "failed": s.failed}) for s in sinks},
             "dropped_total": self.dropped(),
             "ticks": self.ticks,
         }

@@ -214,6 +214,20 @@ KUBE_SYSTEMD = f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod
             f"/kubepods.slice/kubepods-pod{POD_ESC}.slice/crio-conmon-{CID}.scope",
             ContainerInfo(None, None, POD, f"crio-conmon-{CID}.scope"),
         ),
+        # QoS classes under the systemd driver (guaranteed pods sit right under kubepods.slice),
+        # and cri-o's "container" child cgroup
+        (
+            f"/kubepods.slice/kubepods-pod{POD_ESC}.slice/cri-containerd-{CID}.scope",
+            ContainerInfo("containerd", CID, POD, None),
+        ),
+        (
+            f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{POD_ESC}.slice/cri-containerd-{CID}.scope",
+            ContainerInfo("containerd", CID, POD, None),
+        ),
+        (f"{KUBE_SYSTEMD}/crio-{CID}.scope/container", ContainerInfo("cri-o", CID, POD, None)),
+        (KUBE_SYSTEMD, ContainerInfo(None, None, POD, None)),
+        # containerd without Kubernetes (nerdctl)
+        (f"/system.slice/nerdctl-{CID}.scope", ContainerInfo("containerd", CID, None, None)),
         # podman
         (f"/machine.slice/libpod-{CID}.scope", ContainerInfo("podman", CID, None, None)),
         (f"/libpod_parent/libpod-{CID}", ContainerInfo("podman", CID, None, None)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ POD = "1a2b3c4d-5e6f-7a8b-9c0d-112233445566"
 
 SUBJECT_KEYS = {
     "pid", "ppid", "comm", "exe", "cmdline", "uid", "start_boottime_ns", "cgroup_id", "cgroup",
-    "container_id", "container_runtime", "pod_uid", "systemd_unit",
+    "container_id", "container_runtime", "pod_uid", "systemd_unit", "pod_name", "pod_namespace", "container_name",
 }
 
 
@@ -106,6 +107,7 @@ def test_subject_of_a_live_process_uses_proc_and_cgroup_id(proc: Path, cgroot: P
         # The id the kernel saw beats where /proc says the process is now.
         "cgroup": f"/system.slice/docker-{CID}.scope", "container_id": CID,
         "container_runtime": "docker", "pod_uid": None, "systemd_unit": None,
+        "pod_name": None, "pod_namespace": None, "container_name": None,
     }
 
 
@@ -185,6 +187,34 @@ def test_subject_when_only_reads_are_denied(proc: Path) -> None:
 
     s = Enricher(DeniedReads(str(proc), clock_ticks=HZ), CgroupResolver(None)).subject(task())
     assert (s["exe"], s["cmdline"], s["cgroup"]) == ("curl", None, "/")
+
+
+def test_subject_gets_pod_names_from_the_cache_only(proc: Path) -> None:
+    from ksift.enrich.kubernetes import PodMetadataResolver
+
+    pod_list = {"items": [{"metadata": {"uid": POD, "name": "web-0", "namespace": "shop"},
+                           "status": {"containerStatuses": [{"name": "nginx", "containerID": f"containerd://{CID}"}]}}]}
+    calls = []
+
+    def fetch() -> bytes:
+        calls.append(1)
+        return json.dumps(pod_list).encode()
+
+    pods = PodMetadataResolver(fetch, clock=FakeClock())
+    path = f"/kubepods/burstable/pod{POD}/{CID}"
+    make_proc(proc, 100, "curl", 50, 5000, exe="/usr/bin/curl", cgroup=f"0::{path}\n")
+    e = Enricher(ProcFS(str(proc), clock_ticks=HZ), CgroupResolver(None), pods=pods)
+    # Cold cache: the subject is built at once, without the names, and nothing was fetched inline.
+    s = e.subject(task(cgroup_id=4242))
+    assert (s["pod_uid"], s["pod_name"], s["pod_namespace"], s["container_name"]) == (POD, None, None, None)
+    assert calls == []
+    pods.refresh()  # what the background thread does
+    s = e.subject(task(cgroup_id=4242))
+    assert (s["pod_name"], s["pod_namespace"], s["container_name"]) == ("web-0", "shop", "nginx")
+    # Outside Kubernetes the resolver is not asked at all.
+    (proc / "100" / "cgroup").write_text("0::/system.slice/cron.service\n")
+    misses = pods.misses
+    assert e.subject(task(cgroup_id=4242))["pod_name"] is None and pods.misses == misses
 
 
 # -- ancestry -------------------------------------------------------------------

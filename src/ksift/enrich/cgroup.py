@@ -167,10 +167,11 @@ _HEX64 = "[0-9a-f]{64}"
 # "<prefix>-<id>" with ".scope" under systemd, without it under cgroupfs.
 # The conmon scopes ("crio-conmon-<id>", "libpod-conmon-<id>") do not match
 # because what follows the prefix is not 64 hex digits.
-_PREFIXED_ID = re.compile(rf"^(docker|cri-containerd|crio|libpod)-({_HEX64})(?:\.scope)?$")
+_PREFIXED_ID = re.compile(rf"^(docker|cri-containerd|nerdctl|crio|libpod)-({_HEX64})(?:\.scope)?$")
 _RUNTIME_BY_PREFIX = {
     "docker": "docker",
     "cri-containerd": "containerd",
+    "nerdctl": "containerd",  # containerd without Kubernetes, systemd driver
     "crio": "cri-o",
     "libpod": "podman",
 }

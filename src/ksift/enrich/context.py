@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ksift.enrich.cgroup import CgroupResolver, parse_cgroup_path
+from ksift.enrich.kubernetes import PodMetadataResolver
 from ksift.enrich.procfs import ProcFS, ProcStat
 from ksift.errors import AccessDenied, ProcessGone
 from ksift.events import TaskContext
@@ -22,10 +23,12 @@ _T = TypeVar("_T")
 
 
 class Enricher:
-    def __init__(self, procfs: ProcFS, cgroups: CgroupResolver, ancestry_limit: int = 64):
+    def __init__(self, procfs: ProcFS, cgroups: CgroupResolver, ancestry_limit: int = 64,
+                 pods: PodMetadataResolver | None = None):
         self.procfs = procfs
         self.cgroups = cgroups
         self.ancestry_limit = ancestry_limit
+        self.pods = pods  # Kubernetes names from a cache refreshed in the background; never waits
 
     # -- subject ------------------------------------------------------------
 
@@ -47,6 +50,9 @@ class Enricher:
         if cgroup is None:
             cgroup = proc_cgroup
         info = parse_cgroup_path(cgroup) if cgroup is not None else None
+        pod = None
+        if self.pods is not None and info is not None and (info.pod_uid or info.container_id):
+            pod = self.pods.lookup(info.pod_uid, info.container_id)
 
         return {
             "pid": pid,
@@ -62,6 +68,9 @@ class Enricher:
             "container_runtime": info.runtime if info else None,
             "pod_uid": info.pod_uid if info else None,
             "systemd_unit": info.systemd_unit if info else None,
+            "pod_name": pod.pod_name if pod else None,
+            "pod_namespace": pod.pod_namespace if pod else None,
+            "container_name": pod.container_name if pod else None,
         }
 
     # -- ancestry -----------------------------------------------------------

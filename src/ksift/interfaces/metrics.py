@@ -1,0 +1,185 @@
+"""Prometheus metrics, read from the running agent at scrape time.
+
+Nothing here counts on its own: a scrape reads the funnel the agent already
+keeps (kernel counters from the last tick, transport, rules, sinks), the API
+sink's per-rule alert counts and, when the host has kernel.bpf_stats_enabled
+on, each BPF program's run time and run count. Each agent gets its own
+registry, so two agents in one process (tests) never share a metric.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ksift.transport.records import COMMON_COUNTER_NAMES
+
+if TYPE_CHECKING:
+    from ksift.agent import Agent
+
+log = logging.getLogger("ksift.metrics")
+
+BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+NS = 1e9
+
+
+def read_bpf_stats_enabled(path: str = BPF_STATS_SYSCTL) -> bool:
+    """Whether the kernel is counting BPF run time (sysctl kernel.bpf_stats_enabled)."""
+    try:
+        return Path(path).read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+class AgentCollector(Collector):
+    """A custom collector: every value comes from the agent when Prometheus asks."""
+
+    def __init__(self, agent: Agent, alert_counts: Callable[[], dict[tuple[str, str, str], int]],
+                 sse_stats: Callable[[], dict[str, int]] | None = None, version: str = "unknown",
+                 bpf_stats_enabled: Callable[[], bool] = read_bpf_stats_enabled):
+        self.agent = agent
+        self.alert_counts = alert_counts  # (kind, rule, severity) -> alerts, counted by the API sink
+        self.sse_stats = sse_stats
+        self.version = version
+        self.bpf_stats_enabled = bpf_stats_enabled
+
+    def collect(self) -> Iterator[Metric]:
+        # One failing part must not cost the whole scrape: log it and serve the rest.
+        for part in (self._agent, self._kernel, self._transport, self._rules, self._sinks, self._sse,
+                     self._bpf_programs):
+            try:
+                yield from part()
+            except Exception:
+                log.exception("metrics: reading %s failed", part.__name__.lstrip("_"))
+
+    # -- parts ---------------------------------------------------------------
+
+    def _agent(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("ksift_build_info", "ksift version (always 1)", labels=["version"])
+        info.add_metric([self.version], 1)
+        yield info
+        yield GaugeMetricFamily("ksift_agent_ready", "1 while the loop runs with every sensor attached",
+                                value=1 if self.agent.ready else 0)
+        yield CounterMetricFamily("ksift_agent_ticks", "agent loop ticks", value=self.agent.funnel.ticks)
+
+    def _kernel(self) -> Iterator[Metric]:
+        events = CounterMetricFamily("ksift_kernel_events", "events the sensor's BPF programs counted, by counter",
+                                     labels=["sensor", "counter"])
+        emitted = CounterMetricFamily("ksift_ringbuf_records_emitted", "records the kernel put in the ring buffer",
+                                      labels=["sensor"])
+        dropped = CounterMetricFamily("ksift_ringbuf_records_dropped",
+                                      "records lost because the ring buffer was full", labels=["sensor"])
+        wakeups = CounterMetricFamily("ksift_ringbuf_wakeups", "forced ring-buffer wake-ups", labels=["sensor"])
+        map_full = CounterMetricFamily("ksift_kernel_map_full", "updates refused by a full BPF map",
+                                       labels=["sensor"])
+        common = {"rb_emitted": emitted, "rb_dropped": dropped, "rb_wakeups": wakeups, "map_full": map_full}
+        for sensor in self.agent.sensors:
+            counters = self.agent.funnel.kernel.get(sensor.name, {})
+            for name in COMMON_COUNTER_NAMES:
+                common[name].add_metric([sensor.name], counters.get(name, 0))
+            for name in sensor.counter_names:
+                events.add_metric([sensor.name, name], counters.get(name, 0))
+        yield events
+        yield from common.values()
+
+    def _transport(self) -> Iterator[Metric]:
+        f = self.agent.funnel
+        yield CounterMetricFamily("ksift_records_read", "well-formed records read from ring buffers",
+                                  value=f.records_read)
+        yield CounterMetricFamily("ksift_records_decoded", "records read and handled (read minus failed)",
+                                  value=max(f.records_read - f.records_failed, 0))
+        yield CounterMetricFamily("ksift_records_discarded", "records the kernel discarded after reserving",
+                                  value=f.records_discarded)
+        yield CounterMetricFamily("ksift_records_malformed", "records with a bad length or type, skipped",
+                                  value=f.records_malformed)
+        yield CounterMetricFamily("ksift_records_failed", "records that could not be decoded or handled",
+                                  value=f.records_failed)
+
+    def _rules(self) -> Iterator[Metric]:
+        severities = {rule.name: str(rule.severity) for rule in self.agent.rules.enabled()}
+        counts = self.alert_counts()
+        # Every enabled rule (and any rule seen) shows in both families from the start, at 0,
+        # so rate() and increase() work from the first alert on.
+        labels = set(severities.items()) | {(rule, sev) for (_, rule, sev) in counts}
+        for kind, metric_name in (("open", "ksift_alerts_opened"), ("resolved", "ksift_alerts_resolved")):
+            family = CounterMetricFamily(metric_name, f"alerts with status {kind}, by rule",
+                                         labels=["rule", "severity"])
+            per_label = dict.fromkeys(labels, 0)
+            for (k, rule, sev), n in counts.items():
+                if k == kind:
+                    per_label[(rule, sev)] = per_label.get((rule, sev), 0) + n
+            for (rule, sev), n in sorted(per_label.items()):
+                family.add_metric([rule, sev], n)
+            yield family
+        open_now = GaugeMetricFamily("ksift_incidents_open", "incidents open now, by rule", labels=["rule", "severity"])
+        per_rule = {(rule, sev): 0 for rule, sev in severities.items()}
+        for incident in self.agent.engine.open.values():
+            label = (incident.rule.name, str(incident.rule.severity))
+            per_rule[label] = per_rule.get(label, 0) + 1
+        for label, n in sorted(per_rule.items()):
+            open_now.add_metric(list(label), n)
+        yield open_now
+        engine = CounterMetricFamily("ksift_engine_events", "what the incident engine did with crossings",
+                                     labels=["event"])
+        for name, n in sorted(self.agent.engine.stats.items()):
+            engine.add_metric([name], n)
+        yield engine
+
+    def _sinks(self) -> Iterator[Metric]:
+        delivered = CounterMetricFamily("ksift_sink_alerts_delivered", "alerts a sink handed over", labels=["sink"])
+        failed = CounterMetricFamily("ksift_sink_alerts_failed", "alerts a sink lost to an error", labels=["sink"])
+        for sink in self.agent.sinks:
+            delivered.add_metric([sink.name], sink.delivered)
+            failed.add_metric([sink.name], sink.failed)
+        yield delivered
+        yield failed
+
+    def _sse(self) -> Iterator[Metric]:
+        if self.sse_stats is None:
+            return
+        stats = self.sse_stats()
+        yield GaugeMetricFamily("ksift_sse_clients", "clients connected to /api/v1/events", value=stats["clients"])
+        yield CounterMetricFamily("ksift_sse_events_published", "events published to the SSE stream",
+                                  value=stats["published"])
+        yield CounterMetricFamily("ksift_sse_events_lost", "SSE events a slow client lost (its queue was full)",
+                                  value=stats["lost"])
+
+    def _bpf_programs(self) -> Iterator[Metric]:
+        enabled = self.bpf_stats_enabled()
+        yield GaugeMetricFamily("ksift_bpf_stats_enabled",
+                                "1 when kernel.bpf_stats_enabled is on (BPF program run time is counted)",
+                                value=1 if enabled else 0)
+        if not enabled:
+            return  # the kernel counts nothing then: zeros would read as "free"
+        run_time = CounterMetricFamily("ksift_bpf_program_run_time_seconds", "time spent in the BPF program",
+                                       labels=["sensor", "program"])
+        runs = CounterMetricFamily("ksift_bpf_program_runs", "times the BPF program ran",
+                                   labels=["sensor", "program"])
+        for sensor in self.agent.sensors:
+            obj: Any = getattr(sensor, "obj", None)
+            if obj is None:
+                continue
+            for program, (ns, count) in sorted(obj.program_stats().items()):
+                run_time.add_metric([sensor.name, program], ns / NS)
+                runs.add_metric([sensor.name, program], count)
+        yield run_time
+        yield runs
+
+
+def build_registry(agent: Agent, alert_counts: Callable[[], dict[tuple[str, str, str], int]],
+                   sse_stats: Callable[[], dict[str, int]] | None = None, version: str = "unknown",
+                   bpf_stats_enabled: Callable[[], bool] = read_bpf_stats_enabled,
+                   process_metrics: bool = True) -> CollectorRegistry:
+    """A registry of this agent's metrics (no global state), plus its own CPU and memory."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(agent, alert_counts, sse_stats, version, bpf_stats_enabled))
+    if process_metrics:
+        # ksift_process_cpu_seconds_total, ksift_process_resident_memory_bytes, ...
+        ProcessCollector(namespace="ksift", registry=registry)
+    return registry

@@ -1,0 +1,200 @@
+"""The [api] config section: where the HTTP API, SSE stream, metrics and dashboard listen.
+
+    [api]
+    enabled = true                # false: no server at all
+    listen = "127.0.0.1:9466"     # host:port ("[::1]:9466" for IPv6); "" serves only on unix_socket
+    unix_socket = "/run/ksift/api.sock"   # optional, alongside or instead of listen
+    token = "..."                 # or token_file = "/etc/ksift/api.token"; Bearer auth on every endpoint
+                                  # but /healthz. Required when listen is not a loopback address.
+    heartbeat = "15s"             # SSE comment sent to idle clients
+    sse_queue = 1000              # events buffered per SSE client; a slower client loses (and counts) the rest
+
+The token is read from token_file once, when the config is parsed, so a
+missing or empty file is a config error at start, not a 401 later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+
+from ksift.config import AgentConfig
+from ksift.errors import ConfigError
+from ksift.units import parse_duration
+
+DEFAULT_LISTEN = "127.0.0.1:9466"
+MIN_TOKEN_CHARS = 16
+_FIELDS = ("enabled", "listen", "unix_socket", "token", "token_file", "heartbeat", "sse_queue")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    enabled: bool = True
+    listen: str = DEFAULT_LISTEN  # "" = no TCP listener
+    host: str | None = "127.0.0.1"  # parsed from listen; None when listen is ""
+    port: int | None = 9466
+    unix_socket: str | None = None
+    token: str | None = field(default=None, repr=False)  # never printed
+    token_file: str | None = None
+    heartbeat_s: float = 15.0
+    sse_queue: int = 1000
+
+    @property
+    def loopback_only(self) -> bool:
+        """True when no TCP listener, or one bound to a loopback address only."""
+        return self.host is None or is_loopback(self.host)
+
+
+def parse_api(table: dict, source: str, read_text: Callable[[str], str] | None = None) -> ApiSettings:
+    """Parse the [api] table; every error names api.<field> and the bad value.
+
+    read_text reads the token file (injected for tests).
+    """
+    for name in table:
+        if name not in _FIELDS:
+            raise ConfigError(source, f"unknown field (allowed: {', '.join(_FIELDS)})", field=f"api.{name}")
+    values: dict = {}
+    if "enabled" in table:
+        values["enabled"] = _bool(table["enabled"], source, "api.enabled")
+    listen = table.get("listen", DEFAULT_LISTEN)
+    if not isinstance(listen, str):
+        raise ConfigError(source, f"invalid value {listen!r}: must be a string like \"127.0.0.1:9466\"",
+                          field="api.listen")
+    host, port = parse_listen(listen, source, "api.listen")
+    values.update(listen=listen.strip(), host=host, port=port)
+    if "unix_socket" in table:
+        path = table["unix_socket"]
+        if not isinstance(path, str) or not path.strip():
+            raise ConfigError(source, f"invalid value {path!r}: must be a non-empty path", field="api.unix_socket")
+        if not path.startswith("/"):
+            raise ConfigError(source, f"invalid value {path!r}: must be an absolute path", field="api.unix_socket")
+        values["unix_socket"] = path
+    if "token" in table and "token_file" in table:
+        raise ConfigError(source, "set token or token_file, not both", field="api.token_file")
+    if "token" in table:
+        values["token"] = _token(table["token"], source, "api.token")
+    if "token_file" in table:
+        path = table["token_file"]
+        if not isinstance(path, str) or not path.strip():
+            raise ConfigError(source, f"invalid value {path!r}: must be a non-empty path", field="api.token_file")
+        try:
+            text = (read_text or _read_file)(path)
+        except OSError as exc:
+            raise ConfigError(source, f"cannot read {path}: {exc.strerror or exc}", field="api.token_file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(source, f"cannot read {path}: not UTF-8 text", field="api.token_file") from None
+        values["token_file"] = path
+        values["token"] = _token(text.strip(), source, "api.token_file", shown=f"the content of {path}")
+    if "heartbeat" in table:
+        seconds = parse_duration(table["heartbeat"], source=source, field="api.heartbeat")
+        if not 0.05 <= seconds <= 300:
+            raise ConfigError(source, f"invalid value {table['heartbeat']!r}: must be between 50ms and 5m",
+                              field="api.heartbeat")
+        values["heartbeat_s"] = seconds
+    if "sse_queue" in table:
+        size = table["sse_queue"]
+        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 1_000_000:
+            raise ConfigError(source, f"invalid value {size!r}: must be an integer from 1 to 1000000",
+                              field="api.sse_queue")
+        values["sse_queue"] = size
+    settings = ApiSettings(**values)
+    if settings.enabled and settings.host is None and settings.unix_socket is None:
+        raise ConfigError(source, "nothing to listen on: set listen, unix_socket, or enabled = false",
+                          field="api.listen")
+    _require_token_off_loopback(settings, source, "api.listen")
+    return settings
+
+
+def override_listen(settings: ApiSettings, value: str, source: str = "--api") -> ApiSettings:
+    """The command line's `--api LISTEN|off` applied over the config's [api]."""
+    if value.strip().lower() == "off":
+        return replace(settings, enabled=False)
+    host, port = parse_listen(value, source, None)
+    if host is None:
+        raise ConfigError(source, f"invalid value {value!r}: expected host:port like 127.0.0.1:9466, or off")
+    updated = replace(settings, enabled=True, listen=value.strip(), host=host, port=port)
+    _require_token_off_loopback(updated, source, None)
+    return updated
+
+
+def apply_api_override(config: AgentConfig, value: str) -> AgentConfig:
+    """`ksift run --api LISTEN|off`: the config with its [api] section overridden."""
+    api = override_listen(config.section("api"), value)
+    return replace(config, extensions=MappingProxyType({**config.extensions, "api": api}))
+
+
+def parse_listen(value: str, source: str, field_name: str | None) -> tuple[str | None, int | None]:
+    """"host:port" or "[v6]:port" -> (host, port); "" -> (None, None). Port 0 picks a free one."""
+    text = value.strip()
+    if not text:
+        return None, None
+    expected = 'expected host:port like "127.0.0.1:9466" or "[::1]:9466"'
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1:end + 2] != ":":
+            raise ConfigError(source, f"invalid value {value!r}: {expected}", field=field_name)
+        host, port_text = text[1:end], text[end + 2:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(source, f"invalid value {value!r}: {host!r} is not an IPv6 address",
+                              field=field_name) from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host or ":" in host:
+            raise ConfigError(source, f"invalid value {value!r}: {expected}", field=field_name)
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(source, f"invalid value {value!r}: port must be a number from 0 to 65535",
+                          field=field_name)
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    """Loopback addresses and the name localhost; any other name could resolve anywhere."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _require_token_off_loopback(settings: ApiSettings, source: str, field_name: str | None) -> None:
+    # Alerts carry command lines and the API will grow actions: never serve them
+    # to the network without authentication.
+    if settings.enabled and not settings.loopback_only and settings.token is None:
+        raise ConfigError(
+            source,
+            f"listening on {settings.listen} (not a loopback address) needs a token: set api.token or "
+            "api.token_file, or listen on 127.0.0.1",
+            field=field_name,
+        )
+
+
+def _token(value: object, source: str, field_name: str, shown: str | None = None) -> str:
+    what = shown or "the token"
+    if not isinstance(value, str):
+        raise ConfigError(source, "invalid value: must be a string", field=field_name)
+    if len(value) < MIN_TOKEN_CHARS or any(c.isspace() for c in value) or not value.isprintable():
+        # The value itself is a secret: describe it, never echo it.
+        raise ConfigError(
+            source,
+            f"{what} must be at least {MIN_TOKEN_CHARS} printable characters without spaces "
+            "(for example the output of `openssl rand -hex 32`)",
+            field=field_name,
+        )
+    return value
+
+
+def _bool(value: object, source: str, field_name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(source, f"invalid value {value!r}: must be true or false", field=field_name)
+    return value
+
+
+def _read_file(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
