@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import tomllib
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from ksift.rules.parse import default_rules_text
 
 REPO = Path(__file__).resolve().parents[2]
 WORKLOADS = REPO / "tests" / "workloads"
@@ -66,12 +73,22 @@ class AgentRun:
     def stats(self) -> dict:
         return json.loads(self.stats_path.read_text())
 
+    def alerts_of(self, rule: str, pid: int) -> list[dict]:
+        """The alerts of one rule whose subject is pid (other agents' workloads may alert too)."""
+        return [a for a in self.alerts() if a["rule"] == rule and a["subject"]["pid"] == pid]
 
-def start_agent(workdir: Path, *args: str, duration: float | None = None) -> AgentRun:
-    """`ksift run --json` with its stdout, stderr, store and stats under workdir."""
+
+def start_agent(workdir: Path, *args: str, duration: float | None = None, api: str = "off") -> AgentRun:
+    """`ksift run --json` with its stdout, stderr, store and stats under workdir.
+
+    The HTTP API is off unless a test passes api="127.0.0.1:PORT" (or --api in args):
+    agents of concurrent tests would otherwise all want the default port.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "ksift", "run", "--json", "--db", str(workdir / "alerts.db"),
            "--stats", str(workdir / "stats.json"), *args]
+    if "--api" not in args:
+        cmd += ["--api", api]
     if duration is not None:
         cmd += ["--for", str(duration)]
     out = open(workdir / "stdout.jsonl", "w")
@@ -82,16 +99,183 @@ def start_agent(workdir: Path, *args: str, duration: float | None = None) -> Age
     return AgentRun(proc, workdir)
 
 
+def workload_command(script: str, *args: object) -> list[str]:
+    """The command line that runs tests/workloads/<script> with this interpreter."""
+    return [sys.executable, str(WORKLOADS / script), *map(str, args)]
+
+
+def last_json_line(stdout: str) -> dict:
+    """The report a workload prints as its last line of output."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_workload_script(script: str, *args: object, timeout: float) -> dict:
+    """Run a workload to its end (a non-zero exit fails the test) and return its JSON report."""
+    done = subprocess.run(workload_command(script, *args), capture_output=True, text=True, timeout=timeout,
+                          check=True)
+    return last_json_line(done.stdout)
+
+
 def run_forker(rate: float, seconds: float, comm: str = "ks-forker", cgroup: Path | None = None,
                threads: bool = False) -> dict:
-    cmd = [sys.executable, str(WORKLOADS / "forker.py"), "--rate", str(rate), "--seconds", str(seconds),
-           "--comm", comm]
+    args: list[object] = ["--rate", rate, "--seconds", seconds, "--comm", comm]
     if cgroup is not None:
-        cmd += ["--cgroup", str(cgroup)]
+        args += ["--cgroup", cgroup]
     if threads:
-        cmd.append("--threads")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        args.append("--threads")
+    return run_workload_script("forker.py", *args, timeout=seconds + 60)
+
+
+def run_forker_retried(**kwargs) -> dict:
+    """run_forker, tried again if something else on this shared host SIGKILLs the workload.
+
+    Other agents under test may run remediation that kills fork storms it judged; that is
+    not what the callers test, so a killed workload is simply run again.
+    """
+    for attempt in range(3):
+        try:
+            return run_forker(**kwargs)
+        except subprocess.CalledProcessError as exc:
+            if exc.returncode != -signal.SIGKILL or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def packaged_rule(name: str, **overrides) -> dict:
+    """The packaged rule `name` as its TOML table, with these fields replaced or added."""
+    rule = next(r for r in tomllib.loads(default_rules_text())["rule"] if r["name"] == name)
+    return {**rule, **overrides}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)  # strings, integers, floats and booleans are spelled alike in TOML
+
+
+def rules_toml(*rules: dict) -> str:
+    """A rules file's text: one [[rule]] table per dict (as packaged_rule returns them)."""
+    return "\n".join("[[rule]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in rule.items())
+                     for rule in rules)
+
+
+def write_rules(path: Path, *rules: dict) -> Path:
+    """Write a rules file holding just these rules; returns its path."""
+    path.write_text(rules_toml(*rules))
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float = 60.0, proc: subprocess.Popen | None = None,
+             log: Path | None = None, interval: float = 0.2):
+    """Poll check() until it returns something true and return that; fail naming `what` after timeout.
+
+    An OSError from check (a server not listening yet) counts as not yet. With proc, fail at
+    once if that process exits, with the end of its log.
+    """
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited ({proc.returncode}):\n"
+                                 f"{log.read_text(errors='replace')[-3000:] if log else ''}")
+        try:
+            last = check()
+        except OSError as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not true after {timeout}s (last: {last!r})")
+
+
+def wait_http_ok(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None,
+                 log: Path | None = None) -> None:
+    """Wait until GET url answers 200 (refused connections and error statuses count as not yet)."""
+    def answers_200() -> bool:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+
+    wait_for(f"{url} answering 200", answers_200, timeout, proc=proc, log=log)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM proc if it still runs and reap it; SIGKILL it if it is not gone within timeout."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class ServerProcess:
+    """A server program a test runs on a free loopback port (self.port, self.url), its output in a log file."""
+
+    def __init__(self, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+
+    def start(self, cmd: list[str]) -> None:
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, path: str, timeout: float = 60.0) -> None:
+        """Wait until GET path answers 200; fail at once if the program exits."""
+        wait_http_ok(self.url + path, timeout, proc=self.proc, log=self.log)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A request handler that keeps the test's output free of access logs."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class LoopbackHttpServer:
+    """An HTTP server on 127.0.0.1 (a port the kernel picks), serving in a daemon thread until close()."""
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler]):
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def remove_cgroup(path: Path, root: Path, attempts: int = 50) -> None:
+    """Remove a cgroup directory: its stragglers move to root's cgroup.procs, then rmdir while it is busy."""
+    try:
+        pids = (path / "cgroup.procs").read_text().split()
+    except OSError:
+        pids = []
+    for pid in pids:
+        try:
+            (root / "cgroup.procs").write_text(pid)
+        except OSError:
+            pass
+    for _ in range(attempts):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 class ScratchCgroup:
@@ -113,24 +297,7 @@ class ScratchCgroup:
         return "/" + str(self.path.relative_to(CGROUP2_ROOT))
 
     def __exit__(self, *exc) -> None:
-        # Move stragglers out so the directory can go.
-        try:
-            pids = (self.path / "cgroup.procs").read_text().split()
-        except OSError:
-            pids = []
-        for pid in pids:
-            try:
-                (CGROUP2_ROOT / "cgroup.procs").write_text(pid)
-            except OSError:
-                pass
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.1)
+        remove_cgroup(self.path, CGROUP2_ROOT)
 
 
 def owned_bpf_ids(pid: int) -> tuple[set[int], set[int]]:
@@ -148,6 +315,16 @@ def owned_bpf_ids(pid: int) -> tuple[set[int], set[int]]:
         elif "prog_id" in fields:
             progs.add(int(fields["prog_id"]))
     return progs, links
+
+
+def program_names(ids: set[int]) -> set[str]:
+    """The names of these BPF programs, as bpftool shows them (ids gone meanwhile are left out)."""
+    names = set()
+    for prog_id in ids:
+        out = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
+        if out.returncode == 0:
+            names.add(json.loads(out.stdout).get("name", ""))
+    return names
 
 
 def bpf_ids_in_kernel() -> tuple[set[int], set[int]]:

@@ -33,7 +33,8 @@ def test_exception_in_the_loop_leaves_nothing_attached():
     with pytest.raises(RuntimeError, match="injected"):
         with agent:
             held = owned_bpf_ids(os.getpid())
-            assert len(held[1] - before[1]) == 3  # three links attached
+            # every enabled default rule's hooks: at least the three process hooks, each with its link
+            assert len(held[1] - before[1]) >= len(held[0] - before[0]) >= 3
             agent.tick = boom
             asyncio.run(agent.run(5))
     assert_released((held[0] - before[0], held[1] - before[1]))

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
-import tomllib
 from pathlib import Path
 
 import pytest
-from harness import REPO, WORKLOADS, assert_released, owned_bpf_ids, start_agent
-
-DEFAULT_RULES = REPO / "src" / "ksift" / "rules" / "default_rules.toml"
+from harness import (
+    assert_released,
+    owned_bpf_ids,
+    packaged_rule,
+    program_names,
+    run_workload_script,
+    start_agent,
+    write_rules,
+)
 
 
 def rules_file(tmp_path: Path, name: str = "rules.toml", **overrides) -> Path:
     """The packaged connect_storm rule alone, enabled unless a test says otherwise."""
-    rule = next(r for r in tomllib.loads(DEFAULT_RULES.read_text())["rule"] if r["name"] == "connect_storm")
-    rule.update({"enabled": True, **overrides})
-    path = tmp_path / name
-    # JSON scalars (strings, integers, booleans) are valid TOML values.
-    path.write_text("[[rule]]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in rule.items()))
-    return path
+    overrides.setdefault("enabled", True)
+    return write_rules(tmp_path / name, packaged_rule("connect_storm", **overrides))
 
 
 class Listener:
@@ -49,23 +47,8 @@ class Listener:
 
 
 def run_connector(host: str, port: int, rate: float, seconds: float, comm: str) -> dict:
-    cmd = [sys.executable, str(WORKLOADS / "connector.py"), "--host", host, "--port", str(port),
-           "--rate", str(rate), "--seconds", str(seconds), "--comm", comm]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def alerts_of(agent, pid: int) -> list[dict]:
-    return [a for a in agent.alerts() if a["rule"] == "connect_storm" and a["subject"]["pid"] == pid]
-
-
-def program_names(ids: set[int]) -> set[str]:
-    names = set()
-    for prog_id in ids:
-        out = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
-        if out.returncode == 0:
-            names.add(json.loads(out.stdout)["name"])
-    return names
+    return run_workload_script("connector.py", "--host", host, "--port", port, "--rate", rate, "--seconds", seconds,
+                               "--comm", comm, timeout=seconds + 60)
 
 
 @pytest.mark.parametrize("listen, connect, address, family, shown", [
@@ -83,7 +66,7 @@ def test_connect_storm_gives_one_incident_with_the_destination(tmp_path, listen,
         assert agent.wait(timeout=60) == 0, agent.stderr()
     assert_released(held)
 
-    alerts = alerts_of(agent, work["pid"])
+    alerts = agent.alerts_of("connect_storm", work["pid"])
     assert [a["status"] for a in alerts] == ["open", "resolved"], f"expected one incident, got {alerts}"
     opened, resolved = alerts
     assert opened["incident_id"] == resolved["incident_id"]
@@ -114,7 +97,7 @@ def test_a_few_connections_give_no_alert(tmp_path):
         work = run_connector("127.0.0.1", server.port, rate=10, seconds=0.5, comm="ks-quiet-conn")
         assert agent.wait(timeout=60) == 0, agent.stderr()
 
-    assert alerts_of(agent, work["pid"]) == []
+    assert agent.alerts_of("connect_storm", work["pid"]) == []
     kernel = agent.stats()["kernel"]["net"]
     assert kernel["rb_dropped"] == 0
     assert kernel["connect_aggregated"] >= work["connects"] >= 4  # it was watching, and it counted them

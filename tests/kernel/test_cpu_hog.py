@@ -6,30 +6,11 @@ import json
 import os
 import subprocess
 import time
-import tomllib
 from pathlib import Path
 
-from harness import WORKLOADS, assert_released, owned_bpf_ids, start_agent
-
-from ksift.rules.parse import default_rules_text
+from harness import WORKLOADS, assert_released, owned_bpf_ids, packaged_rule, program_names, start_agent, write_rules
 
 ONLINE = Path("/sys/devices/system/cpu/online")
-
-
-def packaged_rule(name: str = "cpu_hog", **changes) -> dict:
-    rule = next(r for r in tomllib.loads(default_rules_text())["rule"] if r["name"] == name)
-    return {**rule, **changes}
-
-
-def write_rules(path: Path, *rules: dict) -> Path:
-    def value(v) -> str:
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
-        return json.dumps(v)  # strings, ints, floats and booleans are spelled alike in TOML
-
-    path.write_text("\n".join("[[rule]]\n" + "\n".join(f"{k} = {value(v)}" for k, v in r.items()) + "\n"
-                              for r in rules))
-    return path
 
 
 def build_hot(tmp_path: Path) -> Path:
@@ -109,15 +90,6 @@ def perf_fds(pid: int) -> int:
     return n
 
 
-def prog_names(ids: set[int]) -> set[str]:
-    names = set()
-    for prog_id in ids:
-        out = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
-        if out.returncode == 0:
-            names.add(json.loads(out.stdout).get("name", ""))
-    return names
-
-
 def online_cpus() -> int:
     count = 0
     for part in ONLINE.read_text().strip().split(","):
@@ -128,7 +100,7 @@ def online_cpus() -> int:
 
 def test_hot_process_gives_one_incident_naming_its_hot_function(tmp_path):
     hot = build_hot(tmp_path)
-    agent = agent_with(tmp_path, write_rules(tmp_path / "rules.toml", packaged_rule()))
+    agent = agent_with(tmp_path, write_rules(tmp_path / "rules.toml", packaged_rule("cpu_hog")))
     held = owned_bpf_ids(agent.proc.pid)
     # The machine is shared (2 cores, other tests): the workload runs at nice -10 so it
     # really gets a core, for up to 120 s, and the test waits for the first 5 s in a row
@@ -185,7 +157,7 @@ def test_hot_process_gives_one_incident_naming_its_hot_function(tmp_path):
 
 def test_quiet_twin_at_30_percent_gives_no_alert(tmp_path):
     hot = build_hot(tmp_path)
-    agent = agent_with(tmp_path, write_rules(tmp_path / "rules.toml", packaged_rule()))
+    agent = agent_with(tmp_path, write_rules(tmp_path / "rules.toml", packaged_rule("cpu_hog")))
     done = subprocess.run([str(hot), "--seconds", "10", "--duty", "30"], capture_output=True, text=True,
                           timeout=60, check=True)
     work = json.loads(done.stdout)
@@ -202,17 +174,17 @@ def test_quiet_twin_at_30_percent_gives_no_alert(tmp_path):
 def test_disabled_rule_attaches_nothing_and_enabled_attaches_one_sampler_per_cpu(tmp_path):
     fork_storm = packaged_rule("fork_storm")
     disabled = agent_with(tmp_path / "off", write_rules(tmp_path / "off.toml", fork_storm,
-                                                        packaged_rule(enabled=False)))
+                                                        packaged_rule("cpu_hog", enabled=False)))
     progs, links = owned_bpf_ids(disabled.proc.pid)
     fds = perf_fds(disabled.proc.pid)
     assert disabled.terminate() == 0, disabled.stderr()
-    assert progs and not any(name.startswith("ks_cpu") for name in prog_names(progs))
+    assert progs and not any(name.startswith("ks_cpu") for name in program_names(progs))
     assert fds == 0
     assert "cpu" not in disabled.stats()["kernel"]
 
-    enabled = agent_with(tmp_path / "on", write_rules(tmp_path / "on.toml", packaged_rule()))
+    enabled = agent_with(tmp_path / "on", write_rules(tmp_path / "on.toml", packaged_rule("cpu_hog")))
     held = owned_bpf_ids(enabled.proc.pid)
-    names = prog_names(held[0])
+    names = program_names(held[0])
     fds = perf_fds(enabled.proc.pid)
     ncpus = online_cpus()
     assert enabled.terminate() == 0, enabled.stderr()

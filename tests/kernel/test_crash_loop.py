@@ -14,37 +14,30 @@ packaged rule as it ships.
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
-from harness import REPO, WORKLOADS, assert_released, owned_bpf_ids, start_agent
+from harness import (
+    WORKLOADS,
+    assert_released,
+    last_json_line,
+    owned_bpf_ids,
+    packaged_rule,
+    program_names,
+    start_agent,
+    wait_for,
+    workload_command,
+    write_rules,
+)
 
-DEFAULT_RULES = REPO / "src" / "ksift" / "rules" / "default_rules.toml"
 RUNS, RATE = 20, 10  # 20 failures in about 2 s: over the default 10 in 10 s
-NO_SUSTAIN = {"crash_loop": {"sustain": "0s"}}
 
 
-def toml_value(value) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)
-
-
-def rules_file(tmp_path: Path, rules: dict[str, dict], name: str = "rules.toml") -> Path:
-    """The packaged rules named in `rules` (and only those), each with its overrides."""
-    packaged = {r["name"]: r for r in tomllib.loads(DEFAULT_RULES.read_text())["rule"]}
-    text = ""
-    for rule_name, overrides in rules.items():
-        rule = {**packaged[rule_name], **overrides}
-        text += "[[rule]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in rule.items()) + "\n"
-    path = tmp_path / name
-    path.write_text(text)
-    return path
+def rules_file(tmp_path: Path, name: str = "rules.toml", **overrides) -> Path:
+    """The packaged crash_loop rule alone, with these fields changed."""
+    return write_rules(tmp_path / name, packaged_rule("crash_loop", **overrides))
 
 
 @pytest.fixture
@@ -56,8 +49,7 @@ def worker(tmp_path) -> Path:
 
 
 def start_supervisor(exe: Path, args: list[str], comm: str, runs: int = RUNS, rate: float = RATE):
-    cmd = [sys.executable, str(WORKLOADS / "crasher.py"), "--exe", str(exe), "--runs", str(runs),
-           "--rate", str(rate), "--comm", comm]
+    cmd = workload_command("crasher.py", "--exe", exe, "--runs", runs, "--rate", rate, "--comm", comm)
     for arg in args:
         cmd += ["--arg", arg]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -66,7 +58,7 @@ def start_supervisor(exe: Path, args: list[str], comm: str, runs: int = RUNS, ra
 def finish(proc) -> dict:
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    return json.loads(out.strip().splitlines()[-1])
+    return last_json_line(out)
 
 
 def opens_under(agent, parent: int) -> list[dict]:
@@ -75,14 +67,8 @@ def opens_under(agent, parent: int) -> list[dict]:
 
 
 def wait_for_opens(agent, parents: list[int], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(opens_under(agent, p) for p in parents):
-            return
-        assert agent.proc.poll() is None, agent.stderr()
-        time.sleep(0.2)
-    missing = [p for p in parents if not opens_under(agent, p)]
-    raise AssertionError(f"no crash_loop alert under {missing}:\n{agent.alerts()}\n{agent.stderr()}")
+    wait_for(f"a crash_loop alert under each of {parents}", lambda: all(opens_under(agent, p) for p in parents),
+             timeout, proc=agent.proc, log=agent.stderr_path)
 
 
 # mode -> (worker arguments, what the alert must say)
@@ -97,7 +83,7 @@ LOUD = {
 
 
 def test_each_way_of_failing_gives_one_alert_with_the_status_the_parent_saw(tmp_path, worker):
-    agent = start_agent(tmp_path / "agent", "--rules", str(rules_file(tmp_path, NO_SUSTAIN)))
+    agent = start_agent(tmp_path / "agent", "--rules", str(rules_file(tmp_path, sustain="0s")))
     agent.wait_ready()
     held = owned_bpf_ids(agent.proc.pid)
     comms = {mode: f"ks-sup-{i}" for i, mode in enumerate(LOUD)}
@@ -137,7 +123,7 @@ def test_each_way_of_failing_gives_one_alert_with_the_status_the_parent_saw(tmp_
 
 
 def test_children_that_exit_zero_give_no_alert(tmp_path, worker):
-    agent = start_agent(tmp_path / "agent", "--rules", str(rules_file(tmp_path, NO_SUSTAIN)))
+    agent = start_agent(tmp_path / "agent", "--rules", str(rules_file(tmp_path, sustain="0s")))
     agent.wait_ready()
     quiet = {"exit 0": start_supervisor(worker, ["exit", "0"], comm="ks-ok-exit"),
              "sys-exit 0": start_supervisor(worker, ["sys-exit", "0"], comm="ks-ok-sysexit"),
@@ -158,7 +144,8 @@ def test_children_that_exit_zero_give_no_alert(tmp_path, worker):
 
 def test_crash_counting_runs_only_when_crash_loop_is_enabled(tmp_path, worker):
     # exec_churn alone loads the same hooks; the crash part of the exit program is left out.
-    agent = start_agent(tmp_path / "churn", "--rules", str(rules_file(tmp_path, {"exec_churn": {}}, "churn.toml")))
+    churn_only = write_rules(tmp_path / "churn.toml", packaged_rule("exec_churn"))
+    agent = start_agent(tmp_path / "churn", "--rules", str(churn_only))
     agent.wait_ready()
     w = finish(start_supervisor(worker, ["exit", "3"], comm="ks-unwatched"))
     time.sleep(0.5)
@@ -168,11 +155,10 @@ def test_crash_counting_runs_only_when_crash_loop_is_enabled(tmp_path, worker):
     assert kernel["crash_aggregated"] == 0 and kernel["lc_exit_seen"] >= RUNS
     assert opens_under(agent, w["pid"]) == []
 
-    agent = start_agent(tmp_path / "crash", "--rules", str(rules_file(tmp_path, NO_SUSTAIN, "crash.toml")))
+    agent = start_agent(tmp_path / "crash", "--rules", str(rules_file(tmp_path, "crash.toml", sustain="0s")))
     agent.wait_ready()
     held = owned_bpf_ids(agent.proc.pid)
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
-    names = {p["name"] for p in json.loads(out) if p["id"] in held[0]}
+    names = program_names(held[0])
     w = finish(start_supervisor(worker, ["exit", "3"], comm="ks-watched"))
     wait_for_opens(agent, [w["pid"]])
     assert agent.terminate() == 0, agent.stderr()
@@ -183,7 +169,7 @@ def test_crash_counting_runs_only_when_crash_loop_is_enabled(tmp_path, worker):
 
 
 def test_defaults_alert_on_a_kept_up_loop_not_on_a_burst(tmp_path, worker):
-    agent = start_agent(tmp_path / "agent", "--rules", str(rules_file(tmp_path, {"crash_loop": {}})))
+    agent = start_agent(tmp_path / "agent", "--rules", str(rules_file(tmp_path)))
     agent.wait_ready()
     # 10 failures a second for 26 s, next to a burst of 30 in 3 s that then stops.
     loop = start_supervisor(worker, ["exit", "3"], comm="ks-looping", runs=260, rate=10)

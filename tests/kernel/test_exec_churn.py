@@ -2,79 +2,48 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
-import tomllib
-from pathlib import Path
 
-from harness import REPO, WORKLOADS, assert_released, owned_bpf_ids, start_agent
+from harness import (
+    assert_released,
+    owned_bpf_ids,
+    packaged_rule,
+    program_names,
+    run_workload_script,
+    start_agent,
+    wait_for,
+    write_rules,
+)
 
-DEFAULT_RULES = REPO / "src" / "ksift" / "rules" / "default_rules.toml"
 LIFECYCLE_PROGRAMS = {"ks_lc_exec", "ks_lc_exit"}
 
 
-def toml_value(value) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)  # strings, integers, floats and booleans are valid TOML as JSON writes them
-
-
-def rules_file(tmp_path: Path, rules: dict[str, dict], name: str = "rules.toml") -> Path:
-    """The packaged rules named in `rules` (and only those), each with its overrides."""
-    packaged = {r["name"]: r for r in tomllib.loads(DEFAULT_RULES.read_text())["rule"]}
-    text = ""
-    for rule_name, overrides in rules.items():
-        rule = {**packaged[rule_name], **overrides}
-        text += "[[rule]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in rule.items()) + "\n"
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
 def run_churner(rate: float, seconds: float, children: list[str], comm: str) -> dict:
-    cmd = [sys.executable, str(WORKLOADS / "churner.py"), "--rate", str(rate), "--seconds", str(seconds),
-           "--comm", comm]
+    args: list[object] = ["--rate", rate, "--seconds", seconds, "--comm", comm]
     for child in children:
-        cmd += ["--child", child]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        args += ["--child", child]
+    return run_workload_script("churner.py", *args, timeout=seconds + 60)
 
 
-def alerts_of(agent, pid: int) -> list[dict]:
-    return [a for a in agent.alerts() if a["rule"] == "exec_churn" and a["subject"]["pid"] == pid]
+def wait_for_statuses(agent, pid: int, statuses: list[str], timeout: float = 40.0) -> list[dict]:
+    """The exec_churn alerts of pid once their statuses are exactly `statuses`."""
+    def done() -> list[dict]:
+        got = agent.alerts_of("exec_churn", pid)
+        return got if [a["status"] for a in got] == statuses else []
 
-
-def wait_for(agent, pid: int, statuses: list[str], timeout: float = 40.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = alerts_of(agent, pid)
-        if [a["status"] for a in got] == statuses:
-            return got
-        assert agent.proc.poll() is None, agent.stderr()
-        time.sleep(0.2)
-    raise AssertionError(f"expected {statuses} for pid {pid}, got {alerts_of(agent, pid)}\n{agent.stderr()}")
-
-
-def program_names(ids: set[int]) -> set[str]:
-    names = set()
-    for prog_id in ids:
-        out = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
-        if out.returncode == 0:
-            names.add(json.loads(out.stdout)["name"])
-    return names
+    return wait_for(f"{statuses} for pid {pid}", done, timeout, proc=agent.proc, log=agent.stderr_path)
 
 
 def test_exec_churn_names_the_parent_and_its_top_executables(tmp_path):
-    agent = start_agent(tmp_path / "agent", "--rules", str(rules_file(tmp_path, {"exec_churn": {}})))
+    rules = write_rules(tmp_path / "rules.toml", packaged_rule("exec_churn"))
+    agent = start_agent(tmp_path / "agent", "--rules", str(rules))
     agent.wait_ready()
     held = owned_bpf_ids(agent.proc.pid)
     # 100 programs a second for 3 s, three /bin/true to one /bin/echo; each lives a few ms.
     work = run_churner(rate=100, seconds=3, comm="ks-churner",
                        children=["/bin/true", "/bin/true", "/bin/true", "/bin/echo churn"])
-    opened, resolved = wait_for(agent, work["pid"], ["open", "resolved"])
+    opened, resolved = wait_for_statuses(agent, work["pid"], ["open", "resolved"])
     assert agent.terminate() == 0, agent.stderr()
     assert_released(held)
 
@@ -112,14 +81,15 @@ def test_exec_churn_names_the_parent_and_its_top_executables(tmp_path):
 
 
 def test_children_that_outlive_max_lifetime_are_not_churn(tmp_path):
-    agent = start_agent(tmp_path / "agent", "--rules", str(rules_file(tmp_path, {"exec_churn": {}})))
+    rules = write_rules(tmp_path / "rules.toml", packaged_rule("exec_churn"))
+    agent = start_agent(tmp_path / "agent", "--rules", str(rules))
     agent.wait_ready()
     # The same pace as a churn (40 a second, 120 in all), but each child lives 1.4 s (> max_lifetime 1 s).
     work = run_churner(rate=40, seconds=3, comm="ks-slowkids", children=["/bin/sleep 1.4"])
     time.sleep(1.0)  # a few agent ticks past the last exit; only lets records arrive, asserts no timing
     assert agent.terminate() == 0, agent.stderr()
 
-    assert alerts_of(agent, work["pid"]) == []
+    assert agent.alerts_of("exec_churn", work["pid"]) == []
     kernel = agent.stats()["kernel"]["lifecycle"]
     assert kernel["rb_dropped"] == 0
     # It was watching: every child was seen at exit and judged too long-lived.
@@ -127,8 +97,8 @@ def test_children_that_outlive_max_lifetime_are_not_churn(tmp_path):
 
 
 def test_hooks_attach_only_when_exec_churn_is_enabled(tmp_path):
-    off = rules_file(tmp_path, {"fork_storm": {}, "exec_churn": {"enabled": False}, "crash_loop": {"enabled": False}},
-                     name="off.toml")
+    off = write_rules(tmp_path / "off.toml", packaged_rule("fork_storm"), packaged_rule("exec_churn", enabled=False),
+                      packaged_rule("crash_loop", enabled=False))
     agent = start_agent(tmp_path / "off", "--rules", str(off))
     agent.wait_ready()
     held = owned_bpf_ids(agent.proc.pid)
@@ -138,7 +108,7 @@ def test_hooks_attach_only_when_exec_churn_is_enabled(tmp_path):
     assert "sensor lifecycle attached" not in agent.stderr()
     assert "lifecycle" not in agent.stats()["kernel"]
 
-    on = rules_file(tmp_path, {"exec_churn": {}}, name="on.toml")
+    on = write_rules(tmp_path / "on.toml", packaged_rule("exec_churn"))
     agent = start_agent(tmp_path / "on", "--rules", str(on))
     agent.wait_ready()
     held = owned_bpf_ids(agent.proc.pid)

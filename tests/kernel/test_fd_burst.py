@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import tomllib
 from pathlib import Path
 
-from harness import REPO, WORKLOADS, assert_released, owned_bpf_ids, start_agent
+from harness import (
+    assert_released,
+    owned_bpf_ids,
+    packaged_rule,
+    program_names,
+    run_workload_script,
+    start_agent,
+    write_rules,
+)
 
-DEFAULT_RULES = REPO / "src" / "ksift" / "rules" / "default_rules.toml"
 FILE_PROGRAMS = {"ks_fd_sys_exit", "ks_fd_proc_exit"}
 
 
 def rules_file(tmp_path: Path, name: str = "rules.toml", **overrides) -> Path:
     """The packaged fd_burst rule alone, enabled unless a test says otherwise."""
-    rule = next(r for r in tomllib.loads(DEFAULT_RULES.read_text())["rule"] if r["name"] == "fd_burst")
-    rule.update({"enabled": True, **overrides})
-    path = tmp_path / name
-    # JSON scalars (strings, integers, booleans) are valid TOML values.
-    path.write_text("[[rule]]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in rule.items()))
-    return path
+    overrides.setdefault("enabled", True)
+    return write_rules(tmp_path / name, packaged_rule("fd_burst", **overrides))
 
 
 def make_dir(path: Path, files: int) -> Path:
@@ -33,27 +32,12 @@ def make_dir(path: Path, files: int) -> Path:
 
 
 def run_opener(dirs: list[tuple[Path, int]], rate: float, seconds: float, comm: str, relative: bool = False) -> dict:
-    cmd = [sys.executable, str(WORKLOADS / "opener.py"), "--rate", str(rate), "--seconds", str(seconds),
-           "--comm", comm]
+    args: list[object] = ["--rate", rate, "--seconds", seconds, "--comm", comm]
     for path, weight in dirs:
-        cmd += ["--dir", f"{path}:{weight}"]
+        args += ["--dir", f"{path}:{weight}"]
     if relative:
-        cmd.append("--relative")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def alerts_of(agent, pid: int) -> list[dict]:
-    return [a for a in agent.alerts() if a["rule"] == "fd_burst" and a["subject"]["pid"] == pid]
-
-
-def program_names(ids: set[int]) -> set[str]:
-    names = set()
-    for prog_id in ids:
-        out = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
-        if out.returncode == 0:
-            names.add(json.loads(out.stdout)["name"])
-    return names
+        args.append("--relative")
+    return run_workload_script("opener.py", *args, timeout=seconds + 60)
 
 
 def burst(tmp_path: Path, relative: bool) -> tuple[dict, dict, dict, Path, Path]:
@@ -67,7 +51,7 @@ def burst(tmp_path: Path, relative: bool) -> tuple[dict, dict, dict, Path, Path]
     assert agent.wait(timeout=60) == 0, agent.stderr()
     assert_released(held)
 
-    alerts = alerts_of(agent, work["pid"])
+    alerts = agent.alerts_of("fd_burst", work["pid"])
     assert [a["status"] for a in alerts] == ["open", "resolved"], f"expected one incident, got {alerts}"
     opened, resolved = alerts
     assert opened["incident_id"] == resolved["incident_id"]
@@ -122,7 +106,7 @@ def test_a_few_hundred_opens_give_no_alert(tmp_path):
     work = run_opener([(files, 1)], rate=300, seconds=1, comm="ks-quiet-open")
     assert agent.wait(timeout=60) == 0, agent.stderr()
 
-    assert alerts_of(agent, work["pid"]) == []
+    assert agent.alerts_of("fd_burst", work["pid"]) == []
     kernel = agent.stats()["kernel"]["file"]
     assert kernel["rb_dropped"] == 0
     assert kernel["fd_seen"] >= work["opens"] >= 250  # it was watching, and it saw them

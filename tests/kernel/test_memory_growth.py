@@ -8,71 +8,28 @@ when disabled.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
 
-from harness import WORKLOADS, owned_bpf_ids, start_agent
+from harness import owned_bpf_ids, packaged_rule, program_names, run_workload_script, start_agent, write_rules
 
 MIB = 1 << 20
 WINDOW_S = 15
 
-GROWTH_RULE = f"""\
-[[rule]]
-name = "memory_growth"
-severity = "warning"
-signal = "memory.rss_growth"
-key = "tgid"
-threshold = 200
-window = "{WINDOW_S}s"
-enabled = {{enabled}}
-params = {{{{ min_growth_percent = 50.0, step = 33554432 }}}}
-"""
-
-OOM_RULE = """\
-[[rule]]
-name = "oom_kill"
-severity = "critical"
-signal = "memory.oom_kill"
-key = "victim"
-threshold = 0
-window = "1m"
-enabled = {enabled}
-"""
-
-FORK_RULE = """\
-[[rule]]
-name = "fork_storm"
-severity = "warning"
-signal = "process.fork"
-key = "tgid"
-threshold = 50
-window = "1s"
-"""
-
 
 def rules_file(tmp_path, growth: bool = True, oom: bool | None = None, fork: bool = False) -> str:
-    text = GROWTH_RULE.format(enabled=str(growth).lower())
+    # The packaged growth rule over a shorter window (and no cooldown), so a test lasts seconds.
+    rules = [packaged_rule("memory_growth", window=f"{WINDOW_S}s", cooldown="0s", enabled=growth)]
     if oom is not None:
-        text += "\n" + OOM_RULE.format(enabled=str(oom).lower())
+        rules.append(packaged_rule("oom_kill", enabled=oom))
     if fork:
-        text += "\n" + FORK_RULE
-    path = tmp_path / f"rules-{growth}-{oom}-{fork}.toml"
-    path.write_text(text)
-    return str(path)
+        rules.append(packaged_rule("fork_storm"))
+    return str(write_rules(tmp_path / f"rules-{growth}-{oom}-{fork}.toml", *rules))
 
 
 def allocate(size_mb: float, rate_mb: float, hold: float, comm: str) -> dict:
-    cmd = [sys.executable, str(WORKLOADS / "allocator.py"), "--size-mb", str(size_mb), "--rate-mb", str(rate_mb),
-           "--hold", str(hold), "--comm", comm]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def growth_alerts(agent, pid: int) -> list[dict]:
-    return [a for a in agent.alerts() if a["rule"] == "memory_growth" and a["subject"]["pid"] == pid]
+    return run_workload_script("allocator.py", "--size-mb", size_mb, "--rate-mb", rate_mb, "--hold", hold,
+                               "--comm", comm, timeout=120)
 
 
 def run_workload(tmp_path, size_mb: float, rate_mb: float, hold: float, comm: str) -> tuple[list[dict], dict, dict]:
@@ -84,7 +41,7 @@ def run_workload(tmp_path, size_mb: float, rate_mb: float, hold: float, comm: st
         time.sleep(1.0)  # a few ticks: whatever the kernel sent has been judged
     finally:
         agent.terminate()
-    return growth_alerts(agent, work["pid"]), work, agent.stats()
+    return agent.alerts_of("memory_growth", work["pid"]), work, agent.stats()
 
 
 def test_growing_process_gives_one_alert_with_from_and_to(tmp_path):
@@ -131,22 +88,12 @@ def test_slow_growth_under_the_bound_gives_no_alert(tmp_path):
     assert stats["kernel"]["memory"]["rss_steps"] >= 150 // 32
 
 
-def prog_names(pid: int) -> set[str]:
-    progs, _ = owned_bpf_ids(pid)
-    names = set()
-    for prog_id in progs:
-        out = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
-        if out.returncode == 0:
-            names.add(json.loads(out.stdout)["name"])
-    return names
-
-
 def attached_with(tmp_path, **rules) -> set[str]:
     agent = start_agent(tmp_path / "-".join(f"{k}{v}" for k, v in rules.items()),
                         "--rules", rules_file(tmp_path, **rules), "--api", "off")
     try:
         agent.wait_ready()
-        return prog_names(agent.proc.pid)
+        return program_names(owned_bpf_ids(agent.proc.pid)[0])
     finally:
         agent.terminate()
 

@@ -8,27 +8,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from harness import WORKLOADS, owned_bpf_ids, start_agent
+from harness import owned_bpf_ids, packaged_rule, remove_cgroup, start_agent, wait_for, workload_command, write_rules
 
 MIB = 1 << 20
 MEMCG_ROOT = Path("/sys/fs/cgroup/memory")
 LIMIT = 64 * MIB
-
-OOM_RULES = """\
-[[rule]]
-name = "oom_kill"
-severity = "critical"
-signal = "memory.oom_kill"
-key = "victim"
-threshold = 0
-window = "1m"
-"""
 
 pytestmark = pytest.mark.skipif(not (MEMCG_ROOT / "memory.limit_in_bytes").exists(),
                                 reason="needs the cgroup v1 memory controller at /sys/fs/cgroup/memory")
@@ -67,55 +56,28 @@ class MemoryCgroup:
         return int(fields["oom_kill"])
 
     def __exit__(self, *exc) -> None:
-        try:
-            pids = self.read("cgroup.procs").split()
-        except OSError:
-            pids = []
-        for pid in pids:  # stragglers go back to the root so the directory can go
-            try:
-                (MEMCG_ROOT / "cgroup.procs").write_text(pid)
-            except OSError:
-                pass
-        for _ in range(100):
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.1)
+        remove_cgroup(self.path, MEMCG_ROOT, attempts=100)
 
 
-def write_rules(tmp_path: Path) -> Path:
-    path = tmp_path / "rules.toml"
-    path.write_text(OOM_RULES)
-    return path
+def rules_file(tmp_path: Path) -> Path:
+    return write_rules(tmp_path / "rules.toml", packaged_rule("oom_kill"))
 
 
 def allocate(size_mb: float, memcg: Path, comm: str, hold: float = 0.0) -> subprocess.Popen:
-    cmd = [sys.executable, str(WORKLOADS / "allocator.py"), "--size-mb", str(size_mb), "--hold", str(hold),
-           "--comm", comm, "--memcg", str(memcg)]
+    cmd = workload_command("allocator.py", "--size-mb", size_mb, "--hold", hold, "--comm", comm, "--memcg", memcg)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def oom_alerts(agent, pid: int) -> list[dict]:
-    return [a for a in agent.alerts() if a["rule"] == "oom_kill" and a["subject"]["pid"] == pid]
-
-
 def wait_for_alerts(agent, pid: int, timeout: float = 20.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = oom_alerts(agent, pid)
-        if found:
-            time.sleep(1.0)  # a duplicate, if any, would come within a tick or two
-            return oom_alerts(agent, pid)
-        time.sleep(0.1)
-    return []
+    wait_for(f"an oom_kill alert for pid {pid}", lambda: agent.alerts_of("oom_kill", pid), timeout, proc=agent.proc,
+             log=agent.stderr_path, interval=0.1)
+    time.sleep(1.0)  # a duplicate, if any, would come within a tick or two
+    return agent.alerts_of("oom_kill", pid)
 
 
 def run_leaker(tmp_path: Path, cg: MemoryCgroup, comm: str) -> tuple[list[dict], dict, int]:
     """An allocator that outgrows cg's limit under a running agent: (its alerts, agent stats, its pid)."""
-    agent = start_agent(tmp_path, "--rules", str(write_rules(tmp_path)), "--api", "off")
+    agent = start_agent(tmp_path, "--rules", str(rules_file(tmp_path)), "--api", "off")
     try:
         agent.wait_ready()
         work = allocate(256, cg.path, comm, hold=10)
@@ -125,7 +87,7 @@ def run_leaker(tmp_path: Path, cg: MemoryCgroup, comm: str) -> tuple[list[dict],
         alerts = wait_for_alerts(agent, work.pid)
     finally:
         agent.terminate()
-    return oom_alerts(agent, work.pid) or alerts, agent.stats(), work.pid
+    return agent.alerts_of("oom_kill", work.pid) or alerts, agent.stats(), work.pid
 
 
 def test_oom_kill_gives_one_alert_with_victim_cgroup_limit_and_figures(tmp_path):
@@ -175,7 +137,7 @@ def test_oom_kill_under_a_parent_limit_names_the_parent(tmp_path):
 
 def test_allocating_under_the_limit_gives_no_alert(tmp_path):
     with MemoryCgroup(LIMIT) as cg:
-        agent = start_agent(tmp_path, "--rules", str(write_rules(tmp_path)), "--api", "off")
+        agent = start_agent(tmp_path, "--rules", str(rules_file(tmp_path)), "--api", "off")
         try:
             agent.wait_ready()
             progs, _ = owned_bpf_ids(agent.proc.pid)
@@ -189,6 +151,6 @@ def test_allocating_under_the_limit_gives_no_alert(tmp_path):
             time.sleep(1.0)  # two ticks or more: a record would have been read by now
         finally:
             agent.terminate()
-    assert oom_alerts(agent, work.pid) == []
+    assert agent.alerts_of("oom_kill", work.pid) == []
     kernel = agent.stats()["kernel"]["memory"]
     assert kernel["rb_dropped"] == 0

@@ -5,35 +5,28 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-from harness import WORKLOADS, assert_released, owned_bpf_ids, start_agent
+from harness import (
+    assert_released,
+    owned_bpf_ids,
+    packaged_rule,
+    program_names,
+    run_workload_script,
+    start_agent,
+    wait_for,
+    workload_command,
+    write_rules,
+)
 
-from ksift.rules.parse import load_rules
-
-SERVER = WORKLOADS / "slow_http_server.py"
+SERVER = "slow_http_server.py"
 REQ_PROGRAMS = {"ks_req_state", "ks_req_recv", "ks_req_send"}
 
 
 def rules_file(tmp_path: Path, threshold: int | None = None, enabled: bool = True) -> Path:
     """The packaged slow_request rule alone (its threshold overridden when a test says so)."""
-    rule = load_rules().by_name("slow_request")
-    path = tmp_path / "rules.toml"
-    path.write_text(f"""
-[[rule]]
-name = "slow_request"
-severity = "{rule.severity}"
-signal = "net.slow_request"
-key = "tgid"
-threshold = {rule.threshold if threshold is None else threshold}
-window = "{rule.window_s}s"
-cooldown = "{rule.cooldown_s}s"
-enabled = {"true" if enabled else "false"}
-params = {{ latency = "{rule.param('latency')}s" }}
-""")
-    return path
+    overrides = {"enabled": enabled} if threshold is None else {"enabled": enabled, "threshold": threshold}
+    return write_rules(tmp_path / "rules.toml", packaged_rule("slow_request", **overrides))
 
 
 class HttpServer:
@@ -43,7 +36,7 @@ class HttpServer:
         self.args = args or ("serve", "--comm", "ks-httpd")
 
     def __enter__(self) -> "HttpServer":
-        self.proc = subprocess.Popen([sys.executable, str(SERVER), *self.args],
+        self.proc = subprocess.Popen(workload_command(SERVER, *self.args),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         hello = json.loads(self.proc.stdout.readline())
         self.pid, self.port = hello["pid"], hello["port"]
@@ -59,11 +52,10 @@ class HttpServer:
 
 
 def run_client(port: int, host: str = "127.0.0.1", **plan: float) -> dict:
-    cmd = [sys.executable, str(SERVER), "client", "--host", host, "--port", str(port)]
+    args: list[object] = ["client", "--host", host, "--port", port]
     for name, value in plan.items():
-        cmd += [f"--{name.replace('_', '-')}", str(value)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        args += [f"--{name.replace('_', '-')}", value]
+    return run_workload_script(SERVER, *args, timeout=120)
 
 
 def alerts_of(agent, pid: int) -> list[dict]:
@@ -81,23 +73,8 @@ def alerts_of(agent, pid: int) -> list[dict]:
 
 
 def wait_for_open(agent, pid: int, timeout: float = 30.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [a for a in alerts_of(agent, pid) if a["status"] == "open"]
-        if found:
-            return found
-        assert agent.proc.poll() is None, agent.stderr()
-        time.sleep(0.1)
-    raise AssertionError(f"no open alert for pid {pid} within {timeout}s:\n{agent.stderr()}")
-
-
-def program_names(ids: set[int]) -> set[str]:
-    names = set()
-    for prog_id in ids:
-        out = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
-        if out.returncode == 0:
-            names.add(json.loads(out.stdout)["name"])
-    return names
+    return wait_for(f"an open alert for pid {pid}", lambda: [a for a in alerts_of(agent, pid) if a["status"] == "open"],
+                    timeout, proc=agent.proc, log=agent.stderr_path, interval=0.1)
 
 
 def test_slow_endpoint_gives_one_alert_with_the_request(tmp_path):

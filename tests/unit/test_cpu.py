@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from records_helpers import FakeBpfMap, task_record, tgid_key, unstarted_sensor
 
-from ksift.config import AgentConfig
 from ksift.errors import ConfigError
 from ksift.events import TaskContext
 from ksift.loader.bpf_object import parse_cpu_list
@@ -29,7 +27,6 @@ from ksift.sensors.cpu import (
     samples_threshold,
     share_percent,
 )
-from ksift.transport import records
 
 RULE = """
 [[rule]]
@@ -49,28 +46,6 @@ def rules(threshold=90, window="1s", hz=49, enabled="true"):
     return parse_rules(RULE.format(threshold=threshold, window=window, hz=hz, enabled=enabled), "test.toml")
 
 
-class FakeMap:
-    """Bytes in, bytes out, like BpfMap."""
-
-    def __init__(self, entries: dict[bytes, bytes] | None = None):
-        self.entries = dict(entries or {})
-        self.deleted: list[bytes] = []
-
-    def lookup(self, key: bytes) -> bytes | None:
-        return self.entries.get(bytes(key))
-
-    def delete(self, key: bytes) -> bool:
-        self.deleted.append(bytes(key))
-        return self.entries.pop(bytes(key), None) is not None
-
-    def lookup_batch(self, delete: bool = False, chunk: int = 4096) -> tuple[bytes, bytes, int]:
-        keys, values = b"".join(self.entries), b"".join(self.entries.values())
-        n = len(self.entries)
-        if delete:
-            self.entries.clear()
-        return keys, values, n
-
-
 class FakeSymbolizer:
     def __init__(self):
         self.user_calls: list[tuple[int, list[int], int | None]] = []
@@ -85,9 +60,8 @@ class FakeSymbolizer:
 
 def sensor(ruleset=None, clock=None):
     sym = FakeSymbolizer()
-    s = CpuSensor(None, Path("/nonexistent"), AgentConfig(), 1, ruleset or rules(), symbolizer=sym,
-                  clock_ns=clock or (lambda: 0))
-    s._stacks, s._stack_counts, s._state = FakeMap(), FakeMap(), FakeMap()
+    s = unstarted_sensor(CpuSensor, ruleset or rules(), symbolizer=sym, clock_ns=clock or (lambda: 0))
+    s._stacks, s._stack_counts, s._state = FakeBpfMap(), FakeBpfMap(), FakeBpfMap()
     return s, sym
 
 
@@ -100,17 +74,7 @@ def stack_value(*addresses) -> bytes:
 
 
 def record(rec_type, payload: np.ndarray, tgid=4242, ktime=0, comm=b"worker", start=777) -> np.ndarray:
-    rec = np.zeros(1, dtype=records.RECORD)
-    rec["type"] = rec_type
-    rec["ktime_ns"] = ktime
-    rec["task"]["tgid"] = tgid
-    rec["task"]["pid"] = tgid
-    rec["task"]["ppid"] = 42
-    rec["task"]["comm"] = comm
-    rec["task"]["start_boottime_ns"] = start
-    rec["payload"] = np.frombuffer(payload.tobytes().ljust(records.PAYLOAD_SIZE, b"\0"),
-                                   dtype=f"V{records.PAYLOAD_SIZE}")
-    return rec
+    return task_record(rec_type, payload, tgid=tgid, ktime_ns=ktime, ppid=42, comm=comm, start_boottime_ns=start)
 
 
 def crossing_payload(window_start, run_start, run_samples, total=1000, count=45, threshold=44):
@@ -139,7 +103,7 @@ def test_share_of_a_core_from_samples():
 
 
 def test_rodata_and_programs_follow_the_packaged_rule():
-    s = CpuSensor(None, Path("/nonexistent"), AgentConfig(), 1, load_rules())
+    s = unstarted_sensor(CpuSensor, load_rules())
     assert s.rodata() == {"cpu_threshold": 44, "cpu_window_ns": NS}
     assert s.programs() == ["ks_cpu_sample", "ks_cpu_exit"]
     assert s.sample_hz == 49
@@ -148,17 +112,17 @@ def test_rodata_and_programs_follow_the_packaged_rule():
 def test_disabled_rule_loads_and_attaches_nothing():
     ruleset = rules(enabled="false")
     assert not CpuSensor.wanted(ruleset)
-    s = CpuSensor(None, Path("/nonexistent"), AgentConfig(), 1, ruleset)
+    s = unstarted_sensor(CpuSensor, ruleset)
     assert s.programs() == [] and s.rodata() == {}
 
 
 def test_window_too_short_for_the_rate_is_refused_naming_the_field():
     with pytest.raises(ConfigError) as info:
-        CpuSensor(None, Path("/nonexistent"), AgentConfig(), 1, rules(window="100ms"))
+        unstarted_sensor(CpuSensor, rules(window="100ms"))
     msg = str(info.value)
     assert msg.startswith("test.toml: rule[0] (cpu_hog).window:")
     assert "sample_hz 49" in msg and "4.9 samples" in msg
-    CpuSensor(None, Path("/nonexistent"), AgentConfig(), 1, rules(window="100ms", hz=200))  # 20: fine
+    unstarted_sensor(CpuSensor, rules(window="100ms", hz=200))  # 20: fine
 
 
 @pytest.mark.parametrize("text,cpus", [("0-1\n", [0, 1]), ("0,2-3", [0, 2, 3]), ("5", [5]), ("0-0,1", [0, 1])])
@@ -241,7 +205,7 @@ def test_current_reads_the_live_counters():
     s, _ = sensor()
     state = np.zeros(1, dtype=CPU_STATE)
     state["total"], state["window_start_ns"], state["window_count"] = 500, 7 * NS, 31
-    s._state.entries = {(4242).to_bytes(4, "little"): state.tobytes()}
+    s._state.entries = {tgid_key(4242): state.tobytes()}
     cur = s.current("cpu_hog", 4242)
     assert (cur.total, cur.window_start_ns, cur.window_count) == (500, 7 * NS, 31)
     assert s.current("cpu_hog", 1) is None

@@ -2,43 +2,29 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from functools import partial
 
 import numpy as np
+from records_helpers import FakeBpfMap, task_record, tgid_key, unstarted_sensor
 
-from ksift.config import AgentConfig
 from ksift.events import TaskContext
 from ksift.rules.incidents import NS, Incident
-from ksift.rules.model import Rule, RuleSet, Severity
+from ksift.rules.model import Rule, Severity
 from ksift.sensors import files
 from ksift.transport import records
 
-
-def fd_rule(**kw) -> Rule:
-    base = dict(name="fd_burst", severity=Severity.WARNING, signal="file.open", key="tgid",
-                threshold=20000, window_s=2.0, cooldown_s=60.0)
-    base.update(kw)
-    return Rule(**base)
+fd_rule = partial(Rule, name="fd_burst", severity=Severity.WARNING, signal="file.open", key="tgid",
+                  threshold=20000, window_s=2.0, cooldown_s=60.0)
 
 
 def sensor(*rules: Rule) -> files.FileSensor:
-    rules = rules or (fd_rule(),)
-    return files.FileSensor(None, Path("/nonexistent"), AgentConfig(), 999, RuleSet(rules, "test.toml"))
+    return unstarted_sensor(files.FileSensor, rules or (fd_rule(),))
 
 
 def batch_of(*recs: tuple[int, int, np.ndarray]) -> np.ndarray:
     """Records as the ring buffer reader hands them over: (type, tgid, payload)."""
-    out = np.zeros(len(recs), dtype=records.RECORD)
-    for i, (rec_type, tgid, payload) in enumerate(recs):
-        out[i]["type"] = rec_type
-        out[i]["ktime_ns"] = 5 * NS + i
-        out[i]["task"]["tgid"] = out[i]["task"]["pid"] = tgid
-        out[i]["task"]["ppid"] = 1
-        out[i]["task"]["comm"] = b"indexer"
-        raw = np.zeros(records.PAYLOAD_SIZE, dtype=np.uint8)
-        raw[: payload.dtype.itemsize] = np.frombuffer(payload.tobytes(), dtype=np.uint8)
-        out[i]["payload"] = raw.tobytes()
-    return out
+    return np.concatenate([task_record(rec_type, payload, tgid=tgid, ktime_ns=5 * NS + i, ppid=1, comm=b"indexer")
+                           for i, (rec_type, tgid, payload) in enumerate(recs)])
 
 
 def crossing(window_count=20001, sockets=0, total=25000, start=3 * NS) -> np.ndarray:
@@ -62,19 +48,9 @@ def dirs_value(slots: list[tuple[bytes, int, bool]], samples: int, unreadable: i
     return d
 
 
-class FakeMap:
-    """A stand-in for the kernel's ks_fd_dirs map: bytes in, bytes out."""
-
-    def __init__(self, entries: dict[int, np.ndarray]):
-        self.entries = {tgid.to_bytes(4, "little"): value.tobytes() for tgid, value in entries.items()}
-        self.deleted: list[bytes] = []
-
-    def lookup(self, key: bytes) -> bytes | None:
-        return self.entries.get(bytes(key))
-
-    def delete(self, key: bytes) -> bool:
-        self.deleted.append(bytes(key))
-        return self.entries.pop(bytes(key), None) is not None
+def dirs_map(entries: dict[int, np.ndarray]) -> FakeBpfMap:
+    """A stand-in for the kernel's ks_fd_dirs map: tgid -> its directory samples."""
+    return FakeBpfMap({tgid_key(tgid): value.tobytes() for tgid, value in entries.items()})
 
 
 TASK = TaskContext(tgid=4321, pid=4321, ppid=1, uid=0, gid=0, cgroup_id=1, start_boottime_ns=5,
@@ -178,7 +154,7 @@ def test_fd_noun_says_what_the_descriptors_were():
 
 def test_open_summary_names_the_count_window_and_top_directory():
     s = sensor()
-    s._dirs_map = FakeMap({4321: dirs_value([(b"/srv/hot", 62, False), (b"/srv/cold", 38, False)], 100)})
+    s._dirs_map = dirs_map({4321: dirs_value([(b"/srv/hot", 62, False), (b"/srv/cold", 38, False)], 100)})
     inc = incident()
     assert s.summarize(inc, "open") == "PID 4321 (indexer) opened 20,113 files in the last 2s (62% in /srv/hot)"
     details = s.details(inc, "open")
@@ -195,7 +171,7 @@ def test_open_summary_without_samples_and_with_sockets():
 
 def test_resolution_reports_directories_read_while_open_even_after_the_kernel_forgot_them():
     s = sensor()
-    kernel = FakeMap({4321: dirs_value([(b"/srv/hot", 9, False)], 9)})
+    kernel = dirs_map({4321: dirs_value([(b"/srv/hot", 9, False)], 9)})
     s._dirs_map = kernel
     inc = incident(count_total=61234, resolved=3 * NS + int(6.2 * NS), exited=True)
     s.details(inc, "open")

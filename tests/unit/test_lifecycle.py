@@ -3,12 +3,12 @@ executables, exit statuses, rodata, programs, summaries and details (no root).""
 
 from __future__ import annotations
 
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
+from records_helpers import task_record, unstarted_sensor
 
-from ksift.config import AgentConfig
 from ksift.rules.incidents import NS, IncidentEngine
 from ksift.rules.model import Rule, RuleSet, Severity
 from ksift.rules.parse import load_rules
@@ -17,43 +17,20 @@ from ksift.transport import records
 
 PARENT, PARENT_START = 1200, 777_000
 
-
-def churn_rule(**kw) -> Rule:
-    base = dict(name="exec_churn", severity=Severity.INFO, signal="process.short_lived", key="tgid",
-                threshold=40, window_s=2.0, params={"max_lifetime": 1.0})
-    base.update(kw)
-    return Rule(**base)
-
-
-def crash_rule(**kw) -> Rule:
-    base = dict(name="crash_loop", severity=Severity.WARNING, signal="process.crash", key="parent_exe",
-                threshold=10, window_s=10.0)
-    base.update(kw)
-    return Rule(**base)
+churn_rule = partial(Rule, name="exec_churn", severity=Severity.INFO, signal="process.short_lived", key="tgid",
+                     threshold=40, window_s=2.0, params={"max_lifetime": 1.0})
+crash_rule = partial(Rule, name="crash_loop", severity=Severity.WARNING, signal="process.crash", key="parent_exe",
+                     threshold=10, window_s=10.0)
 
 
 def sensor(*rules: Rule) -> lifecycle.LifecycleSensor:
-    rules = rules or (churn_rule(), crash_rule())
-    return lifecycle.LifecycleSensor(None, Path("/nonexistent"), AgentConfig(), 999, RuleSet(rules, "test.toml"))
+    return unstarted_sensor(lifecycle.LifecycleSensor, rules or (churn_rule(), crash_rule()))
 
 
 def record(rec_type: int, payload: np.ndarray, tgid: int, comm: bytes, exe: bytes, ppid: int = 1,
            ancestry: tuple[tuple[int, bytes], ...] = (), start: int = PARENT_START) -> np.ndarray:
-    out = np.zeros(1, dtype=records.RECORD)
-    out[0]["type"] = rec_type
-    out[0]["ktime_ns"] = 5 * NS
-    task = out[0]["task"]
-    task["tgid"] = task["pid"] = tgid
-    task["ppid"] = ppid
-    task["start_boottime_ns"] = start
-    task["comm"], task["exe"] = comm, exe
-    task["ancestry_len"] = len(ancestry)
-    for i, (pid, acomm) in enumerate(ancestry):
-        task["ancestry"][i]["pid"], task["ancestry"][i]["comm"] = pid, acomm
-    raw = np.zeros(records.PAYLOAD_SIZE, dtype=np.uint8)
-    raw[: payload.dtype.itemsize] = np.frombuffer(payload.tobytes(), dtype=np.uint8)
-    out[0]["payload"] = raw.tobytes()
-    return out
+    return task_record(rec_type, payload, tgid=tgid, ktime_ns=5 * NS, comm=comm, exe=exe, ppid=ppid,
+                       start_boottime_ns=start, ancestry=ancestry)
 
 
 def churn_crossing(window_count=41, total=41, start=4 * NS, child_exe=b"/bin/date") -> np.ndarray:

@@ -3,35 +3,26 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
+from records_helpers import task_record, unstarted_sensor
 
-from ksift.config import AgentConfig
 from ksift.events import TaskContext
 from ksift.rules.incidents import NS, Incident
-from ksift.rules.model import Rule, RuleSet, Severity
+from ksift.rules.model import Rule, Severity
 from ksift.sensors import memory
-from ksift.transport import records
 
 MIB = memory.MIB
 PAGE = 4096
 WINDOW = 30 * NS
 
 
-def growth_rule(**kw) -> Rule:
-    base = dict(name="memory_growth", severity=Severity.WARNING, signal="memory.rss_growth", key="tgid",
-                threshold=200, window_s=30.0, params={"min_growth_percent": 50.0, "step": 32 * MIB})
-    base.update(kw)
-    return Rule(**base)
-
-
-def oom_rule(**kw) -> Rule:
-    base = dict(name="oom_kill", severity=Severity.CRITICAL, signal="memory.oom_kill", key="victim",
-                threshold=0, window_s=60.0)
-    base.update(kw)
-    return Rule(**base)
+growth_rule = partial(Rule, name="memory_growth", severity=Severity.WARNING, signal="memory.rss_growth", key="tgid",
+                      threshold=200, window_s=30.0, params={"min_growth_percent": 50.0, "step": 32 * MIB})
+oom_rule = partial(Rule, name="oom_kill", severity=Severity.CRITICAL, signal="memory.oom_kill", key="victim",
+                   threshold=0, window_s=60.0)
 
 
 class FakePaths:
@@ -47,9 +38,8 @@ class FakePaths:
 
 
 def sensor(*rules: Rule, paths=None) -> memory.MemorySensor:
-    rules = rules or (oom_rule(), growth_rule())
-    return memory.MemorySensor(None, Path("/nonexistent"), AgentConfig(), 999, RuleSet(rules, "test.toml"),
-                               page_size=PAGE, memcg_paths=paths or FakePaths())
+    return unstarted_sensor(memory.MemorySensor, rules or (oom_rule(), growth_rule()), page_size=PAGE,
+                            memcg_paths=paths or FakePaths())
 
 
 def series(*points: tuple[float, float]) -> list[tuple[int, int]]:
@@ -199,17 +189,8 @@ def test_tracker_rejects_a_zero_window():
 
 def record_batch(rec_type: int, payloads: list[np.ndarray], ktimes: list[int], tgid=4242, comm=b"leaker",
                  start=777) -> np.ndarray:
-    out = np.zeros(len(payloads), dtype=records.RECORD)
-    for i, payload in enumerate(payloads):
-        out[i]["type"] = rec_type
-        out[i]["ktime_ns"] = ktimes[i]
-        out[i]["task"]["tgid"] = out[i]["task"]["pid"] = tgid
-        out[i]["task"]["comm"] = comm
-        out[i]["task"]["start_boottime_ns"] = start
-        raw = np.zeros(records.PAYLOAD_SIZE, dtype=np.uint8)
-        raw[: payload.dtype.itemsize] = np.frombuffer(payload.tobytes(), dtype=np.uint8)
-        out[i]["payload"] = raw.tobytes()
-    return out
+    return np.concatenate([task_record(rec_type, payload, tgid=tgid, ktime_ns=ktime, comm=comm, start_boottime_ns=start)
+                           for payload, ktime in zip(payloads, ktimes, strict=True)])
 
 
 def oom_payload(**kw) -> np.ndarray:

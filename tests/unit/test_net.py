@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
+from records_helpers import task_record, unstarted_sensor
 
-from ksift.config import AgentConfig
 from ksift.events import TaskContext
 from ksift.rules.incidents import NS, Incident
-from ksift.rules.model import Rule, RuleSet, Severity
+from ksift.rules.model import Rule, Severity
 from ksift.sensors import net
-from ksift.transport import records
 
-
-def connect_rule(**kw) -> Rule:
-    base = dict(name="connect_storm", severity=Severity.WARNING, signal="net.connect", key="tgid_destination",
-                threshold=500, window_s=1.0, cooldown_s=60.0)
-    base.update(kw)
-    return Rule(**base)
+connect_rule = partial(Rule, name="connect_storm", severity=Severity.WARNING, signal="net.connect",
+                       key="tgid_destination", threshold=500, window_s=1.0, cooldown_s=60.0)
 
 
 def sensor(*rules: Rule) -> net.ConnectSensor:
-    rules = rules or (connect_rule(),)
-    return net.ConnectSensor(None, Path("/nonexistent"), AgentConfig(), 999, RuleSet(rules, "test.toml"))
+    return unstarted_sensor(net.ConnectSensor, rules or (connect_rule(),))
 
 
 def crossing(tgid: int, family: int, addr: bytes, port: int, window_count=1500, total=2000) -> np.ndarray:
@@ -37,17 +31,8 @@ def crossing(tgid: int, family: int, addr: bytes, port: int, window_count=1500, 
 
 
 def batch_of(*payloads: np.ndarray, rec_type: int = net.REC_CONNECT_CROSSING) -> np.ndarray:
-    out = np.zeros(len(payloads), dtype=records.RECORD)
-    for i, payload in enumerate(payloads):
-        tgid = int(payload["key"]["tgid"][0])
-        out[i]["type"] = rec_type
-        out[i]["ktime_ns"] = 3 * NS
-        out[i]["task"]["tgid"] = out[i]["task"]["pid"] = tgid
-        out[i]["task"]["comm"] = b"client"
-        raw = np.zeros(records.PAYLOAD_SIZE, dtype=np.uint8)
-        raw[: payload.dtype.itemsize] = np.frombuffer(payload.tobytes(), dtype=np.uint8)
-        out[i]["payload"] = raw.tobytes()
-    return out
+    return np.concatenate([task_record(rec_type, p, tgid=int(p["key"]["tgid"][0]), ktime_ns=3 * NS, comm=b"client")
+                           for p in payloads])
 
 
 V4 = ipaddress.ip_address("10.0.0.5").packed

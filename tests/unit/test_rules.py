@@ -5,22 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from agent_helpers import FORK_STORM_RULE
 
 from ksift.errors import ConfigError
 from ksift.rules.model import SIGNALS, Rule, RuleSet, Severity, severity_rank
 from ksift.rules.parse import DEFAULT_RULES_SOURCE, default_rules_text, load_rules, parse_rules
 
 SOURCE = "my_rules.toml"
-
-GOOD_RULE = """
-[[rule]]
-name = "fork_storm"
-severity = "warning"
-signal = "process.fork"
-key = "tgid"
-threshold = 50
-window = "1s"
-"""
 
 
 def rule_toml(name="fork_storm", **overrides) -> str:
@@ -96,7 +87,7 @@ def test_load_rules_from_file(tmp_path):
 
 def test_load_rules_accepts_pathlike(tmp_path):
     path = tmp_path / "rules.toml"
-    path.write_text(GOOD_RULE)
+    path.write_text(FORK_STORM_RULE)
     assert load_rules(path).source == str(path)
 
 
@@ -136,7 +127,7 @@ def test_empty_rules_file_is_empty_ruleset(tmp_path):
 
 
 def test_optional_fields_default():
-    rule = parse_rules(GOOD_RULE, SOURCE).rules[0]
+    rule = parse_rules(FORK_STORM_RULE, SOURCE).rules[0]
     assert (rule.sustain_s, rule.cooldown_s, rule.enabled, rule.description) == (0.0, 0.0, True, "")
 
 
@@ -157,7 +148,7 @@ def test_two_disabled_rules_on_one_signal_are_fine():
 
 
 def test_model_values_are_frozen():
-    rule = parse_rules(GOOD_RULE, SOURCE).rules[0]
+    rule = parse_rules(FORK_STORM_RULE, SOURCE).rules[0]
     with pytest.raises(dataclasses.FrozenInstanceError):
         rule.threshold = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
@@ -183,7 +174,7 @@ def test_severity_rank_orders():
 @pytest.mark.parametrize(
     ("text", "field", "detail"),
     [
-        ('x = 1\n' + GOOD_RULE, None, "unknown field 'x' (expected: rule)"),
+        ('x = 1\n' + FORK_STORM_RULE, None, "unknown field 'x' (expected: rule)"),
         ('[rule]\nname = "a"\n', "rule", "[[rule]]"),
         (
             rule_toml(colour='"red"'),
@@ -258,7 +249,7 @@ def test_unknown_key_lists_the_signals_keys():
 
 
 def test_second_error_is_labelled_by_index():
-    error = parse_error(GOOD_RULE + rule_toml("second", severity='"loud"', enabled="false"))
+    error = parse_error(FORK_STORM_RULE + rule_toml("second", severity='"loud"', enabled="false"))
     assert error.field == "rule[1] (second).severity"
 
 

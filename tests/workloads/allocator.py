@@ -6,18 +6,15 @@ usage: allocator.py --size-mb N [--rate-mb R] [--hold S] [--comm NAME] [--memcg 
 directory (writes our pid to its cgroup.procs) before allocating, so the
 memory is charged there. Every page is written, so it is resident, not just
 reserved. Prints one JSON line at the end:
-{"pid": ..., "touched_bytes": ..., "peak_rss_bytes": ..., "grow_s": ..., "elapsed_s": ...}.
+{"pid": ..., "ppid": ..., "touched_bytes": ..., "peak_rss_bytes": ..., "grow_s": ..., "elapsed_s": ...}.
 A process the OOM killer takes prints nothing.
 """
 
-import argparse
-import ctypes
-import json
 import mmap
-import os
 import time
 
-PR_SET_NAME = 15
+from workload_common import join_cgroup, pace, parser, report, set_comm
+
 MIB = 1 << 20
 
 
@@ -30,18 +27,16 @@ def peak_rss_bytes() -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(comm="ks-alloc")
     ap.add_argument("--size-mb", type=float, required=True, help="MiB to touch in all")
     ap.add_argument("--rate-mb", type=float, default=0.0, help="MiB per second (0 = all at once)")
     ap.add_argument("--hold", type=float, default=0.0, help="seconds to hold the memory afterwards")
-    ap.add_argument("--comm", default="ks-alloc", help="process name the kernel will report")
     ap.add_argument("--memcg", help="cgroup v1 memory directory to join first")
     args = ap.parse_args()
 
     if args.memcg:
-        with open(os.path.join(args.memcg, "cgroup.procs"), "w") as fh:
-            fh.write(str(os.getpid()))
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, args.comm.encode(), 0, 0, 0)
+        join_cgroup(args.memcg)
+    set_comm(args.comm)
 
     size = int(args.size_mb * MIB)
     chunk = MIB
@@ -54,14 +49,11 @@ def main() -> None:
         buf[touched:touched + n] = ones[:n]
         touched += n
         if args.rate_mb > 0:
-            # Pace to absolute deadlines so the rate holds even when a chunk is slow.
-            delay = start + touched / (args.rate_mb * MIB) - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            pace(start, touched, args.rate_mb * MIB)
     grow_s = time.monotonic() - start
     time.sleep(args.hold)
-    print(json.dumps({"pid": os.getpid(), "touched_bytes": touched, "peak_rss_bytes": peak_rss_bytes(),
-                      "grow_s": round(grow_s, 3), "elapsed_s": round(time.monotonic() - start, 3)}), flush=True)
+    report(touched_bytes=touched, peak_rss_bytes=peak_rss_bytes(), grow_s=round(grow_s, 3),
+           elapsed_s=round(time.monotonic() - start, 3))
     buf.close()
 
 

@@ -9,30 +9,24 @@ the next ones. Prints one JSON line at the end:
 {"pid": ..., "children": ..., "by_exe": {exe: n}, "elapsed_s": ...}.
 """
 
-import argparse
-import ctypes
-import json
 import os
 import shlex
 import time
 from collections import Counter
 
-PR_SET_NAME = 15
+from workload_common import add_rate_args, join_cgroup, pace, parser, report, set_comm
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rate", type=float, required=True, help="children started per second")
-    ap.add_argument("--seconds", type=float, required=True)
+    ap = parser(comm="ks-churner")
+    add_rate_args(ap, "children started")
     ap.add_argument("--child", action="append", help="command line of a child; repeat to alternate")
-    ap.add_argument("--comm", default="ks-churner", help="process name the kernel will report")
     ap.add_argument("--cgroup", help="cgroup v2 directory to move into first")
     args = ap.parse_args()
 
     if args.cgroup:
-        with open(os.path.join(args.cgroup, "cgroup.procs"), "w") as fh:
-            fh.write(str(os.getpid()))
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, args.comm.encode(), 0, 0, 0)
+        join_cgroup(args.cgroup)
+    set_comm(args.comm)
     commands = [shlex.split(c) for c in (args.child or ["/bin/true"])]
     quiet = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
 
@@ -50,15 +44,11 @@ def main() -> None:
             if pid == 0:
                 break
             running.discard(pid)
-        # Pace to absolute deadlines so the rate holds even when a spawn is slow.
-        delay = start + n / args.rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+        pace(start, n, args.rate)
     elapsed = time.monotonic() - start
     for pid in running:
         os.waitpid(pid, 0)
-    print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "children": n, "by_exe": dict(started),
-                      "elapsed_s": round(elapsed, 3)}), flush=True)
+    report(children=n, by_exe=dict(started), elapsed_s=round(elapsed, 3))
 
 
 if __name__ == "__main__":

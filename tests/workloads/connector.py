@@ -8,28 +8,23 @@ out). Prints one JSON line at the end:
 {"pid": ..., "connects": ..., "errors": ..., "elapsed_s": ...}.
 """
 
-import argparse
-import ctypes
 import errno
-import json
-import os
 import socket
 import struct
 import time
 
-PR_SET_NAME = 15
+from workload_common import add_rate_args, pace, parser, report, set_comm
+
 LINGER_ABORT = struct.pack("ii", 1, 0)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(comm="ks-connector")
     ap.add_argument("--host", required=True, help="IPv4 or IPv6 address")
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--rate", type=float, required=True, help="connection attempts per second")
-    ap.add_argument("--seconds", type=float, required=True)
-    ap.add_argument("--comm", default="ks-connector", help="process name the kernel will report")
+    add_rate_args(ap, "connection attempts")
     args = ap.parse_args()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, args.comm.encode(), 0, 0, 0)
+    set_comm(args.comm)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
 
     connects = errors = 0
@@ -43,12 +38,8 @@ def main() -> None:
             errors += 1
         sock.close()
         connects += 1
-        # Pace to absolute deadlines so the rate holds even when a connect is slow.
-        delay = start + connects / args.rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-    print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "connects": connects, "errors": errors,
-                      "elapsed_s": round(time.monotonic() - start, 3)}), flush=True)
+        pace(start, connects, args.rate)
+    report(connects=connects, errors=errors, elapsed_s=round(time.monotonic() - start, 3))
 
 
 if __name__ == "__main__":

@@ -8,27 +8,23 @@ at the end with the wait() statuses it saw, as the kernel's raw numbers:
 {"pid": ..., "runs": ..., "statuses": {"768": 20}, "elapsed_s": ...}.
 """
 
-import argparse
-import ctypes
-import json
 import os
 import resource
 import time
 from collections import Counter
 
-PR_SET_NAME = 15
+from workload_common import pace, parser, report, set_comm
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(comm="ks-superv")
     ap.add_argument("--exe", required=True)
     ap.add_argument("--arg", action="append", default=[], help="argument of the program; repeat for more")
     ap.add_argument("--runs", type=int, required=True)
     ap.add_argument("--rate", type=float, required=True, help="starts per second at most")
-    ap.add_argument("--comm", default="ks-superv", help="process name the kernel will report")
     args = ap.parse_args()
 
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, args.comm.encode(), 0, 0, 0)
+    set_comm(args.comm)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # crashing children leave no core files
     argv = [args.exe, *args.arg]
     statuses: Counter[int] = Counter()
@@ -37,12 +33,9 @@ def main() -> None:
         pid = os.posix_spawn(args.exe, argv, os.environ)
         _, status = os.waitpid(pid, 0)
         statuses[status] += 1
-        delay = start + n / args.rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-    print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "runs": args.runs,
-                      "statuses": {str(k): v for k, v in statuses.items()},
-                      "elapsed_s": round(time.monotonic() - start, 3)}), flush=True)
+        pace(start, n, args.rate)
+    report(runs=args.runs, statuses={str(k): v for k, v in statuses.items()},
+           elapsed_s=round(time.monotonic() - start, 3))
 
 
 if __name__ == "__main__":

@@ -7,29 +7,23 @@ threads (clones in the same thread group), which ksift must not count. Prints on
 {"pid": ..., "ppid": ..., "forks": ..., "elapsed_s": ...}.
 """
 
-import argparse
-import ctypes
-import json
 import os
 import threading
 import time
 
-PR_SET_NAME = 15
+from workload_common import add_rate_args, join_cgroup, pace, parser, report, set_comm
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rate", type=float, required=True, help="children per second")
-    ap.add_argument("--seconds", type=float, required=True)
-    ap.add_argument("--comm", default="ks-forker", help="process name the kernel will report")
+    ap = parser(comm="ks-forker")
+    add_rate_args(ap, "children")
     ap.add_argument("--cgroup", help="cgroup v2 directory to move into first")
     ap.add_argument("--threads", action="store_true", help="start threads instead of processes")
     args = ap.parse_args()
 
     if args.cgroup:
-        with open(os.path.join(args.cgroup, "cgroup.procs"), "w") as fh:
-            fh.write(str(os.getpid()))
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, args.comm.encode(), 0, 0, 0)
+        join_cgroup(args.cgroup)
+    set_comm(args.comm)
 
     forks = 0
     start = time.monotonic()
@@ -44,12 +38,8 @@ def main() -> None:
                 os._exit(0)
             os.waitpid(pid, 0)
         forks += 1
-        # Pace to absolute deadlines so the rate holds even when a fork is slow.
-        delay = start + forks / args.rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-    print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "forks": forks,
-                      "elapsed_s": round(time.monotonic() - start, 3)}), flush=True)
+        pace(start, forks, args.rate)
+    report(forks=forks, elapsed_s=round(time.monotonic() - start, 3))
 
 
 if __name__ == "__main__":

@@ -9,14 +9,12 @@ otherwise by its absolute path. Prints one JSON line at the end:
 {"pid": ..., "opens": ..., "elapsed_s": ...}.
 """
 
-import argparse
-import ctypes
-import json
 import os
 import random
 import time
 
-PR_SET_NAME = 15
+from workload_common import add_rate_args, pace, parser, report, set_comm
+
 BATCH = 100  # opens between pacing checks: cheap enough to reach tens of thousands a second
 
 
@@ -26,14 +24,12 @@ def parse_dir(text: str) -> tuple[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(comm="ks-opener")
     ap.add_argument("--dir", action="append", type=parse_dir, required=True, help="PATH[:WEIGHT]")
-    ap.add_argument("--rate", type=float, required=True, help="opens per second")
-    ap.add_argument("--seconds", type=float, required=True)
-    ap.add_argument("--comm", default="ks-opener", help="process name the kernel will report")
+    add_rate_args(ap, "opens")
     ap.add_argument("--relative", action="store_true", help="open relative to a directory fd")
     args = ap.parse_args()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, args.comm.encode(), 0, 0, 0)
+    set_comm(args.comm)
 
     dirs = []
     for path, weight in args.dir:
@@ -57,12 +53,8 @@ def main() -> None:
                 fd = os.open(name, os.O_RDONLY, dir_fd=dirfd)
             os.close(fd)
             opens += 1
-        # Pace to absolute deadlines so the rate holds even when an open is slow.
-        delay = start + opens / args.rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-    print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "opens": opens,
-                      "elapsed_s": round(time.monotonic() - start, 3)}), flush=True)
+        pace(start, opens, args.rate)
+    report(opens=opens, elapsed_s=round(time.monotonic() - start, 3))
 
 
 if __name__ == "__main__":

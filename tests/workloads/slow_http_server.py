@@ -22,7 +22,6 @@ were ever mistaken for accepted ones: it reads a response, waits, then writes.
 """
 
 import argparse
-import ctypes
 import http.client
 import http.server
 import json
@@ -34,14 +33,10 @@ import threading
 import time
 import urllib.request
 
-PR_SET_NAME = 15
+from workload_common import set_comm
+
 SLOW_PATH = "/api/orders"
 FAST_PATH = "/api/health"
-
-
-def set_comm(name: str) -> None:
-    # Threads started afterwards inherit it; the kernel reports the leader's.
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
