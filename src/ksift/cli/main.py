@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--for", dest="duration", type=float, metavar="SECONDS", help="stop after this long")
     run.add_argument("--stats", metavar="FILE", help="write the funnel counters as JSON here on exit")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="stderr log level")
+    run.add_argument("--api", metavar="LISTEN|off", help="HTTP API/metrics/dashboard address, e.g. 127.0.0.1:9466 "
+                                                         "(overrides [api] listen); off: no API")
 
     alerts = sub.add_parser("alerts", help="list stored alerts")
     alerts.add_argument("--db", metavar="PATH", help="SQLite alert store")
@@ -49,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     check = rules_sub.add_parser("check", help="validate a rules file")
     check.add_argument("file")
     rules_sub.add_parser("signals", help="list the signals rules can watch, with their keys and params")
+
+    from ksift.remediation.cli import add_actions_parser
+
+    add_actions_parser(sub)
     return p
 
 
@@ -63,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             from ksift.cli.doctor import run_doctor
 
             return run_doctor(sys.stdout)
+        if args.command == "actions":
+            from ksift.remediation.cli import cmd_actions
+
+            return cmd_actions(args)
         if args.command == "rules":
             if args.rules_command == "signals":
                 return cmd_rules_signals(args)
@@ -103,6 +113,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ksift.store.sqlite import AlertStore
 
     config = load_config(args.config)
+    if args.api is not None:
+        from ksift.interfaces.settings import apply_api_override
+
+        config = apply_api_override(config, args.api)
     _setup_logging(args.log_level or config.log_level)
     rules = load_rules(args.rules or config.rules_path)
     if args.duration is not None and args.duration <= 0:
@@ -112,6 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         log.warning("not running as root: loading BPF needs CAP_BPF and CAP_PERFMON (see `ksift doctor`)")
 
+    from ksift.enrich.kubernetes import build_pod_resolver
+
+    pods = build_pod_resolver(config.section("kubernetes"))  # None unless [kubernetes] enabled
     db_path = args.db or config.db_path or default_db_path()
     store = AlertStore(db_path)
     log.info("alert store: %s", db_path)
@@ -124,7 +141,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise BpfError(str(exc)) from exc
     sensors = build_sensors(lib, default_objects_dir(), config, rules)
     procfs = ProcFS()
-    enricher = Enricher(procfs, CgroupResolver(find_cgroup2_mount()))
+    enricher = Enricher(procfs, CgroupResolver(find_cgroup2_mount()), pods=pods)
+    if pods is not None:
+        pods.start()  # fetches in its own thread: an alert never waits for the API server
     agent = Agent(config, rules, sensors, enricher, sinks)
     try:
         with agent:  # attaches; detaches everything on every way out
@@ -141,6 +160,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 json.dump(report, fh, indent=2, sort_keys=True)
         for sink in sinks:
             sink.close()
+        if pods is not None:
+            log.info("kubernetes: %s", json.dumps(pods.stats(), sort_keys=True))
+            pods.close()
         store.close()
     return EXIT_OK
 

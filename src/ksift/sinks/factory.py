@@ -15,4 +15,26 @@ from ksift.store.sqlite import AlertStore
 
 def configured_sinks(config: AgentConfig, rules: RuleSet, store: AlertStore) -> list[Sink]:
     sinks: list[Sink] = []
+    # Network delivery: Alertmanager, webhooks, Slack ([sinks]; ksift.sinks.settings).
+    from ksift.sinks.settings import build_sinks
+
+    sinks += build_sinks(config.section("sinks"))
+    # HTTP API, SSE, /metrics and the dashboard ([api]; ksift.interfaces); others add routes via route_providers.
+    if config.section("api").enabled:
+        from ksift.interfaces.api import ApiServer
+
+        sinks.append(ApiServer(config.section("api"), store))
+    # Remediation (per-rule policies + [remediation]; ksift.remediation): only when a policy is active.
+    # Its decisions reach the API as "action" events and approve/reject routes.
+    from ksift.remediation.engine import build_remediation
+
+    remediation = build_remediation(config, rules, store)
+    if remediation is not None:
+        from ksift.remediation.api import route_provider
+
+        for sink in sinks:
+            if hasattr(sink, "route_providers") and hasattr(sink, "publish"):
+                sink.route_providers.append(route_provider(remediation, bool(getattr(sink.settings, "token", None))))
+                remediation.listeners.append(sink.publish)
+        sinks.append(remediation)
     return sinks

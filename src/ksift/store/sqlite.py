@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 from ksift.errors import StoreError
 from ksift.timeparse import parse_timestamp, rfc3339
@@ -43,6 +43,29 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX alerts_ts_unix ON alerts (ts_unix);
         CREATE INDEX alerts_rule_ts_unix ON alerts (rule, ts_unix);
         CREATE INDEX alerts_incident_id ON alerts (incident_id);
+        """,
+    ),
+    (
+        2,
+        # Remediation decisions (ksift.remediation.decisions): the whole record as JSON
+        # in body; the columns filter, sort, and let `ksift actions` approve with one UPDATE.
+        """
+        CREATE TABLE decisions (
+            id TEXT PRIMARY KEY,
+            created_unix REAL NOT NULL,
+            updated_unix REAL NOT NULL,
+            rule TEXT NOT NULL,
+            incident_id TEXT NOT NULL,
+            action TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            status TEXT NOT NULL,
+            pid INTEGER,
+            expires_unix REAL,
+            body TEXT NOT NULL
+        );
+        CREATE INDEX decisions_status ON decisions (status, expires_unix);
+        CREATE INDEX decisions_created ON decisions (created_unix);
+        CREATE INDEX decisions_incident_id ON decisions (incident_id);
         """,
     ),
 )
@@ -231,10 +254,14 @@ class AlertStore:
         severity: str | None = None,
         status: str | None = None,
         limit: int = 1000,
+        *,
+        severities: Collection[str] | None = None,
     ) -> list[dict[str, Any]]:
         """The newest `limit` matching alerts, returned oldest first.
 
         A naive `since` is taken as UTC. Ties on timestamp keep insertion order.
+        `severities` keeps alerts of any of those severities (an "at least" filter
+        passes the severities from the floor up).
         """
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
@@ -249,6 +276,10 @@ class AlertStore:
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
+        if severities is not None:
+            wanted = sorted(set(severities))
+            where.append(f"severity IN ({', '.join('?' * len(wanted))})" if wanted else "0")
+            params.extend(wanted)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         # Pick the newest rows, then flip them back into chronological order.
         sql = (

@@ -1,0 +1,442 @@
+"""Planning and performing remediation actions on one judged subject.
+
+`Actuator.plan()` runs every guard and says exactly what would be done (the
+dry-run record and the preview an approver sees). `Actuator.perform()` runs
+the guards again at the moment of acting, then acts: signals go through a
+pidfd of a process whose start time was checked after the pidfd was opened,
+cgroup files are written only for the cgroup the process is in now and was
+judged in. Everything here blocks (it reads /proc), so the engine calls it
+from a worker thread, never from the agent's loop.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ksift.enrich.procfs import ProcStat
+from ksift.errors import AccessDenied, ProcessGone
+from ksift.remediation.guards import Handle, Protection, Refusal, check_blast_radius, open_judged
+from ksift.remediation.host import Host, ProcInfo
+from ksift.remediation.policy import Policy
+from ksift.remediation.settings import RemediationSettings
+
+# A kill_tree sweep stops new members round after round; a tree still growing
+# after this many rounds is out of hand for user space (the fast path is not).
+MAX_SWEEP_ROUNDS = 64
+CPU_PERIOD_US = 100_000
+SHOWN_TARGETS = 20  # processes named in a step's text; the plan lists them all
+
+
+class TreeFlagger(Protocol):
+    """The in-kernel fast path (the process sensor's tree flags map)."""
+
+    kills_children: bool  # the kernel kills the new child itself (else it kills the forking parent)
+
+    def flag(self, root: int, members: list[tuple[int, int]], whole_tree: bool, budget: int) -> int:
+        """Flag (pid, start ticks) pairs; the kernel kills new children of them (whole_tree: and
+        of their descendants), at most `budget` in all. Returns how many were flagged."""
+        ...
+
+
+class ActionFailed(Exception):
+    """The guards passed but the action could not be carried out (the reason says why)."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The process an alert is about, as the kernel captured it."""
+
+    pid: int
+    start_boottime_ns: int
+    comm: str = ""
+    exe: str | None = None
+    uid: int | None = None
+    cgroup: str | None = None
+    cgroup_id: int | None = None
+
+    @classmethod
+    def from_alert(cls, alert: dict[str, Any]) -> Subject:
+        subject = alert.get("subject") or {}
+        pid, start = subject.get("pid"), subject.get("start_boottime_ns")
+        if not isinstance(pid, int) or not isinstance(start, int) or pid <= 0:
+            raise ValueError("the alert's subject has no pid and start time: nothing to act on")
+        return cls(pid=pid, start_boottime_ns=start, comm=str(subject.get("comm") or ""), exe=subject.get("exe"),
+                   uid=subject.get("uid"), cgroup=subject.get("cgroup"), cgroup_id=subject.get("cgroup_id"))
+
+    @property
+    def label(self) -> str:
+        return f"pid {self.pid} ({self.comm})" if self.comm else f"pid {self.pid}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "start_boottime_ns": self.start_boottime_ns, "comm": self.comm, "exe": self.exe,
+                "uid": self.uid, "cgroup": self.cgroup}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One process an action touches, with the start time that identifies it."""
+
+    pid: int
+    start_ticks: int
+    comm: str
+    exe: str | None
+
+
+@dataclass(frozen=True)
+class CgroupTarget:
+    path: str               # as the hierarchy names it ("/x/y")
+    hierarchy: str          # "v2" or the v1 controller ("freezer", "cpu", "pids")
+    directory: str          # where its files are
+    file: str               # the interface file the action writes
+    value: str              # what it writes
+    previous: str | None = None  # what the file held (to undo by hand)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "hierarchy": self.hierarchy, "file": f"{self.directory.rstrip('/')}/{self.file}",
+                "value": self.value, "previous": self.previous}
+
+
+@dataclass
+class Plan:
+    """Exactly what an action would do, after every guard passed."""
+
+    action: str
+    scope: str
+    targets: list[Target]
+    cgroup: CgroupTarget | None = None
+    steps: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "scope": self.scope, "processes": len(self.targets),
+                "targets": [{"pid": t.pid, "comm": t.comm, "exe": t.exe} for t in self.targets],
+                "cgroup": self.cgroup.as_dict() if self.cgroup else None, "steps": list(self.steps)}
+
+
+@dataclass
+class Outcome:
+    """What perform() did. For terminate, `pending_kill` holds the pidfd until the grace ends."""
+
+    detail: dict[str, Any]
+    pending_kill: Handle | None = None
+
+
+def _names(targets: list[Target]) -> str:
+    shown = ", ".join(f"{t.pid} ({t.comm})" for t in targets[:SHOWN_TARGETS])
+    more = len(targets) - SHOWN_TARGETS
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+class Actuator:
+    """Plans and performs actions on a Host, behind the guards."""
+
+    def __init__(self, host: Host, settings: RemediationSettings):
+        self.host = host
+        self.settings = settings
+        self.protection = Protection(settings, host)
+
+    # -- planning (every guard, no side effect) ------------------------------
+
+    def plan(self, policy: Policy, subject: Subject) -> Plan:
+        """Run every process guard and return what the action would do; Refusal if any says no."""
+        handle = open_judged(self.host, subject.pid, self.host.ticks(subject.start_boottime_ns))
+        try:
+            return self._plan(policy, subject, handle, self.protection.self_ancestors())
+        finally:
+            self.host.pidfds.close(handle.fd)
+
+    def check(self, policy: Policy, info: ProcInfo, shielded: set[int]) -> None:
+        """The protected set, and the policy's scope (only_cgroups), for one process."""
+        self.protection.check_process(info, shielded)
+        if not policy.covers(info.cgroup):
+            raise Refusal("scope", f"pid {info.pid} ({info.comm}) is in cgroup {info.cgroup}, outside the "
+                                   f"policy's only_cgroups ({', '.join(policy.only_cgroups)})")
+
+    def _plan(self, policy: Policy, subject: Subject, handle: Handle, shielded: set[int]) -> Plan:
+        info = handle.info
+        self.check(policy, info, shielded)
+        root = Target(info.pid, info.start_ticks, info.comm, info.exe)
+        if policy.scope == "process":
+            check_blast_radius(1, policy.max_processes, self.settings.max_processes)
+            return Plan(policy.action, "process", [root], steps=[self._process_step(policy, root)])
+        if policy.scope == "tree":
+            members = self._judge_members(policy, self.descendants(root.pid, root.start_ticks), shielded)
+            targets = [root, *members]
+            check_blast_radius(len(targets), policy.max_processes, self.settings.max_processes)
+            return Plan(policy.action, "tree", targets, steps=[
+                f"SIGSTOP {len(targets)} process(es) of the tree of {root.pid}: {_names(targets)}, "
+                "and any child they start meanwhile",
+                f"SIGKILL the same {len(targets)} process(es)"])
+        cgroup = self._cgroup_target(policy, subject, info)
+        pids = self.host.cgroup_pids(cgroup.directory)
+        check_blast_radius(len(pids), policy.max_processes, self.settings.max_processes)
+        targets = self._judge_members(policy, [self._stat_or_none(pid) for pid in pids], shielded)
+        return Plan(policy.action, "cgroup", targets, cgroup=cgroup, steps=[
+            f"write {cgroup.value!r} to {cgroup.directory.rstrip('/')}/{cgroup.file} (was {cgroup.previous!r}); "
+            f"{len(targets)} process(es) in it: {_names(targets)}"])
+
+    def _process_step(self, policy: Policy, t: Target) -> str:
+        who = f"{t.pid} ({t.comm})"
+        if policy.action == "terminate":
+            return f"SIGTERM {who}, then SIGKILL after {policy.grace_s:g}s if it is still running"
+        if policy.action == "renice":
+            return f"set the nice value of every thread of {who} to {policy.nice}"
+        return f"{'SIGSTOP' if policy.action == 'stop' else 'SIGCONT'} {who}"
+
+    def _stat_or_none(self, pid: int) -> ProcStat | None:
+        try:
+            return self.host.stat(pid)
+        except (ProcessGone, AccessDenied):
+            return None
+
+    def _judge_members(self, policy: Policy, stats: list[ProcStat | None], shielded: set[int]) -> list[Target]:
+        """Check every member against the protected set; members that vanished are skipped."""
+        out = []
+        for st in stats:
+            if st is None or st.state in ("Z", "X"):
+                continue
+            try:
+                info = self.host.info(st.pid)
+            except ProcessGone:
+                continue
+            except AccessDenied as exc:
+                raise Refusal("identity", f"cannot read pid {st.pid} of the target: {exc}") from None
+            if info.start_ticks != st.start_ticks:
+                continue  # gone and recycled between the two reads: not a member
+            self.check(policy, info, shielded)
+            out.append(Target(info.pid, info.start_ticks, info.comm, info.exe))
+        return out
+
+    def descendants(self, root_pid: int, root_start_ticks: int) -> list[ProcStat]:
+        """Every live descendant of the root, parents before children.
+
+        A child always starts after its parent, so a process whose ppid matches
+        but started earlier is not in the tree (its parent was another process).
+        """
+        children: dict[int, list[ProcStat]] = {}
+        for st in self.host.scan():
+            children.setdefault(st.ppid, []).append(st)
+        out: list[ProcStat] = []
+        queue = [(root_pid, root_start_ticks)]
+        seen = {root_pid}
+        while queue:
+            pid, start = queue.pop(0)
+            for child in children.get(pid, ()):
+                if child.pid in seen or child.start_ticks < start:
+                    continue
+                seen.add(child.pid)
+                queue.append((child.pid, child.start_ticks))
+                if child.state not in ("Z", "X"):
+                    out.append(child)
+        return out
+
+    def _cgroup_target(self, policy: Policy, subject: Subject, info: ProcInfo) -> CgroupTarget:
+        if info.cgroup is not None and subject.cgroup is not None and info.cgroup != subject.cgroup:
+            raise Refusal("identity", f"pid {info.pid} moved from cgroup {subject.cgroup} to {info.cgroup} "
+                                      "since it was judged")
+        v2_path = info.cgroup
+        v2_dir = self.host.cgroup_dir(v2_path) if v2_path is not None else None
+        wanted = {"freeze": ("cgroup.freeze", "freezer", "freezer.state"),
+                  "throttle": ("cpu.max", "cpu", "cpu.cfs_quota_us"),
+                  "limit_pids": ("pids.max", "pids", "pids.max")}[policy.action]
+        v2_file, v1_controller, v1_file = wanted
+        own = self._own_cgroups()
+        if v2_dir is not None and v2_path is not None and self.host.cgroup_file_exists(v2_dir, v2_file):
+            self.protection.check_cgroup(v2_path, [own.get("", "")])
+            if subject.cgroup_id and self.host.cgroup_inode(v2_dir) != subject.cgroup_id:
+                raise Refusal("identity", f"cgroup {v2_path} is not the one judged (it was removed and created "
+                                          "again)")
+            previous = self.host.read_cgroup(v2_dir, v2_file)
+            return CgroupTarget(v2_path, "v2", v2_dir, v2_file, self._value(policy, "v2", v2_dir), previous)
+        v1_path = info.cgroups_v1.get(v1_controller)
+        v1_dir = self.host.cgroup_dir(v1_path, v1_controller) if v1_path is not None else None
+        if v1_dir is None or v1_path is None or not self.host.cgroup_file_exists(v1_dir, v1_file):
+            raise ActionFailed(f"pid {info.pid} has no cgroup with {v2_file} (cgroup v2) or {v1_file} "
+                               f"(cgroup v1 {v1_controller} controller)")
+        self.protection.check_cgroup(v1_path, [own.get(v1_controller, "")])
+        previous = self.host.read_cgroup(v1_dir, v1_file)
+        return CgroupTarget(v1_path, v1_controller, v1_dir, v1_file, self._value(policy, v1_controller, v1_dir),
+                            previous)
+
+    def _own_cgroups(self) -> dict[str, str]:
+        """ksift's own cgroup paths: "" for v2, else by v1 controller."""
+        try:
+            info = self.host.info(self.host.self_pid)
+        except (ProcessGone, AccessDenied):
+            return {}
+        out = dict(info.cgroups_v1)
+        if info.cgroup is not None:
+            out[""] = info.cgroup
+        return out
+
+    def _value(self, policy: Policy, hierarchy: str, directory: str) -> str:
+        if policy.action == "freeze":
+            return "1" if hierarchy == "v2" else "FROZEN"
+        if policy.action == "limit_pids":
+            return str(policy.pids_max)
+        if hierarchy == "v2":
+            return f"{max(1000, int(CPU_PERIOD_US * policy.cpu_percent / 100))} {CPU_PERIOD_US}"
+        period = int(self.host.read_cgroup(directory, "cpu.cfs_period_us"))
+        return str(max(1000, int(period * policy.cpu_percent / 100)))
+
+    # -- acting (the guards again, then the action) --------------------------
+
+    def perform(self, policy: Policy, subject: Subject,
+                flagger: TreeFlagger | None = None) -> tuple[Plan, Outcome]:
+        """Check every guard again and act. Returns the plan acted on and what happened.
+
+        flagger: the in-kernel fast path, for kill_tree. It is armed in two stages:
+        once the judged process itself passed its guards, the kernel kills its new
+        children (they are its clones: same executable, user and cgroup, so every
+        guard that passed for it holds for them); once the whole tree passed, the
+        kernel kills new children anywhere in it. Both within the blast radius.
+        """
+        started = time.monotonic()
+        handle = open_judged(self.host, subject.pid, self.host.ticks(subject.start_boottime_ns))
+        keep_open = False
+        try:
+            shielded = self.protection.self_ancestors()
+            early: dict[str, Any] = {}
+            if policy.scope == "tree" and flagger is not None and flagger.kills_children:
+                self.check(policy, handle.info, shielded)
+                limit = min(policy.max_processes, self.settings.max_processes)
+                check_blast_radius(1, policy.max_processes, self.settings.max_processes)
+                flagger.flag(handle.pid, [(handle.pid, handle.start_ticks)], False, limit - 1)
+                early = {"subject_armed_s": round(time.monotonic() - started, 4),
+                         "subject_armed_mono_ns": time.monotonic_ns()}
+            plan = self._plan(policy, subject, handle, shielded)
+            if policy.scope == "tree":
+                outcome = self._kill_tree(policy, plan, handle, shielded, flagger, started)
+                outcome.detail.update(early)
+                return plan, outcome
+            if policy.scope == "cgroup":
+                return plan, self._write_cgroup(plan)
+            outcome = self._signal_process(policy, handle)
+            keep_open = outcome.pending_kill is not None
+            return plan, outcome
+        finally:
+            if not keep_open:
+                self.host.pidfds.close(handle.fd)
+
+    def _send(self, handle: Handle, sig: int) -> None:
+        try:
+            self.host.pidfds.send(handle.fd, sig, handle.pid)
+        except ProcessGone:
+            raise
+        except AccessDenied as exc:
+            raise ActionFailed(str(exc)) from None
+
+    def _signal_process(self, policy: Policy, handle: Handle) -> Outcome:
+        who = f"pid {handle.pid} ({handle.info.comm})"
+        try:
+            if policy.action == "renice":
+                tids = self.host.threads(handle.pid)
+                for tid in tids:
+                    self.host.setpriority(tid, policy.nice)
+                if self.host.pidfds.exited(handle.fd):
+                    raise ActionFailed(f"{who} exited while it was reniced")
+                return Outcome({"reniced_threads": len(tids), "nice": policy.nice})
+            sig = {"terminate": signal.SIGTERM, "stop": signal.SIGSTOP, "continue": signal.SIGCONT}[policy.action]
+            self._send(handle, sig)
+        except ProcessGone:
+            raise ActionFailed(f"{who} exited before it was signalled") from None
+        except AccessDenied as exc:
+            raise ActionFailed(str(exc)) from None
+        detail = {"signalled": [handle.pid], "signal": sig.name}
+        return Outcome(detail, pending_kill=handle if policy.action == "terminate" else None)
+
+    def finish_terminate(self, handle: Handle) -> dict[str, Any]:
+        """The grace is over: SIGKILL through the same pidfd if the process still runs."""
+        try:
+            if self.host.pidfds.exited(handle.fd):
+                return {"exited_after_sigterm": True}
+            try:
+                self.host.pidfds.send(handle.fd, signal.SIGKILL, handle.pid)
+            except ProcessGone:
+                return {"exited_after_sigterm": True}
+            except AccessDenied as exc:
+                raise ActionFailed(str(exc)) from None
+            return {"exited_after_sigterm": False, "sigkill": True}
+        finally:
+            self.host.pidfds.close(handle.fd)
+
+    def _kill_tree(self, policy: Policy, plan: Plan, root: Handle, shielded: set[int],
+                   flagger: TreeFlagger | None, started: float) -> Outcome:
+        """Stop the whole tree first (a stopped process cannot fork), then kill it.
+
+        Killing from the top instead would orphan the children, which the
+        kernel re-parents out of the tree, and a fork bomb would live on.
+        """
+        limit = min(policy.max_processes, self.settings.max_processes)
+        judged = time.monotonic()
+        # How long the guards took (the judged tree is what the fast path flags), then the sweep.
+        detail: dict[str, Any] = {"fast_path": False, "guards_s": round(judged - started, 4)}
+        if flagger is not None:
+            members = [(t.pid, t.start_ticks) for t in plan.targets]
+            detail["fast_path_flagged"] = flagger.flag(root.pid, members, True, limit - len(members))
+            detail["fast_path"] = detail["fast_path_flagged"] > 0
+            detail["tree_armed_s"] = round(time.monotonic() - started, 4)
+        held: dict[int, Handle] = {}
+        try:
+            try:
+                self._send(root, signal.SIGSTOP)
+            except ProcessGone:
+                raise ActionFailed(f"pid {root.pid} exited before it was stopped") from None
+            held[root.pid] = root
+            for rounds in range(1, MAX_SWEEP_ROUNDS + 1):
+                new = [m for m in self.descendants(root.pid, root.start_ticks) if m.pid not in held]
+                if not new:
+                    break
+                if len(held) + len(new) > limit:
+                    raise Refusal("blast_radius", f"the tree grew past {limit} processes while it was being "
+                                                  f"stopped ({len(held) + len(new)} seen)")
+                for member in new:
+                    try:
+                        handle = open_judged(self.host, member.pid, member.start_ticks)
+                    except Refusal:
+                        continue  # gone between the scan and the pidfd: nothing to stop
+                    try:
+                        self.check(policy, handle.info, shielded)
+                        self._send(handle, signal.SIGSTOP)
+                    except ProcessGone:
+                        self.host.pidfds.close(handle.fd)
+                        continue
+                    except BaseException:
+                        self.host.pidfds.close(handle.fd)
+                        raise
+                    held[member.pid] = handle
+            else:
+                raise ActionFailed(f"the tree was still growing after {MAX_SWEEP_ROUNDS} rounds of stopping it")
+            killed = []
+            for pid, handle in held.items():
+                try:
+                    self.host.pidfds.send(handle.fd, signal.SIGKILL, pid)
+                    killed.append(pid)
+                except (ProcessGone, AccessDenied):
+                    continue
+            detail.update(signalled=killed, signal="SIGKILL", stopped=len(held), rounds=rounds,
+                          sweep_s=round(time.monotonic() - judged, 4))
+            return Outcome(detail)
+        except BaseException:
+            # Leave nothing stopped behind a refusal or failure: what was not killed runs on.
+            for pid, handle in held.items():
+                try:
+                    self.host.pidfds.send(handle.fd, signal.SIGCONT, pid)
+                except (ProcessGone, AccessDenied):
+                    pass
+            raise
+        finally:
+            for pid, handle in held.items():
+                if handle is not root:
+                    self.host.pidfds.close(handle.fd)
+
+    def _write_cgroup(self, plan: Plan) -> Outcome:
+        cg = plan.cgroup
+        assert cg is not None
+        try:
+            self.host.write_cgroup(cg.directory, cg.file, cg.value)
+        except AccessDenied as exc:
+            raise ActionFailed(str(exc)) from None
+        return Outcome({"cgroup": cg.as_dict(), "processes": len(plan.targets)})

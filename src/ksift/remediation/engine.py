@@ -1,0 +1,555 @@
+"""The remediation sink: turns alerts that a policy covers into decisions, and acts.
+
+For each `open` alert of a rule whose policy is active, one decision:
+
+    1. cooldown and rate limit (in the loop), then every process guard and the
+       plan (in a worker thread: it reads /proc);
+    2. by mode: dry-run records the plan; ask records it as pending and waits
+       for `ksift actions approve|reject` (read from the store every
+       poll_interval) or the API; enforce acts at once;
+    3. acting runs every guard again, then acts (worker thread). terminate's
+       grace is waited for on the loop, never in a thread or by blocking it;
+    4. once done, an outcome watch reads the rule's own signal every tick until
+       it falls under the threshold ("resolved 0.8s after the action") or the
+       watch ends ("did not help").
+
+Every change of a decision is saved (SQLite, through one I/O thread so writes
+stay in order), put on the incident's stored alerts, and handed to listeners
+(the API streams them as "action" events). emit() only schedules work: the
+agent's loop is never blocked by remediation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ksift.errors import ConfigError, KsiftError, StoreError
+from ksift.remediation.actions import ActionFailed, Actuator, Subject
+from ksift.remediation.decisions import Decision, DecisionError, DecisionStore, new_id
+from ksift.remediation.guards import Cooldowns, RateLimiter, Refusal
+from ksift.remediation.host import Host
+from ksift.remediation.policy import Policy, effective_mode
+from ksift.remediation.settings import RemediationSettings
+from ksift.rules.model import Rule, RuleSet
+
+if TYPE_CHECKING:
+    from ksift.agent import Agent
+
+log = logging.getLogger("ksift.remediation")
+
+NS = 1_000_000_000
+WATCH_PERIOD_S = 0.1
+GRACE_POLL_S = 0.05
+STOP_TIMEOUT_S = 10.0
+
+Listener = Callable[[str, dict], None]
+
+
+@dataclass
+class Case:
+    """One decision in flight, with what the engine needs to carry it through."""
+
+    decision: Decision
+    rule: Rule
+    policy: Policy
+    subject: Subject
+    key: Hashable | None       # the incident's key (for reading the live signal)
+    subject_key: Hashable       # what cooldown is keyed by
+    real: bool                  # ask/enforce (real budget) or dry-run (a simulated one)
+    flagged: list[int] = field(default_factory=list)  # fast-path flags to remove afterwards
+    acted_ns: int | None = None
+    watch_until_ns: int | None = None
+
+
+def check_policies(rules: RuleSet) -> None:
+    """What parse_policy cannot see alone: the fast path needs a fork-storm rule."""
+    for index, rule in enumerate(rules.rules):
+        policy = rule.policy
+        if policy is not None and policy.fast_path and rule.signal != "process.fork":
+            raise ConfigError(rules.source, "fast_path works only for process.fork rules (it acts at fork time)",
+                              field=f"rule[{index}] ({rule.name}).policy.fast_path")
+
+
+class RemediationEngine:
+    """A sink (see the module docstring)."""
+
+    name = "remediation"
+
+    def __init__(self, settings: RemediationSettings, rules: RuleSet, db_path: str, *,
+                 host: Host | None = None, actuator: Actuator | None = None,
+                 wall: Callable[[], float] = time.time, mono_ns: Callable[[], int] = time.monotonic_ns,
+                 store_factory: Callable[[str], DecisionStore] | None = None):
+        check_policies(rules)
+        self.settings = settings
+        self.db_path = db_path
+        self.rules = {r.name: r for r in rules.enabled()
+                      if r.policy is not None and effective_mode(r.policy, settings) != "off"}
+        self.host = host
+        self.actuator = actuator
+        self.wall = wall
+        self.mono_ns = mono_ns
+        self._store_factory = store_factory or (lambda path: DecisionStore(path, clock=wall))
+        self.store: DecisionStore | None = None
+        self.listeners: list[Listener] = []
+        self.delivered = 0
+        self.failed = 0
+        self.stats: Counter[str] = Counter()  # decisions by status, as they are recorded
+        mono_s = lambda: self.mono_ns() / NS  # noqa: E731 - the guards count in seconds
+        self.limiter = RateLimiter(settings.max_actions_per_minute, mono_s)
+        self.dry_limiter = RateLimiter(settings.max_actions_per_minute, mono_s)
+        self.cooldowns = Cooldowns(mono_s)
+        self.dry_cooldowns = Cooldowns(mono_s)
+        self.agent: Agent | None = None
+        self.cases: dict[str, Case] = {}  # decisions not final yet, or done and still watched
+        self._counted: dict[str, str] = {}  # decision id -> the status last counted in stats
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._io: concurrent.futures.ThreadPoolExecutor | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._housekeeper: asyncio.Task | None = None
+        self._next_poll = 0.0
+
+    # -- sink interface ----------------------------------------------------
+
+    def bind(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        # The storms remediation fights load the CPU; the threads that judge and act (and the
+        # loop, which hands them the alert) must not starve behind them.
+        _raise_priority(self.settings.nice)
+        initializer = functools.partial(_raise_priority, self.settings.nice)
+        self._workers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="ksift-remediate",
+                                                              initializer=initializer)
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ksift-decisions")
+        if self.host is None:
+            self.host = Host()
+        if self.actuator is None:
+            self.actuator = Actuator(self.host, self.settings)
+        self.store = await self._in_io(self._store_factory, self.db_path)
+        expired = await self._in_io(self.store.expire_all_pending, "the agent that proposed it stopped")
+        if expired:
+            log.info("remediation: %d decision(s) left pending by an earlier agent expired", expired)
+        self._housekeeper = asyncio.create_task(self._housekeeping())
+        modes = ", ".join(f"{name}: {r.policy.action} ({effective_mode(r.policy, self.settings)})"
+                          for name, r in self.rules.items())
+        log.info("remediation: %s", modes or "no active policy")
+
+    async def stop(self) -> None:
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            await asyncio.gather(self._housekeeper, return_exceptions=True)
+            self._housekeeper = None
+        if self._tasks:
+            # Let actions under way finish (they are bounded); never abandon a half-stopped tree.
+            await asyncio.wait(set(self._tasks), timeout=STOP_TIMEOUT_S)
+        for case in list(self.cases.values()):
+            if case.decision.status == "pending" and self.store is not None:
+                if await self._in_io(self.store.expire, case.decision, "the agent stopped"):
+                    self._record(case.decision, case, stored=True)
+            self._unflag(case)
+        self.cases.clear()
+        if self._tasks:  # the records just made still have to reach the store
+            await asyncio.wait(set(self._tasks), timeout=STOP_TIMEOUT_S)
+        for pool in (self._workers, self._io):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._workers = self._io = None
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def emit(self, alert: dict[str, Any]) -> None:
+        try:
+            rule = self.rules.get(alert.get("rule")) if alert.get("status") == "open" else None
+            if rule is not None and not rule.policy.covers((alert.get("subject") or {}).get("cgroup")):
+                self.stats["out_of_scope"] += 1  # the policy's only_cgroups leaves this subject alone
+            elif rule is not None:
+                if self._loop is None:
+                    raise RuntimeError("remediation got an alert before its start()")
+                key = self._incident_key(alert)
+                self._spawn(self._propose(alert, key))
+        except Exception:
+            self.failed += 1
+            log.exception("remediation: cannot handle alert %s", alert.get("id"))
+        else:
+            self.delivered += 1
+
+    # -- the decision --------------------------------------------------------
+
+    def _incident_key(self, alert: dict[str, Any]) -> Hashable | None:
+        if self.agent is None:
+            return None
+        for (rule, key), incident in self.agent.engine.open.items():
+            if incident.id == alert.get("incident_id") and rule == alert.get("rule"):
+                return key
+        return None
+
+    async def _propose(self, alert: dict[str, Any], key: Hashable | None) -> None:
+        rule = self.rules[alert["rule"]]
+        policy: Policy = rule.policy
+        mode = effective_mode(policy, self.settings)
+        now = self.wall()
+        decision = Decision(id=new_id(), rule=rule.name, incident_id=str(alert.get("incident_id")),
+                            alert_id=str(alert.get("id")), action=policy.action, mode=mode, status="pending",
+                            created_unix=now, updated_unix=now, subject=dict(alert.get("subject") or {}),
+                            policy=policy.as_dict())
+        try:
+            subject = Subject.from_alert(alert)
+        except ValueError as exc:
+            decision.reason = str(exc)
+            decision.set("failed", now, note=str(exc))
+            self._record(decision)
+            return
+        real = mode in ("ask", "enforce")
+        subject_key: Hashable = ("cgroup", subject.cgroup) if policy.scope == "cgroup" else \
+            ("process", subject.pid, subject.start_boottime_ns)
+        case = Case(decision, rule, policy, subject, key, subject_key, real)
+        if mode == "enforce":
+            # Acting runs every guard itself, at once: judging twice would only give the storm time.
+            self.cases[decision.id] = case
+            await self._act(case)
+            return
+        cooldowns, limiter = self._budget(case)
+        try:
+            cooldowns.check(subject_key, subject.label, decision.id)
+            limiter.check(rule.name, policy.rate_per_minute)
+            if real:
+                cooldowns.hold(subject_key, decision.id)  # one decision per subject at a time
+            plan = await self._in_workers(self.actuator.plan, policy, subject)
+        except Refusal as refusal:
+            self._refuse(case, refusal)
+            return
+        except (ActionFailed, KsiftError) as exc:
+            self._fail(case, str(exc))
+            return
+        except Exception as exc:  # a bug must still end the decision (and free its subject)
+            log.exception("remediation: judging decision %s failed", decision.id)
+            self._fail(case, f"internal error: {exc!r}")
+            return
+        decision.plan = plan.as_dict()
+        if mode == "dry-run":
+            # Spend the simulated budget, so a dry run shows the refusals enforce would meet.
+            limiter.record(rule.name)
+            cooldowns.start(subject_key, policy.cooldown_s)
+            decision.set("dry-run", self.wall(), note="nothing was done; would have: " + "; ".join(plan.steps))
+            self._record(decision, case)
+            return
+        # ask: a person sees the plan and answers within the timeout.
+        self.cases[decision.id] = case
+        timeout = policy.ask_timeout_s or self.settings.ask_timeout_s
+        decision.expires_unix = self.wall() + timeout
+        decision.set("pending", self.wall(), note=f"waiting for approval (expires in {timeout:g}s)")
+        self._record(decision, case)
+
+    def _budget(self, case: Case) -> tuple[Cooldowns, RateLimiter]:
+        return (self.cooldowns, self.limiter) if case.real else (self.dry_cooldowns, self.dry_limiter)
+
+    async def _act(self, case: Case) -> None:
+        """The guards again, then the action; the decision ends done, refused or failed."""
+        decision, policy = case.decision, case.policy
+        try:
+            self.cooldowns.check(case.subject_key, case.subject.label, decision.id)
+            self.limiter.check(case.rule.name, policy.rate_per_minute)
+        except Refusal as refusal:
+            self._refuse(case, refusal)
+            return
+        self.cooldowns.hold(case.subject_key, decision.id)  # no second action on it while this one runs
+        self.limiter.record(case.rule.name)  # an attempt spends the budget, whatever comes of it
+        flag = self._fast_path(case)
+        case.acted_ns = self.mono_ns()
+        try:
+            plan, outcome = await self._in_workers(self.actuator.perform, policy, case.subject, flag)
+        except Refusal as refusal:
+            if case.flagged:
+                case.decision.result = {"fast_path": "the kernel killed new children of the judged process "
+                                                      "until this refusal"}
+            self._unflag(case)
+            self._refuse(case, refusal)
+            return
+        except (ActionFailed, KsiftError, OSError) as exc:
+            self._unflag(case)
+            self._fail(case, str(exc))
+            return
+        except Exception as exc:  # a bug must still end the decision (and free its subject)
+            log.exception("remediation: acting on decision %s failed", decision.id)
+            self._unflag(case)
+            self._fail(case, f"internal error: {exc!r}")
+            return
+        decision.plan = plan.as_dict()
+        # CLOCK_MONOTONIC of the moment of acting: tests line it up with a workload's own clock.
+        decision.result = dict(outcome.detail, acted_mono_ns=case.acted_ns)
+        self.cooldowns.start(case.subject_key, policy.cooldown_s)
+        self.cooldowns.release(case.subject_key, decision.id)
+        decision.set("done", self.wall(), note="; ".join(plan.steps))
+        window = case.rule.window_s
+        verify = policy.verify_for_s if policy.verify_for_s is not None else max(3 * window, 5.0)
+        case.watch_until_ns = case.acted_ns + int(verify * NS)
+        self._record(decision, case)
+        if outcome.pending_kill is not None:
+            await self._finish_terminate(case, outcome.pending_kill, policy.grace_s)
+
+    async def _finish_terminate(self, case: Case, handle, grace_s: float) -> None:
+        """Wait out the grace on the loop (polling the pidfd), then SIGKILL if still running."""
+        deadline = self.mono_ns() + int(grace_s * NS)
+        while self.mono_ns() < deadline and not self.host.pidfds.exited(handle.fd):
+            await asyncio.sleep(GRACE_POLL_S)
+        try:
+            extra = await self._in_workers(self.actuator.finish_terminate, handle)
+        except (ActionFailed, KsiftError) as exc:
+            extra = {"sigkill_failed": str(exc)}
+        case.decision.result = {**(case.decision.result or {}), **extra}
+        note = "exited after SIGTERM" if extra.get("exited_after_sigterm") else "SIGKILL after the grace"
+        case.decision.set(case.decision.status, self.wall(), note=note)
+        self._record(case.decision, case)
+
+    def _fast_path(self, case: Case) -> _Flagger | None:
+        if not (case.policy.fast_path and case.policy.action == "kill_tree") or self.agent is None:
+            return None
+        sensor = self.agent.owner(case.rule.name)
+        if sensor is None or not getattr(sensor, "fast_path_ready", False):
+            return None
+        return _Flagger(sensor, case)
+
+    def _unflag(self, case: Case) -> None:
+        if case.flagged and self.agent is not None:
+            sensor = self.agent.owner(case.rule.name)
+            if sensor is not None and hasattr(sensor, "unflag_tree"):
+                try:
+                    sensor.unflag_tree(case.flagged)
+                except Exception:
+                    log.exception("remediation: could not clear the fast-path flags of %s", case.decision.id)
+        case.flagged = []
+
+    def _refuse(self, case: Case, refusal: Refusal) -> None:
+        case.decision.guard = refusal.guard
+        case.decision.reason = refusal.reason
+        case.decision.set("refused", self.wall(), note=f"{refusal.guard}: {refusal.reason}")
+        self._budget(case)[0].release(case.subject_key, case.decision.id)
+        self._record(case.decision, case)
+
+    def _fail(self, case: Case, reason: str) -> None:
+        case.decision.reason = reason
+        case.decision.set("failed", self.wall(), note=reason)
+        self._budget(case)[0].release(case.subject_key, case.decision.id)
+        self._record(case.decision, case)
+
+    # -- recording -------------------------------------------------------
+
+    def _record(self, decision: Decision, case: Case | None = None, stored: bool = False) -> None:
+        """Count, log, publish and save a decision that changed. stored: the store already
+        has this state (someone answered through `ksift actions`): only annotate the alert."""
+        if self._counted.get(decision.id) != decision.status:
+            self.stats[decision.status] += 1
+            self._counted[decision.id] = decision.status
+        if decision.final and (case is None or case.watch_until_ns is None):
+            self.cases.pop(decision.id, None)
+            self._counted.pop(decision.id, None)
+        log.info("remediation %s [%s] %s: %s", decision.id, decision.rule, decision.mode, decision.summary())
+        snapshot = Decision.from_dict(decision.as_dict())  # the I/O thread gets its own copy
+        self._publish(snapshot)
+        self._spawn(self._in_io(self._annotate if stored else self._persist, snapshot))
+
+    def _persist(self, decision: Decision) -> None:
+        if self.store is None:
+            return
+        self.store.save(decision)
+        self._annotate(decision)
+
+    def _annotate(self, decision: Decision) -> None:
+        if self.store is not None:
+            self.store.annotate_alerts(decision)
+
+    def _publish(self, decision: Decision) -> None:
+        event = decision.as_dict()
+        event["summary"] = decision.summary()
+        for listener in list(self.listeners):
+            try:
+                listener("action", event)
+            except Exception:
+                log.exception("remediation: a listener failed on decision %s", decision.id)
+
+    # -- approvals (ask mode) ----------------------------------------------
+
+    async def answer(self, decision_id: str, approve: bool, by: str) -> Decision:
+        """Approve or reject from within the agent (the API). DecisionError as for the CLI."""
+        if self.store is None:
+            raise DecisionError("remediation is not running")
+        stored = await self._in_io(self.store.answer, decision_id, approve, by)
+        await self._pick_up_answers()
+        return stored
+
+    async def _pick_up_answers(self) -> None:
+        pending = [c for c in self.cases.values() if c.decision.status == "pending"]
+        if not pending or self.store is None:
+            return
+        stored = await self._in_io(self.store.statuses, [c.decision.id for c in pending])
+        now = self.wall()
+        for case in pending:
+            if case.decision.status != "pending":
+                continue  # answered meanwhile through another path
+            row = stored.get(case.decision.id)
+            if row is not None and row.status in ("approved", "rejected", "expired"):
+                case.decision.status = row.status
+                case.decision.decided_by = row.decided_by
+                case.decision.reason = row.reason or case.decision.reason
+                case.decision.history = row.history
+                case.decision.updated_unix = row.updated_unix
+                if row.status != "approved":
+                    self.cooldowns.release(case.subject_key, case.decision.id)
+                self._record(case.decision, case, stored=True)
+                if row.status == "approved":
+                    self._spawn(self._act(case))
+            elif case.decision.expires_unix is not None and now >= case.decision.expires_unix:
+                if await self._in_io(self.store.expire, case.decision, "nobody answered before it expired"):
+                    self.cooldowns.release(case.subject_key, case.decision.id)
+                    self._record(case.decision, case, stored=True)
+
+    # -- outcome -------------------------------------------------------------
+
+    def _measure(self, case: Case, now_ns: int) -> str | None:
+        """Why the alert's own signal is under its threshold now, or None if it is not (yet)."""
+        rule = case.rule
+        agent = self.agent
+        if agent is None or case.key is None or case.acted_ns is None:
+            return None
+        incident = agent.engine.open.get((rule.name, case.key))
+        if incident is None:
+            return "the incident resolved"
+        sensor = agent.owner(rule.name)
+        from ksift.sensors.base import Sensor
+
+        if sensor is not None and type(sensor).current is not Sensor.current:
+            state = sensor.current(rule.name, case.key)
+            if state is None:
+                return "the process is gone"
+            if state.window_start_ns >= case.acted_ns and state.window_count > rule.threshold:
+                return None  # over again in a window that began after the action
+        window_ns = int(rule.window_s * NS)
+        grace_ns = int(2 * agent.config.tick_s * NS)
+        crossed_after = incident.last_window_ns >= case.acted_ns
+        if not crossed_after and now_ns >= case.acted_ns + window_ns + grace_ns:
+            return f"a whole {rule.window_s:g}s window passed under the threshold of {rule.threshold}"
+        return None
+
+    def _check_outcomes(self) -> None:
+        now_ns = self.mono_ns()
+        for case in list(self.cases.values()):
+            if case.decision.status != "done" or case.watch_until_ns is None or case.decision.outcome is not None:
+                continue
+            try:
+                why = self._measure(case, now_ns)
+            except Exception:
+                log.exception("remediation: cannot measure the outcome of %s", case.decision.id)
+                why = None
+            after_s = round((now_ns - (case.acted_ns or now_ns)) / NS, 1)
+            if why is not None:
+                case.decision.outcome = {"resolved": True, "after_s": after_s, "how": why,
+                                         "text": f"resolved {after_s:g}s after the action ({why})"}
+            elif now_ns >= case.watch_until_ns:
+                case.decision.outcome = {"resolved": False, "after_s": after_s,
+                                         "text": f"did not help: {case.rule.name} still over its threshold "
+                                                 f"{after_s:g}s after the action"}
+            else:
+                continue
+            case.watch_until_ns = None
+            self.stats["resolved" if case.decision.outcome["resolved"] else "did_not_help"] += 1
+            self._unflag(case)
+            self._record(case.decision, case)
+
+    # -- plumbing ------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        while True:
+            try:
+                self._check_outcomes()
+                now = time.monotonic()
+                if now >= self._next_poll:
+                    self._next_poll = now + self.settings.poll_interval_s
+                    await self._pick_up_answers()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("remediation: housekeeping failed (will retry)")
+            await asyncio.sleep(WATCH_PERIOD_S)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.failed += 1
+            log.error("remediation: a task failed: %r", task.exception(), exc_info=task.exception())
+
+    async def _in_workers(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._workers, functools.partial(fn, *args))
+
+    async def _in_io(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._io, functools.partial(fn, *args))
+
+    # -- reading (the API) ---------------------------------------------------
+
+    async def read(self, query: Callable[[DecisionStore], Any]) -> Any:
+        """Run a read on the decision store in the I/O thread (never in the loop)."""
+        if self.store is None:
+            raise StoreError("remediation is not running")
+        store = self.store
+        return await self._in_io(query, store)
+
+    def report(self) -> dict[str, Any]:
+        return {"policies": {name: dict(r.policy.as_dict(), mode=effective_mode(r.policy, self.settings))
+                             for name, r in self.rules.items()},
+                "decisions": dict(self.stats), "in_flight": len(self.cases)}
+
+
+class _Flagger:
+    """The fast path of one case: flags through the process sensor, remembers what to unflag."""
+
+    def __init__(self, sensor, case: Case):
+        self.sensor = sensor
+        self.case = case
+        self.kills_children = bool(getattr(sensor, "can_kill_children", False))
+
+    def flag(self, root: int, members: list[tuple[int, int]], whole_tree: bool, budget: int) -> int:
+        count = self.sensor.flag_tree(root, members, whole_tree, budget)
+        self.case.flagged.extend(pid for pid, _ in members)
+        return count
+
+
+def _raise_priority(nice: int | None) -> None:
+    """Give the calling thread (Linux: setpriority on a tid is per thread) this nice value."""
+    if nice is None:
+        return
+    import os
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:
+        log.warning("remediation: cannot set nice %d on its threads (%s); a CPU storm may slow it down",
+                    nice, exc.strerror)
+
+
+def build_remediation(config, rules: RuleSet, store) -> RemediationEngine | None:
+    """The remediation sink, or None when no rule has an active policy (or [remediation] enabled = false)."""
+    settings = config.section("remediation")
+    check_policies(rules)
+    if not settings.enabled:
+        return None
+    if not any(r.policy is not None and effective_mode(r.policy, settings) != "off" for r in rules.enabled()):
+        return None
+    return RemediationEngine(settings, rules, str(store.path))

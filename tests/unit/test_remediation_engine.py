@@ -1,0 +1,362 @@
+"""The remediation sink end to end on a fake host: modes, refusals, ask mode, outcomes, records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from types import SimpleNamespace
+
+import pytest
+from test_remediation_guards import SELF_PARENT, FakeProc
+
+from ksift.remediation.decisions import DecisionError, DecisionStore
+from ksift.remediation.engine import RemediationEngine
+from ksift.remediation.settings import RemediationSettings
+from ksift.rules.incidents import KeyState
+from ksift.rules.parse import parse_rules
+from ksift.store.sqlite import AlertStore
+
+KILL = 9
+
+
+def rules(policy: str):
+    return parse_rules(f"""
+[[rule]]
+name = "fork_storm"
+severity = "critical"
+signal = "process.fork"
+key = "tgid"
+threshold = 50
+window = "1s"
+[rule.policy]
+{policy}
+""", "rules.toml")
+
+
+class FakeSensor:
+    """The live signal the outcome watch reads: None once the key is gone."""
+
+    def __init__(self):
+        self.states: dict = {}
+
+    def current(self, rule, key):
+        return self.states.get(key)
+
+
+class FakeAgent:
+    def __init__(self):
+        self.engine = SimpleNamespace(open={})
+        self.sensor = FakeSensor()
+        self.config = SimpleNamespace(tick_s=0.05)
+
+    def owner(self, rule):
+        return self.sensor
+
+    def open_incident(self, subject, incident_id):
+        self.engine.open[("fork_storm", subject.pid)] = SimpleNamespace(id=incident_id, last_window_ns=0)
+        self.sensor.states[subject.pid] = KeyState(total=100, window_start_ns=0, window_count=80)
+
+
+def alert(subject, incident_id="inc1", alert_id="a1", status="open"):
+    return {"id": alert_id, "incident_id": incident_id, "status": status, "rule": "fork_storm",
+            "severity": "critical", "ts": "2026-01-01T00:00:00Z", "summary": "storm",
+            "subject": {"pid": subject.pid, "start_boottime_ns": subject.start_boottime_ns, "comm": subject.comm,
+                        "exe": subject.exe, "uid": subject.uid, "cgroup": subject.cgroup}}
+
+
+class Harness:
+    def __init__(self, tmp_path, policy: str, **settings):
+        self.proc = FakeProc(tmp_path)
+        self.db = tmp_path / "alerts.db"
+        self.alerts = AlertStore(self.db)
+        self.agent = FakeAgent()
+        self.events: list[dict] = []
+        self.engine = RemediationEngine(RemediationSettings(nice=None, poll_interval_s=0.05, **settings),
+                                        rules(policy), str(self.db), host=self.proc.host())
+        self.engine.listeners.append(lambda kind, data: self.events.append(dict(data, kind=kind)))
+        self.engine.bind(self.agent)
+
+    def emit(self, subject, incident_id="inc1", alert_id="a1"):
+        a = alert(subject, incident_id, alert_id)
+        self.alerts.add(a)
+        self.agent.open_incident(subject, incident_id)
+        self.engine.emit(a)
+
+    def decisions(self):
+        store = DecisionStore(self.db)
+        try:
+            return store.list()
+        finally:
+            store.close()
+
+    async def until(self, predicate, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            await asyncio.sleep(0.02)
+        raise AssertionError("timed out")
+
+    def stored_alert(self, alert_id="a1"):
+        return self.alerts.get(alert_id)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_dry_run_records_exactly_what_would_be_done_and_does_nothing(tmp_path):
+    h = Harness(tmp_path, 'action = "kill_tree"\nmode = "dry-run"')
+    root = h.proc.add(2000, SELF_PARENT, "bomb")
+    h.proc.add(2001, 2000, "bomb")
+
+    async def main():
+        await h.engine.start()
+        h.emit(root)
+        await h.until(lambda: h.engine.stats["dry-run"])
+        await h.engine.stop()
+
+    run(main())
+    [d] = h.decisions()
+    assert d.status == "dry-run" and d.plan["processes"] == 2 and [t["pid"] for t in d.plan["targets"]] == [2000, 2001]
+    assert d.summary().startswith("dry-run: would kill_tree pid 2000 (bomb) and its tree (2 processes): SIGSTOP 2")
+    assert h.proc.pidfds.signals() == []
+    assert h.stored_alert()["remediation"]["status"] == "dry-run"  # on the alert too
+    assert [e["status"] for e in h.events] == ["dry-run"] and h.events[0]["kind"] == "action"
+
+
+def test_enforce_acts_and_records_that_it_helped(tmp_path):
+    h = Harness(tmp_path, 'action = "kill_tree"\nmode = "enforce"\nverify_for = "3s"')
+    root = h.proc.add(2100, SELF_PARENT, "bomb")
+
+    async def main():
+        await h.engine.start()
+        h.emit(root)
+        await h.until(lambda: h.engine.stats["done"])
+        h.agent.sensor.states.pop(root.pid)  # the kernel forgot the key: the process is gone
+        await h.until(lambda: h.engine.stats["resolved"])
+        await h.engine.stop()
+
+    run(main())
+    [d] = h.decisions()
+    assert d.status == "done" and (2100, KILL) in h.proc.pidfds.signals()
+    assert d.outcome["resolved"] is True and d.outcome["text"].startswith("resolved ")
+    assert "the process is gone" in d.outcome["text"]
+    stored = h.stored_alert()["remediation"]
+    assert stored["status"] == "done" and stored["outcome"]["resolved"] is True
+    assert [h["status"] for h in d.history] == ["done"]
+
+
+def test_enforce_that_did_not_help_says_so(tmp_path):
+    h = Harness(tmp_path, 'action = "stop"\nmode = "enforce"\nverify_for = "300ms"')
+    subject = h.proc.add(2200, SELF_PARENT, "storm")
+
+    async def main():
+        await h.engine.start()
+        h.emit(subject)
+        await h.until(lambda: h.engine.stats["done"])
+        # Still over the threshold in a window that began after the action.
+        h.agent.sensor.states[subject.pid] = KeyState(total=500, window_start_ns=time.monotonic_ns(),
+                                                      window_count=90)
+        await h.until(lambda: h.engine.stats["did_not_help"])
+        await h.engine.stop()
+
+    run(main())
+    [d] = h.decisions()
+    assert d.outcome["resolved"] is False and d.outcome["text"].startswith("did not help")
+
+
+def test_a_refusal_is_recorded_with_its_guard(tmp_path):
+    h = Harness(tmp_path, 'action = "terminate"\nmode = "enforce"')
+    sshd = h.proc.add(2300, 1, "sshd", exe="/usr/sbin/sshd")
+
+    async def main():
+        await h.engine.start()
+        h.emit(sshd)
+        await h.until(lambda: h.engine.stats["refused"])
+        await h.engine.stop()
+
+    run(main())
+    [d] = h.decisions()
+    assert d.status == "refused" and d.guard == "protected_exe" and "/usr/sbin/sshd" in d.reason
+    assert h.proc.pidfds.signals() == []
+    assert h.stored_alert()["remediation"]["guard"] == "protected_exe"
+
+
+def test_rate_limit_and_cooldown_refuse_in_enforce_mode(tmp_path):
+    h = Harness(tmp_path, 'action = "stop"\nmode = "enforce"\nrate_per_minute = 1\ncooldown = "1m"')
+    first = h.proc.add(2400, SELF_PARENT, "a")
+    second = h.proc.add(2401, SELF_PARENT, "b")
+
+    async def main():
+        await h.engine.start()
+        h.emit(first, "i1", "a1")
+        await h.until(lambda: h.engine.stats["done"])
+        h.emit(second, "i2", "a2")
+        await h.until(lambda: h.engine.stats["refused"])
+        h.emit(first, "i3", "a3")  # same subject again, within its cooldown (and the rate)
+        await h.until(lambda: h.engine.stats["refused"] == 2)
+        await h.engine.stop()
+
+    run(main())
+    by_pid = {(d.subject["pid"], d.incident_id): d for d in h.decisions()}
+    assert by_pid[(2400, "i1")].status == "done"
+    assert by_pid[(2401, "i2")].guard == "rate_limit"
+    assert by_pid[(2400, "i3")].guard in ("cooldown", "rate_limit")
+    assert h.proc.pidfds.signals() == [(2400, 19)]
+
+
+def test_ask_mode_waits_then_acts_on_approval(tmp_path):
+    h = Harness(tmp_path, 'action = "stop"\nmode = "ask"')
+    subject = h.proc.add(2500, SELF_PARENT, "p")
+
+    async def main():
+        await h.engine.start()
+        h.emit(subject)
+        await h.until(lambda: h.engine.stats["pending"])
+        assert h.proc.pidfds.signals() == []  # nothing before approval
+        [d] = h.decisions()
+        DecisionStore(h.db).answer(d.id, approve=True, by="tester")  # what `ksift actions approve` does
+        await h.until(lambda: h.engine.stats["done"])
+        await h.engine.stop()
+
+    run(main())
+    [d] = h.decisions()
+    assert [x["status"] for x in d.history] == ["pending", "approved", "done"]
+    assert d.decided_by == "tester" and h.proc.pidfds.signals() == [(2500, 19)]
+
+
+def test_ask_mode_guards_run_again_at_approval(tmp_path):
+    h = Harness(tmp_path, 'action = "stop"\nmode = "ask"')
+    subject = h.proc.add(2550, SELF_PARENT, "p")
+
+    async def main():
+        await h.engine.start()
+        h.emit(subject)
+        await h.until(lambda: h.engine.stats["pending"])
+        # Meanwhile the process died and its pid went to another process.
+        (h.proc.root / "2550" / "stat").write_text((h.proc.root / "2550" / "stat").read_text().replace(" 5000 ",
+                                                                                                         " 7000 "))
+        [d] = h.decisions()
+        await h.engine.answer(d.id, True, "api (test)")  # the API's path
+        await h.until(lambda: h.engine.stats["refused"])
+        await h.engine.stop()
+
+    run(main())
+    [d] = h.decisions()
+    assert d.status == "refused" and d.guard == "identity" and h.proc.pidfds.signals() == []
+
+
+def test_ask_mode_reject_and_expiry(tmp_path):
+    h = Harness(tmp_path, 'action = "stop"\nmode = "ask"\nask_timeout = "1s"')
+    rejected = h.proc.add(2600, SELF_PARENT, "r")
+    ignored = h.proc.add(2601, SELF_PARENT, "i")
+
+    async def main():
+        await h.engine.start()
+        h.emit(rejected, "i1", "a1")
+        h.emit(ignored, "i2", "a2")
+        await h.until(lambda: h.engine.stats["pending"] == 2)
+        pending = {d.subject["pid"]: d for d in h.decisions()}
+        DecisionStore(h.db).answer(pending[2600].id, approve=False, by="tester")
+        await h.until(lambda: h.engine.stats["rejected"])
+        await h.until(lambda: h.engine.stats["expired"], timeout=5)
+        with pytest.raises(DecisionError, match="not pending"):
+            DecisionStore(h.db).answer(pending[2601].id, approve=True, by="late")
+        await h.engine.stop()
+
+    run(main())
+    by_pid = {d.subject["pid"]: d for d in h.decisions()}
+    assert by_pid[2600].status == "rejected" and by_pid[2601].status == "expired"
+    assert h.proc.pidfds.signals() == []
+    assert {e["status"] for e in h.events} >= {"pending", "rejected", "expired"}
+
+
+def test_pending_decisions_expire_when_the_agent_stops(tmp_path):
+    h = Harness(tmp_path, 'action = "stop"\nmode = "ask"')
+    subject = h.proc.add(2700, SELF_PARENT, "p")
+
+    async def main():
+        await h.engine.start()
+        h.emit(subject)
+        await h.until(lambda: h.engine.stats["pending"])
+        await h.engine.stop()
+
+    run(main())
+    [d] = h.decisions()
+    assert d.status == "expired" and d.reason == "the agent stopped"
+
+
+def test_alerts_outside_the_policy_scope_are_left_alone(tmp_path):
+    h = Harness(tmp_path, 'action = "stop"\nmode = "enforce"\nonly_cgroups = ["/batch.slice"]')
+    subject = h.proc.add(2800, SELF_PARENT, "web", cgroup="/web.slice")
+
+    async def main():
+        await h.engine.start()
+        h.emit(subject)
+        await asyncio.sleep(0.2)
+        await h.engine.stop()
+
+    run(main())
+    assert h.decisions() == [] and h.engine.stats["out_of_scope"] == 1 and h.proc.pidfds.signals() == []
+
+
+def test_resolved_alerts_and_other_rules_are_ignored(tmp_path):
+    h = Harness(tmp_path, 'action = "stop"\nmode = "enforce"')
+    subject = h.proc.add(2900, SELF_PARENT, "p")
+
+    async def main():
+        await h.engine.start()
+        h.engine.emit(alert(subject, status="resolved"))
+        h.engine.emit(dict(alert(subject), rule="cpu_hog"))
+        await asyncio.sleep(0.2)
+        await h.engine.stop()
+
+    run(main())
+    assert h.decisions() == [] and h.engine.delivered == 2
+
+
+def test_migration_adds_the_decisions_table(tmp_path):
+    db = tmp_path / "alerts.db"
+    AlertStore(db).close()
+    conn = sqlite3.connect(db)
+    try:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(decisions)")]
+    finally:
+        conn.close()
+    assert {"id", "status", "rule", "incident_id", "expires_unix", "body"} <= set(columns)
+
+
+def test_decision_store_refuses_a_database_without_the_table(tmp_path):
+    db = tmp_path / "old.db"
+    sqlite3.connect(db).close()
+    from ksift.errors import StoreError
+
+    with pytest.raises(StoreError, match="no decisions table"):
+        DecisionStore(db)
+    with pytest.raises(StoreError, match="no alert store"):
+        DecisionStore(tmp_path / "missing.db")
+
+
+def test_decision_store_answer_is_conditional(tmp_path):
+    db = tmp_path / "alerts.db"
+    AlertStore(db).close()
+    now = [1000.0]
+    store = DecisionStore(db, clock=lambda: now[0])
+    from ksift.remediation.decisions import Decision
+
+    d = Decision(id="abc", rule="r", incident_id="i", alert_id="a", action="stop", mode="ask", status="pending",
+                 created_unix=now[0], updated_unix=now[0], subject={"pid": 1}, policy={}, expires_unix=1010.0)
+    store.save(d)
+    with pytest.raises(DecisionError) as unknown:
+        store.answer("nope", True, "me")
+    assert unknown.value.unknown
+    now[0] = 1011.0
+    with pytest.raises(DecisionError, match="expired at"):
+        store.answer("abc", True, "me")
+    assert store.get("abc").status == "expired"
+    assert json.loads(json.dumps(store.get("abc").as_dict()))["history"][-1]["status"] == "expired"
+    store.close()
