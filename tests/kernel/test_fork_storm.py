@@ -5,7 +5,15 @@ from __future__ import annotations
 import os
 import time
 
-from harness import ScratchCgroup, assert_released, bpf_ids_in_kernel, owned_bpf_ids, run_forker, start_agent
+from harness import (
+    ScratchCgroup,
+    assert_released,
+    bpf_ids_in_kernel,
+    owned_bpf_ids,
+    program_names,
+    run_forker,
+    start_agent,
+)
 
 
 def _for_pid(alerts: list[dict], pid: int) -> list[dict]:
@@ -94,6 +102,10 @@ def test_sigterm_leaves_nothing_attached(tmp_path):
     held = owned_bpf_ids(agent.proc.pid)
     # every sensor of the default rules: at least the three process hooks, each attached
     assert len(held[0]) >= 3 and len(held[1]) >= len(held[0]), f"expected programs and their links, got {held}"
+    names = program_names(held[0])
+    assert {"ks_fork", "ks_exec", "ks_exit"} <= names
+    # the packaged rules have no policy: remediation's in-kernel fork guard stays detached
+    assert not {n for n in names if n.startswith("ks_tree")}, names
     assert held[0] <= bpf_ids_in_kernel()[0]
     assert agent.terminate() == 0, agent.stderr()
     assert_released(held)

@@ -71,6 +71,12 @@ def test_rodata_threshold_and_batch_lookup_of_aggregates(lib):
             tgids = [int.from_bytes(keys[i * 4:(i + 1) * 4], "little") for i in range(n)]
             assert parent.pid in tgids and len(tgids) == len(set(tgids))
             assert os.getpid() not in tgids  # ksift's own forks are filtered in the kernel
+            # update() writes what lookup() then reads, and honours its flags
+            key = parent.pid.to_bytes(4, "little")
+            raw = bytearray(fork_map.lookup(key))
+            raw[16:24] = (12345).to_bytes(8, "little")  # ksift_fork_state.total
+            assert fork_map.update(key, bytes(raw)) and sensor.current("f", parent.pid).total == 12345
+            assert not fork_map.update(key, bytes(raw), flags=1)  # BPF_NOEXIST on an existing key
             _, _, deleted = fork_map.lookup_batch(delete=True)
             assert deleted >= 1 and sensor.current("f", parent.pid) is None
         finally:

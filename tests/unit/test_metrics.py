@@ -165,3 +165,23 @@ def test_bpf_stats_sysctl_is_only_read(tmp_path):
     assert read_bpf_stats_enabled(str(sysctl)) is False
     assert read_bpf_stats_enabled(str(tmp_path / "missing")) is False
     assert sysctl.read_text() == "0\n"
+
+
+class CountingSink(BrokenSink):
+    name = "alertmanager"
+
+    def counters(self):
+        return {"delivered": 4, "failed": 2, "retried": 7, "gave_up": 1, "note": "not a number"}
+
+
+def test_other_sink_counters_are_exported_by_event():
+    config, rules = AgentConfig(), fork_storm_rules()
+    api = ApiServer(ApiSettings(), None, version="9.9.9", bpf_stats_enabled=lambda: False)
+    Agent(config, rules, [], plain_enricher(), [CountingSink(), api])
+    samples = scrape(api)
+    assert value(samples, "ksift_sink_events_total", sink="alertmanager", event="retried") == 7
+    assert value(samples, "ksift_sink_events_total", sink="alertmanager", event="gave_up") == 1
+    # delivered/failed have their own families; non-numbers are not metrics
+    assert ("ksift_sink_events_total", frozenset({"sink": "alertmanager", "event": "delivered"}.items())) \
+        not in samples
+    assert not any(labels and ("event", "note") in labels for _, labels in samples)

@@ -148,6 +148,8 @@ def test_enforce_acts_and_records_that_it_helped(tmp_path):
     stored = h.stored_alert()["remediation"]
     assert stored["status"] == "done" and stored["outcome"]["resolved"] is True
     assert [h["status"] for h in d.history] == ["done"]
+    counts = h.engine.counters()  # what the funnel report and /metrics show
+    assert counts["decisions_done"] == 1 and counts["decisions_resolved"] == 1 and counts["in_flight"] == 0
 
 
 def test_enforce_that_did_not_help_says_so(tmp_path):

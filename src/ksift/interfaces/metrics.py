@@ -134,11 +134,20 @@ class AgentCollector(Collector):
     def _sinks(self) -> Iterator[Metric]:
         delivered = CounterMetricFamily("ksift_sink_alerts_delivered", "alerts a sink handed over", labels=["sink"])
         failed = CounterMetricFamily("ksift_sink_alerts_failed", "alerts a sink lost to an error", labels=["sink"])
+        # What else a sink counts: retries, give-ups and queue drops of network sinks,
+        # remediation's decisions by status.
+        other = CounterMetricFamily("ksift_sink_events", "other outcomes a sink counts, by sink and event",
+                                    labels=["sink", "event"])
         for sink in self.agent.sinks:
             delivered.add_metric([sink.name], sink.delivered)
             failed.add_metric([sink.name], sink.failed)
+            counters = sink.counters() if callable(getattr(sink, "counters", None)) else {}
+            for event, n in sorted(counters.items()):
+                if event not in ("delivered", "failed") and isinstance(n, int):
+                    other.add_metric([sink.name, event], n)
         yield delivered
         yield failed
+        yield other
 
     def _sse(self) -> Iterator[Metric]:
         if self.sse_stats is None:

@@ -87,6 +87,12 @@ class BpfMap:
             self.lib.check_int(ret, f"lookup in map {self.name}")
         return vbuf.raw
 
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> bool:
+        """Set key to value (flags: BPF_ANY 0, BPF_NOEXIST 1, BPF_EXIST 2). False if the kernel refused."""
+        kbuf = ctypes.create_string_buffer(bytes(key), self.key_size)
+        vbuf = ctypes.create_string_buffer(bytes(value), self.value_size)
+        return self.lib.so.bpf_map_update_elem(self.fd, kbuf, vbuf, flags) == 0
+
     def delete(self, key: bytes) -> bool:
         kbuf = ctypes.create_string_buffer(bytes(key), self.key_size)
         return self.lib.so.bpf_map_delete_elem(self.fd, kbuf) == 0

@@ -120,6 +120,7 @@ class Libbpf:
         _sig(s.btf__name_by_offset, ctypes.c_char_p, p, u32)
         _sig(s.bpf_map_lookup_elem, i, i, p, p)
         _sig(s.bpf_map_delete_elem, i, i, p)
+        _sig(s.bpf_map_update_elem, i, i, p, p, ctypes.c_uint64)
         _sig(s.bpf_map_lookup_batch, i, i, p, p, p, p, ctypes.POINTER(u32), p)
         _sig(s.bpf_map_lookup_and_delete_batch, i, i, p, p, p, p, ctypes.POINTER(u32), p)
         _sig(s.libbpf_num_possible_cpus, i)

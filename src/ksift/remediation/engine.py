@@ -510,6 +510,12 @@ class RemediationEngine:
         store = self.store
         return await self._in_io(query, store)
 
+    def counters(self) -> dict[str, int]:
+        """Flat counts for the funnel report and /metrics: alerts handled, decisions by status."""
+        out = {"delivered": self.delivered, "failed": self.failed, "in_flight": len(self.cases)}
+        out.update({f"decisions_{status}": n for status, n in sorted(self.stats.items())})
+        return out
+
     def report(self) -> dict[str, Any]:
         return {"policies": {name: dict(r.policy.as_dict(), mode=effective_mode(r.policy, self.settings))
                              for name, r in self.rules.items()},

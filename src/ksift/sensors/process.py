@@ -76,7 +76,6 @@ class ProcessSensor(Sensor):
         self._tree_budget = None
         self._flagged: dict[int, int] = {}  # tgid -> root tgid, what user space flagged
         self._flag_lock = threading.Lock()  # remediation flags from its worker thread
-        self._update_elem = None
         self.fast_path_program: str | None = None  # which guard program is attached, once started
 
     def rodata(self) -> dict[str, int]:
@@ -129,11 +128,6 @@ class ProcessSensor(Sensor):
             self._tree_flags = self.obj.map("ks_tree_flags")
             self._tree_armed = self.obj.map("ks_tree_armed")
             self._tree_budget = self.obj.map("ks_tree_budget")
-            # A private function object: the shared libbpf bindings stay as the loader declared them.
-            update = self.lib.so["bpf_map_update_elem"]
-            update.restype = ctypes.c_int
-            update.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
-            self._update_elem = update
             log.info("fork-storm fast path ready (%s)", self.fast_path_program)
 
     # -- remediation's fast path ----------------------------------------------
@@ -155,7 +149,7 @@ class ProcessSensor(Sensor):
         Call only after the guards passed for these processes. Thread-safe.
         """
         with self._flag_lock:
-            if self._tree_flags is None or self._update_elem is None:
+            if self._tree_flags is None:
                 return 0
             self._update(self._tree_budget, struct.pack("<I", root_tgid), struct.pack("<q", max(budget, 0)))
             flagged = 0
@@ -184,16 +178,14 @@ class ProcessSensor(Sensor):
             self._update(self._tree_armed, b"\0\0\0\0", struct.pack("<I", len(self._flagged)))
 
     def _update(self, bpf_map, key: bytes, value: bytes) -> bool:
-        kbuf = ctypes.create_string_buffer(key, len(key))
-        vbuf = ctypes.create_string_buffer(value, len(value))
-        if self._update_elem(bpf_map.fd, kbuf, vbuf, 0) != 0:
+        if not bpf_map.update(key, value):
             log.warning("fast path: could not update map %s (errno %d)", bpf_map.name, ctypes.get_errno())
             return False
         return True
 
     def close(self) -> None:
         with self._flag_lock:
-            self._tree_flags = self._tree_armed = self._tree_budget = self._update_elem = None
+            self._tree_flags = self._tree_armed = self._tree_budget = None
             self._flagged.clear()
         super().close()
 
