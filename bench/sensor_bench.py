@@ -88,7 +88,7 @@ def toml_value(value) -> str:
 
 
 def rules_file(names: tuple[str, ...], path: Path) -> Path:
-    """The packaged default rules named in `names`, enabled, and nothing else."""
+    """The packaged default rules named in `names`, enabled, and nothing else; ("*",): the defaults as shipped."""
     rules = tomllib.loads(DEFAULT_RULES.read_text())["rule"]
     chosen = [r for r in rules if names == ("*",) or r["name"] in names]
     missing = set(names) - {"*"} - {r["name"] for r in chosen}
@@ -97,7 +97,8 @@ def rules_file(names: tuple[str, ...], path: Path) -> Path:
     lines = []
     for rule in chosen:
         lines.append("[[rule]]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in rule.items() if key != "enabled"]
+        # A rule named on its own is measured enabled; "*" keeps each rule's shipped state.
+        lines += [f"{key} = {toml_value(value)}" for key, value in rule.items() if key != "enabled" or names == ("*",)]
         lines.append("")
     path.write_text("\n".join(lines))
     return path
