@@ -234,3 +234,23 @@ def test_store_sink_counts_errors_and_does_not_raise(tmp_path, caplog):
     sink.emit("not a dict")  # type: ignore[arg-type]
     assert (sink.delivered, sink.failed) == (0, 3)
     assert "broken" in caplog.text
+
+
+def test_text_shows_the_hottest_stacks_and_scalar_details():
+    alert = make_alert(
+        stack=[{"samples": 40, "user": ["handle_batch", "main"], "kernel": []},
+               {"samples": 9, "user": ["memcpy"], "kernel": ["do_syscall_64"]},
+               {"samples": 1, "user": ["other"], "kernel": []}],
+        details={"method": "GET", "path": "/api/orders", "duration_ms": 812, "histogram": [1, 2, 3]},
+    )
+    text = format_alert_text(alert)
+    assert "  stack (40 samples):\n    user:\n      handle_batch\n      main\n" in text
+    assert "    kernel:\n      do_syscall_64" in text
+    assert "other" not in text and "1 more stacks in the JSON" in text
+    assert "details: method=GET path=/api/orders duration_ms=812" in text
+    assert "histogram" not in text  # lists stay in the JSON
+
+
+def test_text_escapes_details_from_the_traced_process():
+    text = format_alert_text(make_alert(details={"path": "/x\nFAKE ALERT"}, stack=["a\nb"]))
+    assert "\nFAKE ALERT" not in text and "\nb" not in text

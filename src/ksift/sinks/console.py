@@ -11,6 +11,8 @@ logger = logging.getLogger(__name__)
 
 MAX_CMDLINE_CHARS = 200
 MAX_STACK_FRAMES = 16
+MAX_STACKS = 2  # the hottest stacks of a cpu_hog alert shown in text (JSON carries them all)
+MAX_DETAILS = 8
 CONTAINER_ID_CHARS = 12  # the short form `docker ps` and `crictl ps` show
 
 
@@ -66,6 +68,7 @@ def format_alert_text(alert: dict[str, Any]) -> str:
         ("parent", _parents(alert.get("ancestry"), subject.get("ppid"))),
         ("cgroup", _placement(subject)),
         ("incident", _incident(alert)),
+        ("details", _details(alert.get("details"))),
     ):
         if value:
             lines.append(f"  {label + ':':<8} {value}")
@@ -81,6 +84,16 @@ def format_alert_text(alert: dict[str, Any]) -> str:
         lines.append("  " + _resolution(alert))
     lines.extend(_stack(alert.get("stack")))
     return "\n".join(lines) + "\n"
+
+
+def _details(details: Any) -> str:
+    """The signal's own scalar figures (`key=value`); lists and tables stay in the JSON."""
+    if not isinstance(details, dict):
+        return ""
+    shown = [f"{_clean(k)}={_truncate(_clean(v), 80)}" for k, v in details.items()
+             if isinstance(v, (str, int, float)) and not isinstance(v, bool) and v != ""]
+    more = len(shown) - MAX_DETAILS
+    return " ".join(shown[:MAX_DETAILS]) + (f" (+{more} more)" if more > 0 else "")
 
 
 def _headline(alert: dict[str, Any]) -> str:
@@ -181,12 +194,28 @@ def _resolution(alert: dict[str, Any]) -> str:
 
 
 def _stack(stack: Any) -> list[str]:
+    """A list of frames, or the hottest stacks ({samples, user, kernel}), innermost frame first."""
     if not isinstance(stack, list) or not stack:
         return []
-    lines = ["  stack:"]
-    lines.extend(f"    {_clean(frame)}" for frame in stack[:MAX_STACK_FRAMES])
-    if len(stack) > MAX_STACK_FRAMES:
-        lines.append(f"    ... {len(stack) - MAX_STACK_FRAMES} more frames")
+    if not all(isinstance(entry, dict) for entry in stack):
+        return ["  stack:", *_frames(stack, "    ")]
+    lines = []
+    for entry in stack[:MAX_STACKS]:
+        lines.append(f"  stack ({_clean(entry.get('samples', '?'))} samples):")
+        for side in ("user", "kernel"):
+            frames = entry.get(side)
+            if isinstance(frames, list) and frames:
+                lines.append(f"    {side}:")
+                lines.extend(_frames(frames, "      "))
+    if len(stack) > MAX_STACKS:
+        lines.append(f"  ... {len(stack) - MAX_STACKS} more stacks in the JSON")
+    return lines
+
+
+def _frames(frames: list, indent: str) -> list[str]:
+    lines = [f"{indent}{_clean(frame)}" for frame in frames[:MAX_STACK_FRAMES]]
+    if len(frames) > MAX_STACK_FRAMES:
+        lines.append(f"{indent}... {len(frames) - MAX_STACK_FRAMES} more frames")
     return lines
 
 
