@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
  * common.bpf.h: the pieces every ksift sensor shares: the event ring buffer,
- * the per-CPU funnel counters, self-exclusion and task context capture.
+ * the per-CPU funnel counters, self-exclusion, task context capture and the
+ * windowed counting of the sensors that count events per key.
  * Included by exactly one .bpf.c per object.
  */
 #ifndef KSIFT_COMMON_BPF_H
@@ -26,6 +27,7 @@ struct {
 /* Anchor every record layout in the object's BTF so the Python mirror can be
  * checked against it (tests/unit/test_abi.py). Never read or written. */
 const struct ksift_record *ksift_record_abi __attribute__((unused));
+const struct ksift_window_exit *ksift_window_exit_abi __attribute__((unused));
 
 static __always_inline void count(__u32 idx)
 {
@@ -108,6 +110,114 @@ static __always_inline void fill_exe_name(struct ksift_task *out, struct task_st
 
 	if (name)
 		bpf_probe_read_kernel_str(out->exe, sizeof(out->exe), name);
+}
+
+/* The executable: the path a tgid -> exec path map (`exec_paths`, filled at
+ * sched_process_exec) holds for out->tgid, else the basename. Call after
+ * fill_task(). */
+static __always_inline void fill_exe_from(struct ksift_task *out, struct task_struct *task, void *exec_paths)
+{
+	__u32 tgid = out->tgid;
+	const char *path = bpf_map_lookup_elem(exec_paths, &tgid);
+
+	if (path) {
+		bpf_probe_read_kernel_str(out->exe, sizeof(out->exe), path);
+		return;
+	}
+	/* Exec'd before ksift started: the basename is what the kernel keeps handy. */
+	fill_exe_name(out, task);
+}
+
+/* A key's state in `map`, created from `init` at its first event; NULL
+ * (counted) when the map would not take it. */
+static __always_inline void *lookup_or_init(void *map, const void *key, const void *init)
+{
+	void *val = bpf_map_lookup_elem(map, key);
+
+	if (val)
+		return val;
+	/* Another CPU may insert the key first: then this lookup finds its entry. */
+	bpf_map_update_elem(map, key, init, BPF_NOEXIST);
+	val = bpf_map_lookup_elem(map, key);
+	if (!val)
+		count(KSIFT_CNT_MAP_FULL);
+	return val;
+}
+
+/* Fixed windows that start at the first event after the previous one ended:
+ * true, with *start_ns moved to now, when the event at `now` starts a new one. */
+static __always_inline bool window_restarts(__u64 *start_ns, __u64 now, __u64 window_ns)
+{
+	if (now - *start_ns < window_ns)
+		return false;
+	*start_ns = now;
+	return true;
+}
+
+/* Start a new window of the key if the event at `now` is past the current
+ * one. True when it did: the caller resets its own per-window figures. */
+static __always_inline bool window_roll(struct ksift_window *w, __u64 now, __u64 window_ns)
+{
+	if (!window_restarts(&w->window_start_ns, now, window_ns))
+		return false;
+	w->window_count = 0;
+	return true;
+}
+
+/* Count one event of the key (after window_roll); returns its number in the window. */
+static __always_inline __u32 window_add(struct ksift_window *w)
+{
+	__sync_fetch_and_add(&w->total, 1);
+	return __sync_fetch_and_add(&w->window_count, 1) + 1;
+}
+
+/* The event numbered n in its window went over the threshold: the one call
+ * per window that wins the claim (whichever CPU gets there first) gets a
+ * reserved record of `type` for the crossing, and *window_start the window
+ * it reports; every other call gets NULL. When the ring buffer is full the
+ * claim is given back, so the next event of this window tries again. */
+static __always_inline struct ksift_record *window_crossing(struct ksift_window *w, __u32 n, __u32 threshold,
+							    __u32 type, __u64 now, __u64 *window_start)
+{
+	struct ksift_record *rec;
+	__u64 start, reported;
+
+	if (n <= threshold)
+		return NULL;
+	start = w->window_start_ns;
+	reported = w->reported_window_ns;
+	if (reported == start)
+		return NULL;
+	if (__sync_val_compare_and_swap(&w->reported_window_ns, reported, start) != reported)
+		return NULL;
+	rec = reserve_record(type, now);
+	if (!rec) {
+		w->reported_window_ns = reported;
+		return NULL;
+	}
+	w->flagged = 1;
+	*window_start = start;
+	return rec;
+}
+
+/* The exit record of a flagged key whose process is gone: reserved, with the
+ * task and the final totals filled in; the caller adds the executable and
+ * submits it. NULL when the ring buffer is full (counted). */
+static __always_inline struct ksift_record *window_exit_record(const struct ksift_window *w, __u32 type,
+							       struct task_struct *task, __u32 exit_code)
+{
+	struct ksift_record *rec = reserve_record(type, bpf_ktime_get_ns());
+	struct ksift_window_exit *out;
+
+	if (!rec)
+		return NULL;
+	fill_task(&rec->task, task);
+	out = KSIFT_PAYLOAD(rec, struct ksift_window_exit);
+	out->window_start_ns = w->window_start_ns;
+	out->window_count = w->window_count;
+	out->total = w->total;
+	out->exit_code = exit_code;
+	return rec;
 }
 
 #endif /* KSIFT_COMMON_BPF_H */

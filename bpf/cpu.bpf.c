@@ -97,9 +97,9 @@ int ks_cpu_sample(struct bpf_perf_event_data *ctx)
 	struct ksift_cpu_crossing *cross;
 	struct task_struct *task;
 	struct ksift_record *rec;
-	__u64 now, window_start, reported, elapsed;
+	__u64 now, window_start, last_start;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	__u32 n, prev;
+	__u32 n, last_count, prev;
 
 	count(KSIFT_CNT_CPU_SAMPLES);
 	if (tgid == 0) { /* the idle task (and the CPU's own boot thread): not a process */
@@ -112,58 +112,33 @@ int ks_cpu_sample(struct bpf_perf_event_data *ctx)
 	}
 
 	now = bpf_ktime_get_ns();
-	st = bpf_map_lookup_elem(&ks_cpu_state, &tgid);
-	if (!st) {
-		init.window_start_ns = now;
-		init.run_start_ns = now;
-		bpf_map_update_elem(&ks_cpu_state, &tgid, &init, BPF_NOEXIST);
-		st = bpf_map_lookup_elem(&ks_cpu_state, &tgid);
-		if (!st) {
-			count(KSIFT_CNT_MAP_FULL);
-			return 0;
-		}
-	}
+	init.win.window_start_ns = now;
+	init.run_start_ns = now;
+	st = lookup_or_init(&ks_cpu_state, &tgid, &init);
+	if (!st)
+		return 0;
 	count(KSIFT_CNT_CPU_AGGREGATED);
-	__sync_fetch_and_add(&st->total, 1);
-
-	/* Fixed windows that start at the first sample after the previous one ended. */
-	elapsed = now - st->window_start_ns;
-	if (elapsed >= cpu_window_ns) {
+	last_start = st->win.window_start_ns;
+	last_count = st->win.window_count;
+	if (window_roll(&st->win, now, cpu_window_ns)) {
 		/* The window that just ended is the previous one only if no whole
 		 * window passed without a sample in between. */
-		prev = elapsed < 2 * cpu_window_ns ? st->window_count : 0;
+		prev = now - last_start < 2 * cpu_window_ns ? last_count : 0;
 		if (prev <= cpu_threshold) { /* not hot: a new run may start here */
 			st->run_start_ns = now;
 			st->run_samples = 0;
 		}
 		st->prev_window_count = prev;
-		st->window_start_ns = now;
-		st->window_count = 0;
 	}
-	n = __sync_fetch_and_add(&st->window_count, 1) + 1;
+	n = window_add(&st->win);
 	__sync_fetch_and_add(&st->run_samples, 1);
 
 	/* Hot now, or hot in the window before: where does its time go? */
 	if (n > cpu_threshold || st->prev_window_count > cpu_threshold)
 		count_stack(ctx, tgid);
-	if (n <= cpu_threshold)
+	rec = window_crossing(&st->win, n, cpu_threshold, KSIFT_REC_CPU_CROSSING, now, &window_start);
+	if (!rec)
 		return 0;
-
-	/* Over the threshold: emit once per window, whichever CPU gets there first. */
-	window_start = st->window_start_ns;
-	reported = st->reported_window_ns;
-	if (reported == window_start)
-		return 0;
-	if (__sync_val_compare_and_swap(&st->reported_window_ns, reported, window_start) != reported)
-		return 0;
-
-	rec = reserve_record(KSIFT_REC_CPU_CROSSING, now);
-	if (!rec) {
-		/* Let the next sample in this window try again. */
-		st->reported_window_ns = reported;
-		return 0;
-	}
-	st->flagged = 1;
 	count(KSIFT_CNT_CPU_CROSSINGS);
 	task = (struct task_struct *)bpf_get_current_task();
 	fill_task(&rec->task, task);
@@ -172,7 +147,7 @@ int ks_cpu_sample(struct bpf_perf_event_data *ctx)
 	cross->window_start_ns = window_start;
 	cross->window_count = n;
 	cross->threshold = cpu_threshold;
-	cross->total = st->total;
+	cross->total = st->win.total;
 	cross->run_start_ns = st->run_start_ns;
 	cross->run_samples = st->run_samples;
 	submit_record(rec);
@@ -183,7 +158,6 @@ SEC("tp_btf/sched_process_exit")
 int BPF_PROG(ks_cpu_exit, struct task_struct *task, bool group_dead)
 {
 	struct ksift_cpu_state *st;
-	struct ksift_cpu_exit *cexit;
 	struct ksift_record *rec;
 	__u32 tgid;
 
@@ -193,18 +167,12 @@ int BPF_PROG(ks_cpu_exit, struct task_struct *task, bool group_dead)
 	st = bpf_map_lookup_elem(&ks_cpu_state, &tgid);
 	if (!st) /* most exits: never sampled, or evicted */
 		return 0;
-	if (st->flagged) {
+	if (st->win.flagged) {
 		/* A flagged process is gone: ship its final totals before forgetting it. */
 		count(KSIFT_CNT_CPU_EXIT_FLAGGED);
-		rec = reserve_record(KSIFT_REC_CPU_EXIT, bpf_ktime_get_ns());
+		rec = window_exit_record(&st->win, KSIFT_REC_CPU_EXIT, task, BPF_CORE_READ(task, exit_code));
 		if (rec) {
-			fill_task(&rec->task, task);
 			fill_exe_name(&rec->task, task);
-			cexit = KSIFT_PAYLOAD(rec, struct ksift_cpu_exit);
-			cexit->window_start_ns = st->window_start_ns;
-			cexit->window_count = st->window_count;
-			cexit->total = st->total;
-			cexit->exit_code = BPF_CORE_READ(task, exit_code);
 			submit_record(rec);
 		}
 	}

@@ -38,23 +38,15 @@ struct ksift_cpu_crossing {
 	__u32 threshold;        /* samples per window the count went over */
 };
 
-struct ksift_cpu_exit {
-	__u64 window_start_ns;
-	__u64 total;
-	__u32 window_count;
-	__u32 exit_code;        /* task->exit_code: (status << 8) | signal */
-};
+/* KSIFT_REC_CPU_EXIT carries a struct ksift_window_exit (exit_code:
+ * task->exit_code, (status << 8) | signal). */
 
 /* Per-process sampling state in the LRU hash, keyed by tgid. */
 struct ksift_cpu_state {
-	__u64 window_start_ns;
-	__u64 reported_window_ns; /* window_start_ns of the last crossing emitted */
-	__u64 total;
-	__u64 run_start_ns;
-	__u64 run_samples;
-	__u32 window_count;
+	struct ksift_window win;  /* samples of this process */
+	__u64 run_start_ns;       /* start of the current run of hot windows */
+	__u64 run_samples;        /* samples since run_start_ns */
 	__u32 prev_window_count;  /* samples in the previous window (hot when > threshold) */
-	__u32 flagged;            /* crossed at least once: report its exit */
 	__u32 _pad;
 };
 

@@ -33,9 +33,8 @@ const volatile __u32 fd_threshold = 20000;
 const volatile __u64 fd_window_ns = 2000000000ULL;
 const volatile __u32 dir_sample_mask = 7; /* a power of two minus one */
 
-/* Anchor the payload layouts in the object's BTF for tests/unit/test_abi.py. */
+/* Anchor the payload layout in the object's BTF for tests/unit/test_abi.py. */
 const struct ksift_fd_crossing *ksift_fd_crossing_abi __attribute__((unused));
-const struct ksift_fd_exit *ksift_fd_exit_abi __attribute__((unused));
 
 /* The initial value of a process's directory counts (too big for the stack). */
 const struct ksift_fd_dirs ks_zero_dirs = {};
@@ -116,15 +115,9 @@ static __always_inline void sample_dir(__u32 tgid, long nr, struct pt_regs *regs
 	__u64 h;
 	long n;
 
-	d = bpf_map_lookup_elem(&ks_fd_dirs, &tgid);
-	if (!d) {
-		bpf_map_update_elem(&ks_fd_dirs, &tgid, &ks_zero_dirs, BPF_NOEXIST);
-		d = bpf_map_lookup_elem(&ks_fd_dirs, &tgid);
-		if (!d) {
-			count(KSIFT_CNT_MAP_FULL);
-			return;
-		}
-	}
+	d = lookup_or_init(&ks_fd_dirs, &tgid, &ks_zero_dirs);
+	if (!d)
+		return;
 	s = bpf_map_lookup_elem(&ks_path_scratch, &zero);
 	if (!s)
 		return;
@@ -209,7 +202,7 @@ int BPF_PROG(ks_fd_sys_exit, struct pt_regs *regs, long ret)
 	struct ksift_fd_crossing *cross;
 	struct ksift_record *rec;
 	struct task_struct *task;
-	__u64 now, window_start, reported;
+	__u64 now, window_start;
 	__u32 tgid, n, sockets;
 	bool is_socket;
 	long nr;
@@ -243,49 +236,22 @@ int BPF_PROG(ks_fd_sys_exit, struct pt_regs *regs, long ret)
 	}
 
 	now = bpf_ktime_get_ns();
-	st = bpf_map_lookup_elem(&ks_fd_state, &tgid);
-	if (!st) {
-		init.window_start_ns = now;
-		bpf_map_update_elem(&ks_fd_state, &tgid, &init, BPF_NOEXIST);
-		st = bpf_map_lookup_elem(&ks_fd_state, &tgid);
-		if (!st) {
-			count(KSIFT_CNT_MAP_FULL);
-			return 0;
-		}
-	}
+	init.win.window_start_ns = now;
+	st = lookup_or_init(&ks_fd_state, &tgid, &init);
+	if (!st)
+		return 0;
 	count(KSIFT_CNT_FD_AGGREGATED);
-	__sync_fetch_and_add(&st->total, 1);
-
-	/* Fixed windows that start at the first new fd after the previous one ended. */
-	if (now - st->window_start_ns >= fd_window_ns) {
-		st->window_start_ns = now;
-		st->window_count = 0;
+	if (window_roll(&st->win, now, fd_window_ns))
 		st->window_sockets = 0;
-	}
-	n = __sync_fetch_and_add(&st->window_count, 1) + 1;
+	n = window_add(&st->win);
 	if (is_socket)
 		__sync_fetch_and_add(&st->window_sockets, 1);
 	else if (n > fd_threshold / 2 && (n & dir_sample_mask) == 0)
 		sample_dir(tgid, nr, regs, ret); /* close to the threshold: where are the files? */
-	if (n <= fd_threshold)
+	rec = window_crossing(&st->win, n, fd_threshold, KSIFT_REC_FD_CROSSING, now, &window_start);
+	if (!rec)
 		return 0;
-
-	/* Over the threshold: emit once per window, whichever CPU gets there first. */
-	window_start = st->window_start_ns;
-	reported = st->reported_window_ns;
-	if (reported == window_start)
-		return 0;
-	if (__sync_val_compare_and_swap(&st->reported_window_ns, reported, window_start) != reported)
-		return 0;
-
-	rec = reserve_record(KSIFT_REC_FD_CROSSING, now);
-	if (!rec) {
-		/* Let the next new fd in this window try again. */
-		st->reported_window_ns = reported;
-		return 0;
-	}
 	sockets = st->window_sockets;
-	st->flagged = 1;
 	count(KSIFT_CNT_FD_CROSSINGS);
 	task = (struct task_struct *)bpf_get_current_task();
 	fill_task(&rec->task, task);
@@ -295,7 +261,7 @@ int BPF_PROG(ks_fd_sys_exit, struct pt_regs *regs, long ret)
 	cross->window_count = n;
 	cross->window_sockets = sockets;
 	cross->threshold = fd_threshold;
-	cross->total = st->total;
+	cross->total = st->win.total;
 	submit_record(rec);
 	return 0;
 }
@@ -304,7 +270,6 @@ SEC("tp_btf/sched_process_exit")
 int BPF_PROG(ks_fd_proc_exit, struct task_struct *task, bool group_dead)
 {
 	struct ksift_fd_state *st;
-	struct ksift_fd_exit *fexit;
 	struct ksift_record *rec;
 	__u32 tgid;
 
@@ -314,18 +279,12 @@ int BPF_PROG(ks_fd_proc_exit, struct task_struct *task, bool group_dead)
 	st = bpf_map_lookup_elem(&ks_fd_state, &tgid);
 	if (!st)
 		return 0;
-	if (st->flagged) {
+	if (st->win.flagged) {
 		/* A flagged process is gone: ship its final totals before forgetting it. */
 		count(KSIFT_CNT_FILE_EXIT_FLAGGED);
-		rec = reserve_record(KSIFT_REC_FD_EXIT, bpf_ktime_get_ns());
+		rec = window_exit_record(&st->win, KSIFT_REC_FD_EXIT, task, BPF_CORE_READ(task, exit_code));
 		if (rec) {
-			fill_task(&rec->task, task);
 			fill_exe_name(&rec->task, task);
-			fexit = KSIFT_PAYLOAD(rec, struct ksift_fd_exit);
-			fexit->window_start_ns = st->window_start_ns;
-			fexit->window_count = st->window_count;
-			fexit->total = st->total;
-			fexit->exit_code = BPF_CORE_READ(task, exit_code);
 			submit_record(rec);
 		}
 	}

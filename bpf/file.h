@@ -48,21 +48,13 @@ struct ksift_fd_crossing {
 	__u32 pad;
 };
 
-struct ksift_fd_exit {
-	__u64 window_start_ns;
-	__u64 total;
-	__u32 window_count;
-	__u32 exit_code;        /* task->exit_code: (status << 8) | signal */
-};
+/* KSIFT_REC_FD_EXIT carries a struct ksift_window_exit (exit_code:
+ * task->exit_code, (status << 8) | signal). */
 
 /* Per-process state in the LRU hash, keyed by tgid. */
 struct ksift_fd_state {
-	__u64 window_start_ns;
-	__u64 reported_window_ns; /* window_start_ns of the last crossing emitted */
-	__u64 total;
-	__u32 window_count;
-	__u32 window_sockets;
-	__u32 flagged;            /* crossed at least once: report its exit */
+	struct ksift_window win;  /* new fds of this process */
+	__u32 window_sockets;     /* of which sockets, in this window */
 	__u32 pad;
 };
 

@@ -77,6 +77,27 @@ struct ksift_record {
 	} u; /* the sensor's payload: cast raw to its struct (see KSIFT_PAYLOAD) */
 };
 
+/* Windowed counting, the state every counting sensor keeps per key (first
+ * member of its state struct; helpers in common.bpf.h): fixed windows that
+ * start at the first event after the previous one ended, and at most one
+ * crossing record per key per window. */
+struct ksift_window {
+	__u64 window_start_ns;    /* ktime of the window's first event */
+	__u64 reported_window_ns; /* window_start_ns of the last crossing emitted */
+	__u64 total;              /* events of this key since first tracked */
+	__u32 window_count;       /* events in this window */
+	__u32 flagged;            /* crossed at least once: report its exit */
+};
+
+/* Payload of a sensor's exit record: the final totals of a flagged key whose
+ * process is gone. */
+struct ksift_window_exit {
+	__u64 window_start_ns;
+	__u64 total;
+	__u32 window_count;
+	__u32 exit_code;        /* the sensor's: task->exit_code, or the wait() status */
+};
+
 /* The payload of a record as the sensor's own struct, checked to fit. */
 #define KSIFT_PAYLOAD(rec, type) ({ \
 	_Static_assert(sizeof(type) <= sizeof((rec)->u.raw), #type " does not fit a record"); \

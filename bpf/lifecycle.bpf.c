@@ -30,7 +30,6 @@ const volatile __u64 crash_window_ns = 10000000000ULL;
 
 /* Anchor the payload layouts in the object's BTF for tests/unit/test_abi.py. Never used. */
 const struct ksift_churn_crossing *ksift_churn_crossing_abi __attribute__((unused));
-const struct ksift_churn_exit *ksift_churn_exit_abi __attribute__((unused));
 const struct ksift_crash_crossing *ksift_crash_crossing_abi __attribute__((unused));
 
 struct {
@@ -136,19 +135,6 @@ static __always_inline void key_exe(struct ksift_lc_key *key, struct ksift_lc_ex
 	BPF_CORE_READ_STR_INTO(&key->exe, task, group_leader, comm);
 }
 
-static __always_inline void *lookup_or_init(void *map, void *key, void *init)
-{
-	void *val = bpf_map_lookup_elem(map, key);
-
-	if (val)
-		return val;
-	bpf_map_update_elem(map, key, init, BPF_NOEXIST);
-	val = bpf_map_lookup_elem(map, key);
-	if (!val)
-		count(KSIFT_CNT_MAP_FULL);
-	return val;
-}
-
 /* Count one more short-lived exec'd child of `parent`; emit a crossing once
  * per window when the parent goes over the threshold. */
 static __always_inline void churn_count(struct task_struct *task, struct task_struct *parent, __u32 ptgid,
@@ -158,17 +144,15 @@ static __always_inline void churn_count(struct task_struct *task, struct task_st
 	struct ksift_churn_exe *per_exe, exe_init = {};
 	struct ksift_lc_key *key;
 	struct ksift_churn_crossing *cross;
-	struct ksift_lc_exec *parent_exec;
 	struct ksift_record *rec;
-	__u64 window_start, reported, parent_start;
+	__u64 window_start, parent_start;
 	__u32 n;
 
-	st_init.window_start_ns = now;
+	st_init.win.window_start_ns = now;
 	st = lookup_or_init(&ks_churn_state, &ptgid, &st_init);
 	if (!st)
 		return;
 	count(KSIFT_CNT_CHURN_AGGREGATED);
-	__sync_fetch_and_add(&st->total, 1);
 
 	/* Per-executable counts for the alert's top executables. */
 	parent_start = BPF_CORE_READ(parent, group_leader, start_boottime);
@@ -187,38 +171,17 @@ static __always_inline void churn_count(struct task_struct *task, struct task_st
 		__sync_fetch_and_add(&per_exe->count, 1);
 	}
 
-	/* Fixed windows that start at the first short-lived child after the previous one ended. */
-	if (now - st->window_start_ns >= churn_window_ns) {
-		st->window_start_ns = now;
-		st->window_count = 0;
-	}
-	n = __sync_fetch_and_add(&st->window_count, 1) + 1;
-	if (n <= churn_threshold)
+	window_roll(&st->win, now, churn_window_ns);
+	n = window_add(&st->win);
+	rec = window_crossing(&st->win, n, churn_threshold, KSIFT_REC_CHURN_CROSSING, now, &window_start);
+	if (!rec)
 		return;
-
-	/* Over the threshold: once per window, whichever CPU gets there first. */
-	window_start = st->window_start_ns;
-	reported = st->reported_window_ns;
-	if (reported == window_start)
-		return;
-	if (__sync_val_compare_and_swap(&st->reported_window_ns, reported, window_start) != reported)
-		return;
-	rec = reserve_record(KSIFT_REC_CHURN_CROSSING, now);
-	if (!rec) {
-		st->reported_window_ns = reported; /* let the next child in this window retry */
-		return;
-	}
-	st->flagged = 1;
 	count(KSIFT_CNT_CHURN_CROSSINGS);
 	fill_task(&rec->task, parent);
-	parent_exec = bpf_map_lookup_elem(&ks_lc_exec_path, &ptgid);
-	if (parent_exec)
-		__builtin_memcpy(rec->task.exe, parent_exec->path, sizeof(rec->task.exe));
-	else
-		fill_exe_name(&rec->task, parent);
+	fill_exe_from(&rec->task, parent, &ks_lc_exec_path);
 	cross = KSIFT_PAYLOAD(rec, struct ksift_churn_crossing);
 	cross->window_start_ns = window_start;
-	cross->total = st->total;
+	cross->total = st->win.total;
 	cross->window_count = n;
 	cross->threshold = churn_threshold;
 	cross->max_lifetime_ns = churn_max_lifetime_ns;
@@ -236,18 +199,17 @@ static __always_inline void crash_count(struct task_struct *task, __u32 ptgid, s
 	struct ksift_crash_crossing *cross;
 	struct ksift_lc_key *key = scratch_key(ptgid);
 	struct ksift_record *rec;
-	__u64 window_start, reported;
+	__u64 window_start;
 	__u32 n, run;
 
 	if (!key)
 		return;
 	key_exe(key, exec, task);
-	st_init.window_start_ns = now;
+	st_init.win.window_start_ns = now;
 	st = lookup_or_init(&ks_crash_state, key, &st_init);
 	if (!st)
 		return;
 	count(KSIFT_CNT_CRASH_AGGREGATED);
-	__sync_fetch_and_add(&st->total, 1);
 	/* Failures are rare next to exits: plain stores are good enough for the
 	 * last code and its run (a race only blurs which failure was "last"). */
 	run = st->last_code == code ? st->same_code_run + 1 : 1;
@@ -255,25 +217,11 @@ static __always_inline void crash_count(struct task_struct *task, __u32 ptgid, s
 	st->same_code_run = run;
 	st->last_tgid = BPF_CORE_READ(task, tgid);
 
-	if (now - st->window_start_ns >= crash_window_ns) {
-		st->window_start_ns = now;
-		st->window_count = 0;
-	}
-	n = __sync_fetch_and_add(&st->window_count, 1) + 1;
-	if (n <= crash_threshold)
+	window_roll(&st->win, now, crash_window_ns);
+	n = window_add(&st->win);
+	rec = window_crossing(&st->win, n, crash_threshold, KSIFT_REC_CRASH_CROSSING, now, &window_start);
+	if (!rec)
 		return;
-
-	window_start = st->window_start_ns;
-	reported = st->reported_window_ns;
-	if (reported == window_start)
-		return;
-	if (__sync_val_compare_and_swap(&st->reported_window_ns, reported, window_start) != reported)
-		return;
-	rec = reserve_record(KSIFT_REC_CRASH_CROSSING, now);
-	if (!rec) {
-		st->reported_window_ns = reported;
-		return;
-	}
 	count(KSIFT_CNT_CRASH_CROSSINGS);
 	/* The subject is the failing process itself (gone a moment later), so the
 	 * context is taken now; its parent is ancestry[0]. */
@@ -281,7 +229,7 @@ static __always_inline void crash_count(struct task_struct *task, __u32 ptgid, s
 	__builtin_memcpy(rec->task.exe, key->exe, sizeof(rec->task.exe));
 	cross = KSIFT_PAYLOAD(rec, struct ksift_crash_crossing);
 	cross->window_start_ns = window_start;
-	cross->total = st->total;
+	cross->total = st->win.total;
 	cross->lifetime_ns = now - BPF_CORE_READ(task, group_leader, start_time);
 	cross->window_count = n;
 	cross->threshold = crash_threshold;
@@ -295,27 +243,15 @@ static __always_inline void crash_count(struct task_struct *task, __u32 ptgid, s
 static __always_inline void churn_parent_exit(struct task_struct *task, __u32 tgid)
 {
 	struct ksift_churn_state *st = bpf_map_lookup_elem(&ks_churn_state, &tgid);
-	struct ksift_churn_exit *cexit;
-	struct ksift_lc_exec *exec;
 	struct ksift_record *rec;
 
 	if (!st)
 		return;
-	if (st->flagged) {
+	if (st->win.flagged) {
 		count(KSIFT_CNT_CHURN_EXIT_FLAGGED);
-		rec = reserve_record(KSIFT_REC_CHURN_EXIT, bpf_ktime_get_ns());
+		rec = window_exit_record(&st->win, KSIFT_REC_CHURN_EXIT, task, wait_status(task));
 		if (rec) {
-			fill_task(&rec->task, task);
-			exec = bpf_map_lookup_elem(&ks_lc_exec_path, &tgid);
-			if (exec)
-				__builtin_memcpy(rec->task.exe, exec->path, sizeof(rec->task.exe));
-			else
-				fill_exe_name(&rec->task, task);
-			cexit = KSIFT_PAYLOAD(rec, struct ksift_churn_exit);
-			cexit->window_start_ns = st->window_start_ns;
-			cexit->window_count = st->window_count;
-			cexit->total = st->total;
-			cexit->exit_code = wait_status(task);
+			fill_exe_from(&rec->task, task, &ks_lc_exec_path);
 			submit_record(rec);
 		}
 	}

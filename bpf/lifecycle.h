@@ -49,11 +49,7 @@ struct ksift_lc_key {
 
 /* Per-parent churn state in the LRU hash, keyed by tgid. */
 struct ksift_churn_state {
-	__u64 window_start_ns;
-	__u64 reported_window_ns;  /* window_start_ns of the last crossing emitted */
-	__u64 total;               /* short-lived children since first tracked */
-	__u32 window_count;
-	__u32 flagged;             /* crossed at least once: report its exit */
+	struct ksift_window win;   /* short-lived exec'd children of this parent */
 };
 
 /* Short-lived children of one parent per executable (for "top executables"). */
@@ -74,22 +70,16 @@ struct ksift_churn_crossing {
 	char last_child_exe[KSIFT_PATH_LEN - 32]; /* its exec path, truncated to fit the record */
 };
 
-struct ksift_churn_exit {
-	__u64 window_start_ns;
-	__u64 total;
-	__u32 window_count;
-	__u32 exit_code;           /* wait() status: (status << 8) | signal */
-};
+/* KSIFT_REC_CHURN_EXIT carries a struct ksift_window_exit (exit_code: the
+ * wait() status, (status << 8) | signal). */
 
 /* Per-(parent, exe) crash state in the LRU hash. */
 struct ksift_crash_state {
-	__u64 window_start_ns;
-	__u64 reported_window_ns;
-	__u64 total;               /* failed exits since first tracked */
-	__u32 window_count;
+	struct ksift_window win;   /* failed exits of this executable under this parent */
 	__u32 last_code;           /* wait() status of the last failure */
 	__u32 same_code_run;       /* consecutive failures with last_code */
 	__u32 last_tgid;
+	__u32 pad;
 };
 
 struct ksift_crash_crossing {

@@ -65,7 +65,7 @@ int BPF_PROG(ks_connect, const struct sock *sk, const int oldstate, const int ne
 	struct ksift_connect_key key = {};
 	struct ksift_record *rec;
 	struct task_struct *task;
-	__u64 now, window_start, reported;
+	__u64 now, window_start;
 	__u32 n;
 
 	if (newstate != TCP_SYN_SENT || sk->sk_protocol != IPPROTO_TCP)
@@ -82,42 +82,16 @@ int BPF_PROG(ks_connect, const struct sock *sk, const int oldstate, const int ne
 	}
 
 	now = bpf_ktime_get_ns();
-	st = bpf_map_lookup_elem(&ks_connect_state, &key);
-	if (!st) {
-		init.window_start_ns = now;
-		bpf_map_update_elem(&ks_connect_state, &key, &init, BPF_NOEXIST);
-		st = bpf_map_lookup_elem(&ks_connect_state, &key);
-		if (!st) {
-			count(KSIFT_CNT_MAP_FULL);
-			return 0;
-		}
-	}
+	init.win.window_start_ns = now;
+	st = lookup_or_init(&ks_connect_state, &key, &init);
+	if (!st)
+		return 0;
 	count(KSIFT_CNT_CONNECT_AGGREGATED);
-	__sync_fetch_and_add(&st->total, 1);
-
-	/* Fixed windows that start at the first attempt after the previous one ended. */
-	if (now - st->window_start_ns >= connect_window_ns) {
-		st->window_start_ns = now;
-		st->window_count = 0;
-	}
-	n = __sync_fetch_and_add(&st->window_count, 1) + 1;
-	if (n <= connect_threshold)
+	window_roll(&st->win, now, connect_window_ns);
+	n = window_add(&st->win);
+	rec = window_crossing(&st->win, n, connect_threshold, KSIFT_REC_CONNECT_CROSSING, now, &window_start);
+	if (!rec)
 		return 0;
-
-	/* Over the threshold: emit once per window, whichever CPU gets there first. */
-	window_start = st->window_start_ns;
-	reported = st->reported_window_ns;
-	if (reported == window_start)
-		return 0;
-	if (__sync_val_compare_and_swap(&st->reported_window_ns, reported, window_start) != reported)
-		return 0;
-
-	rec = reserve_record(KSIFT_REC_CONNECT_CROSSING, now);
-	if (!rec) {
-		/* Let the next attempt in this window try again. */
-		st->reported_window_ns = reported;
-		return 0;
-	}
 	count(KSIFT_CNT_CONNECT_CROSSINGS);
 	task = bpf_get_current_task_btf();
 	fill_task(&rec->task, task);
@@ -127,7 +101,7 @@ int BPF_PROG(ks_connect, const struct sock *sk, const int oldstate, const int ne
 	cross->window_start_ns = window_start;
 	cross->window_count = n;
 	cross->threshold = connect_threshold;
-	cross->total = st->total;
+	cross->total = st->win.total;
 	submit_record(rec);
 	return 0;
 }

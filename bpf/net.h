@@ -34,11 +34,7 @@ struct ksift_connect_key {
 };
 
 struct ksift_connect_state {
-	__u64 window_start_ns;
-	__u64 reported_window_ns; /* window_start_ns of the last crossing emitted */
-	__u64 total;
-	__u32 window_count;
-	__u32 pad;
+	struct ksift_window win;  /* attempts of this key */
 };
 
 struct ksift_connect_crossing {

@@ -76,26 +76,13 @@ struct {
 	__type(value, char[KSIFT_PATH_LEN]);
 } ks_exec_path SEC(".maps");
 
-static __always_inline void fill_exe(struct ksift_task *out, struct task_struct *task)
-{
-	__u32 tgid = out->tgid;
-	char *path = bpf_map_lookup_elem(&ks_exec_path, &tgid);
-
-	if (path) {
-		bpf_probe_read_kernel_str(out->exe, sizeof(out->exe), path);
-		return;
-	}
-	/* Exec'd before ksift started: the basename is what the kernel keeps handy. */
-	fill_exe_name(out, task);
-}
-
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(ks_fork, struct task_struct *parent, struct task_struct *child)
 {
 	struct ksift_fork_state *st, init = {};
 	struct ksift_fork_crossing *fork;
 	struct ksift_record *rec;
-	__u64 now, window_start, reported;
+	__u64 now, window_start;
 	__u32 tgid, n;
 
 	count(KSIFT_CNT_FORK_SEEN);
@@ -111,51 +98,24 @@ int BPF_PROG(ks_fork, struct task_struct *parent, struct task_struct *child)
 	}
 
 	now = bpf_ktime_get_ns();
-	st = bpf_map_lookup_elem(&ks_fork_state, &tgid);
-	if (!st) {
-		init.window_start_ns = now;
-		bpf_map_update_elem(&ks_fork_state, &tgid, &init, BPF_NOEXIST);
-		st = bpf_map_lookup_elem(&ks_fork_state, &tgid);
-		if (!st) {
-			count(KSIFT_CNT_MAP_FULL);
-			return 0;
-		}
-	}
+	init.win.window_start_ns = now;
+	st = lookup_or_init(&ks_fork_state, &tgid, &init);
+	if (!st)
+		return 0;
 	count(KSIFT_CNT_FORK_AGGREGATED);
-	__sync_fetch_and_add(&st->total, 1);
-
-	/* Fixed windows that start at the first fork after the previous one ended. */
-	if (now - st->window_start_ns >= fork_window_ns) {
-		st->window_start_ns = now;
-		st->window_count = 0;
-	}
-	n = __sync_fetch_and_add(&st->window_count, 1) + 1;
-	if (n <= fork_threshold)
+	window_roll(&st->win, now, fork_window_ns);
+	n = window_add(&st->win);
+	rec = window_crossing(&st->win, n, fork_threshold, KSIFT_REC_FORK_CROSSING, now, &window_start);
+	if (!rec)
 		return 0;
-
-	/* Over the threshold: emit once per window, whichever CPU gets there first. */
-	window_start = st->window_start_ns;
-	reported = st->reported_window_ns;
-	if (reported == window_start)
-		return 0;
-	if (__sync_val_compare_and_swap(&st->reported_window_ns, reported, window_start) != reported)
-		return 0;
-
-	rec = reserve_record(KSIFT_REC_FORK_CROSSING, now);
-	if (!rec) {
-		/* Let the next fork in this window try again. */
-		st->reported_window_ns = reported;
-		return 0;
-	}
-	st->flagged = 1;
 	count(KSIFT_CNT_FORK_CROSSINGS);
 	fill_task(&rec->task, parent);
-	fill_exe(&rec->task, parent);
+	fill_exe_from(&rec->task, parent, &ks_exec_path);
 	fork = KSIFT_PAYLOAD(rec, struct ksift_fork_crossing);
 	fork->window_start_ns = window_start;
 	fork->window_count = n;
 	fork->threshold = fork_threshold;
-	fork->total = st->total;
+	fork->total = st->win.total;
 	if (fork_crossing_wakeup) {
 		count(KSIFT_CNT_RB_EMITTED);
 		count(KSIFT_CNT_RB_WAKEUPS);
@@ -186,7 +146,6 @@ SEC("tp_btf/sched_process_exit")
 int BPF_PROG(ks_exit, struct task_struct *task, bool group_dead)
 {
 	struct ksift_fork_state *st;
-	struct ksift_fork_exit *fexit;
 	struct ksift_record *rec;
 	__u32 tgid;
 
@@ -196,18 +155,12 @@ int BPF_PROG(ks_exit, struct task_struct *task, bool group_dead)
 	tgid = BPF_CORE_READ(task, tgid);
 
 	st = bpf_map_lookup_elem(&ks_fork_state, &tgid);
-	if (st && st->flagged) {
+	if (st && st->win.flagged) {
 		/* A flagged parent is gone: ship its final totals before forgetting it. */
 		count(KSIFT_CNT_EXIT_FLAGGED);
-		rec = reserve_record(KSIFT_REC_FORK_EXIT, bpf_ktime_get_ns());
+		rec = window_exit_record(&st->win, KSIFT_REC_FORK_EXIT, task, BPF_CORE_READ(task, exit_code));
 		if (rec) {
-			fill_task(&rec->task, task);
-			fill_exe(&rec->task, task);
-			fexit = KSIFT_PAYLOAD(rec, struct ksift_fork_exit);
-			fexit->window_start_ns = st->window_start_ns;
-			fexit->window_count = st->window_count;
-			fexit->total = st->total;
-			fexit->exit_code = BPF_CORE_READ(task, exit_code);
+			fill_exe_from(&rec->task, task, &ks_exec_path);
 			submit_record(rec);
 		}
 	}

@@ -34,20 +34,12 @@ struct ksift_fork_crossing {
 	__u32 threshold;
 };
 
-struct ksift_fork_exit {
-	__u64 window_start_ns;
-	__u64 total;
-	__u32 window_count;
-	__u32 exit_code;        /* task->exit_code: (status << 8) | signal */
-};
+/* KSIFT_REC_FORK_EXIT carries a struct ksift_window_exit (exit_code:
+ * task->exit_code, (status << 8) | signal). */
 
 /* Per-parent fork state in the LRU hash, keyed by tgid. */
 struct ksift_fork_state {
-	__u64 window_start_ns;
-	__u64 reported_window_ns; /* window_start_ns of the last crossing emitted */
-	__u64 total;
-	__u32 window_count;
-	__u32 flagged;            /* crossed at least once: report its exit */
+	struct ksift_window win;  /* forks (new processes) of this parent */
 };
 
 /* Fast path (remediation): processes user space judged and flagged.

@@ -219,9 +219,7 @@ static __always_inline void finish_request(struct sock *sk, struct ksift_req_con
 	}
 	count(KSIFT_CNT_REQ_DONE);
 
-	/* Fixed windows that start at the first request after the previous one ended. */
-	if (now - st->window_start_ns >= req_window_ns) {
-		st->window_start_ns = now;
+	if (window_restarts(&st->window_start_ns, now, req_window_ns)) {
 		st->window_requests = 0;
 		st->window_slow = 0;
 		st->window_emitted = 0;

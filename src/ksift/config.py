@@ -29,8 +29,8 @@ from types import MappingProxyType
 from typing import Any
 
 from ksift.errors import ConfigError
+from ksift.settings_fields import boolean, choice, duration_between, integer, non_empty_path
 from ksift.tomlfile import parse_toml, read_text
-from ksift.units import format_duration, parse_duration
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -136,35 +136,16 @@ def default_db_path(euid: int | None = None, env: Mapping[str, str] | None = Non
 
 
 def _tick(value: object, source: str, field: str) -> float:
-    seconds = parse_duration(value, source=source, field=field)
-    if not MIN_TICK_S <= seconds <= MAX_TICK_S:
-        raise ConfigError(
-            source,
-            f"invalid value {value!r}: must be between {format_duration(MIN_TICK_S)} "
-            f"and {format_duration(MAX_TICK_S)}",
-            field=field,
-        )
-    return seconds
+    return duration_between(value, source, field, MIN_TICK_S, MAX_TICK_S)
 
 
 def _log_level(value: object, source: str, field: str) -> str:
     # Accept "INFO" as well: it is how most tools spell levels.
-    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
-        raise ConfigError(
-            source, f"invalid value {value!r} (expected one of: {', '.join(LOG_LEVELS)})", field=field
-        )
-    return value.lower()
-
-
-def _int(value: object, source: str, field: str) -> int:
-    # bool is an int subclass; `ringbuf_bytes = true` is a mistake, not 1.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(source, f"invalid value {value!r}: must be an integer", field=field)
-    return value
+    return choice(value, source, field, LOG_LEVELS, fold_case=True)
 
 
 def _ringbuf_bytes(value: object, source: str, field: str) -> int:
-    size = _int(value, source, field)
+    size = integer(value, source, field)
     # The kernel requires a power-of-two ring buffer size (a multiple of the page size).
     power_of_two = size > 0 and size & (size - 1) == 0
     if not power_of_two or not MIN_RINGBUF_BYTES <= size <= MAX_RINGBUF_BYTES:
@@ -178,22 +159,14 @@ def _ringbuf_bytes(value: object, source: str, field: str) -> int:
 
 
 def _wakeup_bytes(value: object, source: str, field: str) -> int:
-    size = _int(value, source, field)
+    size = integer(value, source, field)
     if size <= 0:
         raise ConfigError(source, f"invalid value {value!r}: must be > 0", field=field)
     return size  # the upper bound depends on ringbuf_bytes; checked in parse_config
 
 
 def _path(value: object, source: str, field: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(source, f"invalid value {value!r}: must be a non-empty path string", field=field)
-    return value
-
-
-def _bool(value: object, source: str, field: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(source, f"invalid value {value!r}: must be true or false", field=field)
-    return value
+    return non_empty_path(value, source, field, "path string")
 
 
 _Converter = Callable[[object, str, str], Any]
@@ -211,7 +184,7 @@ _SECTIONS: Mapping[str, Mapping[str, tuple[str, _Converter]]] = MappingProxyType
         ),
         "store": MappingProxyType({"db": ("db_path", _path)}),
         "rules": MappingProxyType({"file": ("rules_path", _path)}),
-        "output": MappingProxyType({"json": ("json_output", _bool)}),
+        "output": MappingProxyType({"json": ("json_output", boolean)}),
     }
 )
 

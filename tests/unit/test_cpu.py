@@ -204,7 +204,7 @@ def test_exit_record_gives_the_final_total():
 def test_current_reads_the_live_counters():
     s, _ = sensor()
     state = np.zeros(1, dtype=CPU_STATE)
-    state["total"], state["window_start_ns"], state["window_count"] = 500, 7 * NS, 31
+    state["win"]["total"], state["win"]["window_start_ns"], state["win"]["window_count"] = 500, 7 * NS, 31
     s._state.entries = {tgid_key(4242): state.tobytes()}
     cur = s.current("cpu_hog", 4242)
     assert (cur.total, cur.window_start_ns, cur.window_count) == (500, 7 * NS, 31)

@@ -271,9 +271,9 @@ def test_current_reads_each_rules_own_map():
 
     s = sensor()
     churn = np.zeros(1, dtype=lifecycle.CHURN_STATE)
-    churn["total"], churn["window_start_ns"], churn["window_count"] = 90, 7 * NS, 55
+    churn["win"]["total"], churn["win"]["window_start_ns"], churn["win"]["window_count"] = 90, 7 * NS, 55
     crash = np.zeros(1, dtype=lifecycle.CRASH_STATE)
-    crash["total"], crash["window_start_ns"], crash["window_count"] = 25, 6 * NS, 14
+    crash["win"]["total"], crash["win"]["window_start_ns"], crash["win"]["window_count"] = 25, 6 * NS, 14
     s._churn_state = OneKey(PARENT.to_bytes(4, "little"), churn)
     s._crash_state = OneKey(lifecycle.crash_key_bytes((PARENT, "/usr/bin/worker")), crash)
     state = s.current("exec_churn", PARENT)

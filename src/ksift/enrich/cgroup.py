@@ -11,7 +11,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 # -- mount discovery --------------------------------------------------------
@@ -25,6 +25,41 @@ def _unescape_mountinfo(field: bytes) -> str:
     return os.fsdecode(raw)
 
 
+@dataclass(frozen=True)
+class Mount:
+    """One line of a mountinfo file, as far as finding cgroup hierarchies needs it."""
+
+    root: str  # the directory of the filesystem mounted here ("/": all of it)
+    mount_point: str
+    fstype: str
+    super_options: tuple[str, ...]  # a cgroup v1 mount's controllers are among them
+
+
+def parse_mountinfo(data: bytes) -> Iterator[Mount]:
+    """The mounts of /proc/<pid>/mountinfo content; lines that do not parse are skipped."""
+    for line in data.splitlines():
+        # id parent major:minor root mount-point options [optional...] - fstype source super-options
+        fields = line.split()
+        try:
+            sep = fields.index(b"-", 6)
+        except ValueError:
+            continue
+        if sep + 1 >= len(fields):
+            continue
+        options = os.fsdecode(fields[sep + 3]).split(",") if sep + 3 < len(fields) else []
+        yield Mount(root=_unescape_mountinfo(fields[3]), mount_point=_unescape_mountinfo(fields[4]),
+                    fstype=os.fsdecode(fields[sep + 1]), super_options=tuple(options))
+
+
+def read_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+    """The mounts a mountinfo file lists; none when it cannot be read."""
+    try:
+        with open(mountinfo, "rb") as fh:
+            return list(parse_mountinfo(fh.read()))
+    except OSError:
+        return []
+
+
 def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """Mount point of the cgroup2 filesystem, or None if it is not mounted.
 
@@ -32,27 +67,33 @@ def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     /sys/fs/cgroup/unified. A mount of the hierarchy root wins over a bind
     mount of a sub-cgroup, since ids resolve to paths from the root.
     """
-    try:
-        with open(mountinfo, "rb") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return None
     fallback = None
-    for line in lines:
-        # id parent major:minor root mount-point options [optional...] - fstype source super
-        fields = line.split()
-        try:
-            sep = fields.index(b"-", 6)
-        except ValueError:
+    for mount in read_mounts(mountinfo):
+        if mount.fstype != "cgroup2":
             continue
-        if sep + 1 >= len(fields) or fields[sep + 1] != b"cgroup2":
-            continue
-        mount_point = _unescape_mountinfo(fields[4])
-        if fields[3] == b"/":
-            return mount_point
+        if mount.root == "/":
+            return mount.mount_point
         if fallback is None:
-            fallback = mount_point
+            fallback = mount.mount_point
     return fallback
+
+
+def cgroup1_mounts(mounts: Iterable[Mount]) -> dict[str, str]:
+    """controller -> mount point of every cgroup v1 hierarchy among `mounts` (the first one wins)."""
+    out: dict[str, str] = {}
+    for mount in mounts:
+        if mount.fstype != "cgroup":
+            continue
+        for option in mount.super_options:
+            if option in ("rw", "ro") or "=" in option:
+                continue
+            out.setdefault(option, mount.mount_point)
+    return out
+
+
+def find_cgroup1_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, str]:
+    """controller -> mount point of every cgroup v1 hierarchy (empty on a pure v2 host)."""
+    return cgroup1_mounts(read_mounts(mountinfo))
 
 
 # -- id -> path -------------------------------------------------------------

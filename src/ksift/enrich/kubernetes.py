@@ -44,7 +44,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from ksift.errors import ConfigError
-from ksift.units import format_duration, parse_duration
+from ksift.settings_fields import boolean, choice, duration_between, string
 
 logger = logging.getLogger(__name__)
 
@@ -79,32 +79,19 @@ def parse_kubernetes(table: dict, source: str) -> KubernetesSettings:
     values: dict[str, Any] = {}
     for name in ("enabled", "insecure_skip_tls_verify"):
         if name in table:
-            if not isinstance(table[name], bool):
-                raise ConfigError(source, f"invalid value {table[name]!r}: must be true or false",
-                                  field=f"kubernetes.{name}")
-            values[name] = table[name]
+            values[name] = boolean(table[name], source, f"kubernetes.{name}")
     if "source" in table:
-        if table["source"] not in SOURCES:
-            raise ConfigError(source, f"invalid value {table['source']!r} (expected one of: {', '.join(SOURCES)})",
-                              field="kubernetes.source")
-        values["source"] = table["source"]
+        values["source"] = choice(table["source"], source, "kubernetes.source", SOURCES)
     for name in ("api_url", "kubelet_url"):
         if name in table:
             values[name] = _url(table[name], source, f"kubernetes.{name}", allow_empty=name == "api_url")
     for name in ("node_name", "token_file", "ca_file"):
         if name in table:
-            if not isinstance(table[name], str):
-                raise ConfigError(source, f"invalid value {table[name]!r}: must be a string",
-                                  field=f"kubernetes.{name}")
-            values[name] = table[name].strip()
+            values[name] = string(table[name], source, f"kubernetes.{name}")
     for name, attr, low, high in (("refresh", "refresh_s", 1.0, 3600.0), ("retain", "retain_s", 0.0, 86400.0),
                                   ("timeout", "timeout_s", 0.1, 30.0)):
         if name in table:
-            seconds = parse_duration(table[name], source=source, field=f"kubernetes.{name}")
-            if not low <= seconds <= high:
-                raise ConfigError(source, f"invalid value {table[name]!r}: must be between {format_duration(low)} "
-                                          f"and {format_duration(high)}", field=f"kubernetes.{name}")
-            values[attr] = seconds
+            values[attr] = duration_between(table[name], source, f"kubernetes.{name}", low, high)
     return KubernetesSettings(**values)
 
 

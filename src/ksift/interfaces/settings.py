@@ -23,7 +23,7 @@ from types import MappingProxyType
 
 from ksift.config import AgentConfig
 from ksift.errors import ConfigError
-from ksift.units import parse_duration
+from ksift.settings_fields import FROM_TO, boolean, duration_between, integer_between, non_empty_path
 
 DEFAULT_LISTEN = "127.0.0.1:9466"
 MIN_TOKEN_CHARS = 16
@@ -58,7 +58,7 @@ def parse_api(table: dict, source: str, read_text: Callable[[str], str] | None =
             raise ConfigError(source, f"unknown field (allowed: {', '.join(_FIELDS)})", field=f"api.{name}")
     values: dict = {}
     if "enabled" in table:
-        values["enabled"] = _bool(table["enabled"], source, "api.enabled")
+        values["enabled"] = boolean(table["enabled"], source, "api.enabled")
     listen = table.get("listen", DEFAULT_LISTEN)
     if not isinstance(listen, str):
         raise ConfigError(source, f"invalid value {listen!r}: must be a string like \"127.0.0.1:9466\"",
@@ -66,9 +66,7 @@ def parse_api(table: dict, source: str, read_text: Callable[[str], str] | None =
     host, port = parse_listen(listen, source, "api.listen")
     values.update(listen=listen.strip(), host=host, port=port)
     if "unix_socket" in table:
-        path = table["unix_socket"]
-        if not isinstance(path, str) or not path.strip():
-            raise ConfigError(source, f"invalid value {path!r}: must be a non-empty path", field="api.unix_socket")
+        path = non_empty_path(table["unix_socket"], source, "api.unix_socket")
         if not path.startswith("/"):
             raise ConfigError(source, f"invalid value {path!r}: must be an absolute path", field="api.unix_socket")
         values["unix_socket"] = path
@@ -77,9 +75,7 @@ def parse_api(table: dict, source: str, read_text: Callable[[str], str] | None =
     if "token" in table:
         values["token"] = _token(table["token"], source, "api.token")
     if "token_file" in table:
-        path = table["token_file"]
-        if not isinstance(path, str) or not path.strip():
-            raise ConfigError(source, f"invalid value {path!r}: must be a non-empty path", field="api.token_file")
+        path = non_empty_path(table["token_file"], source, "api.token_file")
         try:
             text = (read_text or _read_file)(path)
         except OSError as exc:
@@ -89,17 +85,9 @@ def parse_api(table: dict, source: str, read_text: Callable[[str], str] | None =
         values["token_file"] = path
         values["token"] = _token(text.strip(), source, "api.token_file", shown=f"the content of {path}")
     if "heartbeat" in table:
-        seconds = parse_duration(table["heartbeat"], source=source, field="api.heartbeat")
-        if not 0.05 <= seconds <= 300:
-            raise ConfigError(source, f"invalid value {table['heartbeat']!r}: must be between 50ms and 5m",
-                              field="api.heartbeat")
-        values["heartbeat_s"] = seconds
+        values["heartbeat_s"] = duration_between(table["heartbeat"], source, "api.heartbeat", 0.05, 300.0)
     if "sse_queue" in table:
-        size = table["sse_queue"]
-        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 1_000_000:
-            raise ConfigError(source, f"invalid value {size!r}: must be an integer from 1 to 1000000",
-                              field="api.sse_queue")
-        values["sse_queue"] = size
+        values["sse_queue"] = integer_between(table["sse_queue"], source, "api.sse_queue", 1, 1_000_000, FROM_TO)
     settings = ApiSettings(**values)
     if settings.enabled and settings.host is None and settings.unix_socket is None:
         raise ConfigError(source, "nothing to listen on: set listen, unix_socket, or enabled = false",
@@ -186,12 +174,6 @@ def _token(value: object, source: str, field_name: str, shown: str | None = None
             "(for example the output of `openssl rand -hex 32`)",
             field=field_name,
         )
-    return value
-
-
-def _bool(value: object, source: str, field_name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(source, f"invalid value {value!r}: must be true or false", field=field_name)
     return value
 
 

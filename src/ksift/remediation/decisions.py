@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ksift.errors import KsiftError, StoreError
+from ksift.store.sqlite import connect
 from ksift.timeparse import rfc3339
 
 STATUSES = ("dry-run", "refused", "pending", "approved", "rejected", "expired", "done", "failed")
 FINAL = frozenset({"dry-run", "refused", "rejected", "expired", "done", "failed"})
 SCHEMA_VERSION = 2
-_BUSY_TIMEOUT_MS = 5000
 
 
 class DecisionError(KsiftError):
@@ -148,10 +148,8 @@ class DecisionStore:
         self._lock = threading.Lock()
         if not self.path.is_file():
             raise StoreError(f"no alert store at {self.path} (start the agent once to create it)")
+        self._conn = connect(str(self.path), self.path)
         try:
-            self._conn = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                         check_same_thread=False)
-            self._conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             exists = self._conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'decisions'").fetchone()
         except sqlite3.Error as exc:

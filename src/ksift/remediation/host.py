@@ -15,7 +15,7 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ksift.enrich.cgroup import find_cgroup2_mount
+from ksift.enrich.cgroup import find_cgroup1_mounts, find_cgroup2_mount
 from ksift.enrich.procfs import ProcFS, ProcStat
 from ksift.errors import AccessDenied, ProcessGone
 
@@ -70,30 +70,6 @@ class Pidfds:
             os.close(fd)
         except OSError:
             pass
-
-
-def find_cgroup1_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, str]:
-    """controller -> mount point of every cgroup v1 hierarchy (empty on a pure v2 host)."""
-    try:
-        with open(mountinfo, "rb") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return {}
-    out: dict[str, str] = {}
-    for line in lines:
-        fields = line.split()
-        try:
-            sep = fields.index(b"-", 6)
-        except ValueError:
-            continue
-        if sep + 3 >= len(fields) or fields[sep + 1] != b"cgroup":
-            continue
-        mount_point = os.fsdecode(fields[4])
-        for option in os.fsdecode(fields[sep + 3]).split(","):
-            if option in ("rw", "ro") or "=" in option:
-                continue
-            out.setdefault(option, mount_point)
-    return out
 
 
 class Host:

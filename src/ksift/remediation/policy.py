@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ksift.errors import ConfigError
-from ksift.units import format_duration, parse_duration
+from ksift.settings_fields import boolean, duration_between, integer_between
+from ksift.units import format_duration
 
 MODES = ("off", "dry-run", "ask", "enforce")
 DEFAULT_MODE = "dry-run"  # a policy that names no mode only shows what it would do
@@ -150,32 +151,30 @@ def parse_policy(table: object, source: str, field: str) -> Policy:
         raise ConfigError(source, f"invalid mode {mode!r} (expected one of: {', '.join(MODES)})", field=where("mode"))
     values["mode"] = mode
     if "grace" in table:
-        values["grace_s"] = _duration(table["grace"], source, where("grace"), 0.0, MAX_GRACE_S)
+        values["grace_s"] = duration_between(table["grace"], source, where("grace"), 0.0, MAX_GRACE_S)
     if "cpu_percent" in table:
         values["cpu_percent"] = _number(table["cpu_percent"], source, where("cpu_percent"), 1.0, 100_000.0,
                                         "the CPU share in % of one CPU (50 = half a CPU)")
     if "pids_max" in table:
-        values["pids_max"] = _integer(table["pids_max"], source, where("pids_max"), 1, 4_194_304)
+        values["pids_max"] = integer_between(table["pids_max"], source, where("pids_max"), 1, 4_194_304)
     if "nice" in table:
         # Remediation only ever lowers priority: a negative nice would favour the offender.
-        values["nice"] = _integer(table["nice"], source, where("nice"), 0, 19)
+        values["nice"] = integer_between(table["nice"], source, where("nice"), 0, 19)
     if "max_processes" in table:
-        values["max_processes"] = _integer(table["max_processes"], source, where("max_processes"), 1,
-                                           MAX_PROCESSES_LIMIT)
+        values["max_processes"] = integer_between(table["max_processes"], source, where("max_processes"), 1,
+                                                  MAX_PROCESSES_LIMIT)
     if "rate_per_minute" in table:
-        values["rate_per_minute"] = _integer(table["rate_per_minute"], source, where("rate_per_minute"), 1, 10_000)
+        values["rate_per_minute"] = integer_between(table["rate_per_minute"], source, where("rate_per_minute"), 1,
+                                                    10_000)
     if "cooldown" in table:
-        values["cooldown_s"] = _duration(table["cooldown"], source, where("cooldown"), 0.0, MAX_COOLDOWN_S)
+        values["cooldown_s"] = duration_between(table["cooldown"], source, where("cooldown"), 0.0, MAX_COOLDOWN_S)
     if "ask_timeout" in table:
-        values["ask_timeout_s"] = _duration(table["ask_timeout"], source, where("ask_timeout"), 1.0,
-                                            MAX_ASK_TIMEOUT_S)
+        values["ask_timeout_s"] = duration_between(table["ask_timeout"], source, where("ask_timeout"), 1.0,
+                                                   MAX_ASK_TIMEOUT_S)
     if "verify_for" in table:
-        values["verify_for_s"] = _duration(table["verify_for"], source, where("verify_for"), 0.1, MAX_VERIFY_S)
+        values["verify_for_s"] = duration_between(table["verify_for"], source, where("verify_for"), 0.1, MAX_VERIFY_S)
     if "fast_path" in table:
-        if not isinstance(table["fast_path"], bool):
-            raise ConfigError(source, f"invalid value {table['fast_path']!r}: must be true or false",
-                              field=where("fast_path"))
-        values["fast_path"] = table["fast_path"]
+        values["fast_path"] = boolean(table["fast_path"], source, where("fast_path"))
     if "only_cgroups" in table:
         values["only_cgroups"] = _cgroups(table["only_cgroups"], source, where("only_cgroups"))
     return Policy(**values)
@@ -198,14 +197,6 @@ def fast_path_enabled(policy: Policy, settings: Any) -> bool:
     return policy.fast_path and policy.action == "kill_tree" and effective_mode(policy, settings) in ("ask", "enforce")
 
 
-def _duration(value: object, source: str, field: str, low: float, high: float) -> float:
-    seconds = parse_duration(value, source=source, field=field)
-    if not low <= seconds <= high:
-        raise ConfigError(source, f"invalid value {value!r}: must be between {format_duration(low)} and "
-                                  f"{format_duration(high)}", field=field)
-    return seconds
-
-
 def _cgroups(value: object, source: str, field: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError(source, f"invalid value {value!r}: must be a non-empty list of cgroup paths such as "
@@ -217,14 +208,6 @@ def _cgroups(value: object, source: str, field: str) -> tuple[str, ...]:
                               field=f"{field}[{index}]")
         out.append(item.rstrip("/"))
     return tuple(out)
-
-
-def _integer(value: object, source: str, field: str, low: int, high: int) -> int:
-    # bool is an int subclass: `max_processes = true` is a mistake, not 1.
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ConfigError(source, f"invalid value {value!r}: must be an integer between {low} and {high}",
-                          field=field)
-    return value
 
 
 def _number(value: object, source: str, field: str, low: float, high: float, meaning: str) -> float:

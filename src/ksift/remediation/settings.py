@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ksift.errors import ConfigError
-from ksift.units import format_duration, parse_duration
+from ksift.settings_fields import boolean, duration_between, integer_between
 
 # Never acted on, whatever a policy says (matched exactly on /proc/<pid>/exe).
 DEFAULT_PROTECTED_EXE: tuple[str, ...] = (
@@ -81,10 +81,7 @@ def parse_remediation(table: dict, source: str) -> RemediationSettings:
     values: dict = {}
     for name in ("enabled", "dry_run", "allow_other_users"):
         if name in table:
-            if not isinstance(table[name], bool):
-                raise ConfigError(source, f"invalid value {table[name]!r}: must be true or false",
-                                  field=f"remediation.{name}")
-            values[name] = table[name]
+            values[name] = boolean(table[name], source, f"remediation.{name}")
     if "protected_exe" in table:
         values["protected_exe"] = frozenset(DEFAULT_PROTECTED_EXE) | _paths(
             table["protected_exe"], source, "remediation.protected_exe", "executable path")
@@ -94,19 +91,11 @@ def parse_remediation(table: dict, source: str) -> RemediationSettings:
                                                  "cgroup path such as /system.slice/db.service")}
     for name, low, high in (("max_actions_per_minute", 1, 10_000), ("max_processes", 1, 100_000)):
         if name in table:
-            value = table[name]
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise ConfigError(source, f"invalid value {value!r}: must be an integer between {low} and {high}",
-                                  field=f"remediation.{name}")
-            values[name] = value
+            values[name] = integer_between(table[name], source, f"remediation.{name}", low, high)
     for name, attribute, low, high in (("ask_timeout", "ask_timeout_s", 1.0, 86_400.0),
                                        ("poll_interval", "poll_interval_s", 0.05, 60.0)):
         if name in table:
-            seconds = parse_duration(table[name], source=source, field=f"remediation.{name}")
-            if not low <= seconds <= high:
-                raise ConfigError(source, f"invalid value {table[name]!r}: must be between {format_duration(low)} "
-                                          f"and {format_duration(high)}", field=f"remediation.{name}")
-            values[attribute] = seconds
+            values[attribute] = duration_between(table[name], source, f"remediation.{name}", low, high)
     if "nice" in table:
         value = table["nice"]
         if value is False:

@@ -1,22 +1,76 @@
-"""What every sensor shares: one BPF object, its ring buffer and its counters."""
+"""What every sensor shares: one BPF object, its ring buffer and its counters.
+
+And what the sensors that count events per key in the kernel share: the mirrors
+of struct ksift_window, and decoding their crossing and exit records and live
+state into the rule engine's Crossing, KeyExit and KeyState.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ksift.config import AgentConfig
 from ksift.errors import BpfError
+from ksift.events import TaskContext
 from ksift.loader.bpf_object import BpfMap, BpfObject
 from ksift.loader.libbpf import Libbpf
-from ksift.rules.incidents import Crossing, Incident, KeyExit, KeyState
+from ksift.rules.incidents import NS, Crossing, Incident, KeyExit, KeyState
 from ksift.rules.model import Rule, RuleSet
 from ksift.transport import records
 from ksift.transport.ringbuf import RingBufferReader
+from ksift.units import format_duration
+
+T = TypeVar("T")
+
+# Mirrors of the windowed-counting layouts in bpf/ksift.h, shared by every counting sensor:
+# struct ksift_window is the first member ("win") of each sensor's per-key state.
+WINDOW = np.dtype(
+    [
+        ("window_start_ns", "<u8"),
+        ("reported_window_ns", "<u8"),
+        ("total", "<u8"),
+        ("window_count", "<u4"),
+        ("flagged", "<u4"),
+    ]
+)
+WINDOW_EXIT = np.dtype(
+    [("window_start_ns", "<u8"), ("total", "<u8"), ("window_count", "<u4"), ("exit_code", "<u4")]
+)
+# For a counting sensor's `abi`: checked against BTF like its own structs.
+WINDOW_ABI: dict[str, tuple[np.dtype, dict[str, str]]] = {
+    "ksift_window": (WINDOW, {}),
+    "ksift_window_exit": (WINDOW_EXIT, {}),
+}
+
+
+def tgid_key(tgid: int) -> bytes:
+    """A tgid as the kernel's u32 map key."""
+    return int(tgid).to_bytes(4, "little")
+
+
+def window_crossing(rule: str, row: np.void, payload: np.void, *, task: TaskContext | None = None,
+                    key: Hashable | None = None, details: Mapping[str, Any] | None = None,
+                    stack: Any = None) -> Crossing:
+    """The Crossing of a crossing record whose payload carries window_start_ns, window_count
+    and total. The task is decoded from the record unless given; the key is its tgid unless given."""
+    if task is None:
+        task = records.task_context(row["task"])
+    return Crossing(rule=rule, key=task.tgid if key is None else key, ktime_ns=int(row["ktime_ns"]),
+                    window_start_ns=int(payload["window_start_ns"]), window_count=int(payload["window_count"]),
+                    total=int(payload["total"]), task=task, details=details or {}, stack=stack)
+
+
+def how_long(inc: Incident) -> str:
+    """How long a resolved incident lasted, from its first window to its resolution."""
+    return format_duration(round(max((inc.resolved_ns or 0) - inc.first_window_ns, 0) / NS, 1))
 
 
 def default_objects_dir() -> Path:
@@ -115,13 +169,68 @@ class Sensor:
                 obj.set_autoload(prog, prog in wanted)
             obj.load()
             for prog in self.programs():
-                obj.attach(prog)
+                self.attach(obj, prog)
             events = obj.map("ks_events")
             self.reader = RingBufferReader(events.fd, events.max_entries)
             self._counters = obj.map("ks_counters")
         except BaseException:
             self.close()
             raise
+
+    def attach(self, obj: BpfObject, prog: str) -> None:
+        """Attach one loaded program to its hook (a sensor with another kind of hook overrides this)."""
+        obj.attach(prog)
+
+    # -- decoding ------------------------------------------------------------
+
+    def decode_each(self, items: Iterable[tuple], build: Callable[..., T], out: Decoded, what: str) -> list[T]:
+        """build(*item) for each item. An item it fails on is logged and counted in out.failed:
+        one odd record must not cost the rest of the batch."""
+        done = []
+        for item in items:
+            try:
+                done.append(build(*item))
+            except Exception:
+                logging.getLogger(type(self).__module__).exception("skipping an undecodable %s record", what)
+                out.failed += 1
+        return done
+
+    def decode_records(self, batch: np.ndarray, rec_type: int, dtype: np.dtype,
+                       build: Callable[[np.void, np.void], T], out: Decoded, what: str) -> list[T]:
+        """build(row, payload) for each record of rec_type in the batch (payload decoded as dtype),
+        failures counted as in decode_each."""
+        rows, pay = records.payloads(batch, rec_type, dtype)
+        return self.decode_each(zip(rows, pay), build, out, what)
+
+    # -- windowed counting (struct ksift_window) -------------------------------
+
+    @staticmethod
+    def window_rodata(prefix: str, rule: Rule | None) -> dict[str, int]:
+        """A windowed rule's threshold and window as the object's `<prefix>_threshold` and
+        `<prefix>_window_ns` rodata; nothing when the rule is not enabled."""
+        if rule is None:
+            return {}
+        return {f"{prefix}_threshold": rule.threshold, f"{prefix}_window_ns": int(rule.window_s * NS)}
+
+    @staticmethod
+    def window_exits(batch: np.ndarray, rec_type: int, rule: str) -> list[KeyExit]:
+        """The final totals of the exit records (struct ksift_window_exit) of one type in a batch."""
+        rows, pay = records.payloads(batch, rec_type, WINDOW_EXIT)
+        return [KeyExit(rule, int(row["task"]["tgid"]), int(p["total"]), int(p["exit_code"]))
+                for row, p in zip(rows, pay)]
+
+    @staticmethod
+    def window_state(state_map: Any, key: bytes, dtype: np.dtype) -> KeyState | None:
+        """A key's live counters from a per-key state map whose value (`dtype`) holds a
+        struct ksift_window as "win". None before start(), and once the key is gone
+        (its process exited: an exit record carried the final totals)."""
+        if state_map is None:
+            return None
+        raw = state_map.lookup(key)
+        if raw is None:
+            return None
+        win = np.frombuffer(raw[: dtype.itemsize], dtype=dtype)[0]["win"]
+        return KeyState(int(win["total"]), int(win["window_start_ns"]), int(win["window_count"]))
 
     @property
     def events_fd(self) -> int:

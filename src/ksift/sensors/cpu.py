@@ -25,11 +25,10 @@ from ksift.enrich.symbols import Symbolizer
 from ksift.errors import ConfigError
 from ksift.loader.bpf_object import BpfMap, BpfObject
 from ksift.loader.libbpf import Libbpf
-from ksift.rules.incidents import NS, Crossing, Incident, KeyExit, KeyState
+from ksift.rules.incidents import NS, Crossing, Incident, KeyState
 from ksift.rules.model import Rule, RuleSet
-from ksift.sensors.base import Decoded, Sensor
+from ksift.sensors.base import WINDOW, WINDOW_ABI, WINDOW_EXIT, Decoded, Sensor, tgid_key, window_crossing
 from ksift.transport import records
-from ksift.transport.ringbuf import RingBufferReader
 from ksift.units import format_duration
 
 log = logging.getLogger("ksift.sensors.cpu")
@@ -59,19 +58,13 @@ CPU_CROSSING = np.dtype(
         ("threshold", "<u4"),
     ]
 )
-CPU_EXIT = np.dtype(
-    [("window_start_ns", "<u8"), ("total", "<u8"), ("window_count", "<u4"), ("exit_code", "<u4")]
-)
+CPU_EXIT = WINDOW_EXIT  # exit_code: task->exit_code
 CPU_STATE = np.dtype(
     [
-        ("window_start_ns", "<u8"),
-        ("reported_window_ns", "<u8"),
-        ("total", "<u8"),
+        ("win", WINDOW),
         ("run_start_ns", "<u8"),
         ("run_samples", "<u8"),
-        ("window_count", "<u4"),
         ("prev_window_count", "<u4"),
-        ("flagged", "<u4"),
         ("_pad", "<u4"),
     ]
 )
@@ -195,8 +188,8 @@ class CpuSensor(Sensor):
     counter_names = ("cpu_samples", "cpu_idle", "cpu_self", "cpu_aggregated", "cpu_crossings", "cpu_stacks",
                      "cpu_stack_collisions", "cpu_stack_errors", "cpu_exit_flagged")
     abi = {
+        **WINDOW_ABI,
         "ksift_cpu_crossing": (CPU_CROSSING, {}),
-        "ksift_cpu_exit": (CPU_EXIT, {}),
         "ksift_cpu_state": (CPU_STATE, {}),
         "ksift_cpu_stack_key": (STACK_KEY, {}),
     }
@@ -234,32 +227,18 @@ class CpuSensor(Sensor):
         # The exit hook ships the final totals of flagged processes and frees their state.
         return [SAMPLER, EXIT_HOOK] if self.cpu_rule is not None else []
 
+    def attach(self, obj: BpfObject, prog: str) -> None:
+        """The sampler goes on one cpu-clock event per CPU; the exit hook is a tracepoint."""
+        if prog == SAMPLER:
+            obj.attach_perf_event(prog, self.sample_hz)
+        else:
+            super().attach(obj, prog)
+
     def start(self) -> None:
-        """The base lifecycle, except that the sampler is attached to one cpu-clock event per CPU."""
-        obj = BpfObject(self.path, self.lib)
-        self.obj = obj
-        try:
-            obj.open()
-            obj.set_rodata(ksift_tgid=self.self_tgid, wakeup_bytes=self.config.wakeup_bytes, **self.rodata())
-            obj.resize_map("ks_events", self.config.ringbuf_bytes)
-            wanted = set(self.programs())
-            for prog in obj.program_names():
-                obj.set_autoload(prog, prog in wanted)
-            obj.load()
-            for prog in self.programs():
-                if prog == SAMPLER:
-                    obj.attach_perf_event(prog, self.sample_hz)
-                else:
-                    obj.attach(prog)
-            events = obj.map("ks_events")
-            self.reader = RingBufferReader(events.fd, events.max_entries)
-            self._counters = obj.map("ks_counters")
-            self._state = obj.map("ks_cpu_state")
-            self._stacks = obj.map("ks_cpu_stacks")
-            self._stack_counts = obj.map("ks_cpu_stack_counts")
-        except BaseException:
-            self.close()
-            raise
+        super().start()
+        self._state = self.obj.map("ks_cpu_state")
+        self._stacks = self.obj.map("ks_cpu_stacks")
+        self._stack_counts = self.obj.map("ks_cpu_stack_counts")
 
     def close(self) -> None:
         self._state = self._stacks = self._stack_counts = None
@@ -280,30 +259,21 @@ class CpuSensor(Sensor):
         if rule is None or len(batch) == 0:
             return out
         window_ns = round(rule.window_s * NS)
-        rows, pay = records.payloads(batch, REC_CPU_CROSSING, CPU_CROSSING)
-        decoded = []
-        for row, p in zip(rows, pay):
-            try:
-                task = records.task_context(row["task"])
-                self.book.track(task.tgid, task.start_boottime_ns, int(p["window_start_ns"]), window_ns)
-                decoded.append((row, p, task))
-            except Exception:  # one odd record must not cost the rest of the batch
-                log.exception("skipping an undecodable CPU crossing record")
-                out.failed += 1
+
+        def track(row: np.void, p: np.void) -> tuple:
+            task = records.task_context(row["task"])
+            self.book.track(task.tgid, task.start_boottime_ns, int(p["window_start_ns"]), window_ns)
+            return row, p, task
+
+        decoded = self.decode_records(batch, REC_CPU_CROSSING, CPU_CROSSING, track, out, "CPU crossing")
         if decoded:
             try:
                 self.drain_stacks()
             except Exception:  # stacks are context: the alert still goes out without them
                 log.exception("could not read the stacks of hot processes")
-        for row, p, task in decoded:
-            try:
-                out.crossings.append(self._crossing(rule, row, p, task))
-            except Exception:
-                log.exception("skipping an undecodable CPU crossing record")
-                out.failed += 1
-        rows, pay = records.payloads(batch, REC_CPU_EXIT, CPU_EXIT)
-        for row, p in zip(rows, pay):
-            out.exits.append(KeyExit(rule.name, int(row["task"]["tgid"]), int(p["total"]), int(p["exit_code"])))
+        out.crossings += self.decode_each(decoded, lambda row, p, task: self._crossing(rule, row, p, task), out,
+                                          "CPU crossing")
+        out.exits += self.window_exits(batch, REC_CPU_EXIT, rule.name)
         return out
 
     def _crossing(self, rule: Rule, row: np.void, p: np.void, task) -> Crossing:
@@ -318,10 +288,7 @@ class CpuSensor(Sensor):
             "threshold_percent": rule.threshold,
             "window_samples_threshold": int(p["threshold"]),
         }
-        return Crossing(rule=rule.name, key=task.tgid, ktime_ns=ktime,
-                        window_start_ns=int(p["window_start_ns"]), window_count=int(p["window_count"]),
-                        total=int(p["total"]), task=task, details=details,
-                        stack=self.book.top(task.tgid) or None)
+        return window_crossing(rule.name, row, p, task=task, details=details, stack=self.book.top(task.tgid) or None)
 
     def drain_stacks(self) -> int:
         """Move the kernel's stack counts into the book, symbolized; returns the entries read.
@@ -389,13 +356,7 @@ class CpuSensor(Sensor):
 
     def current(self, rule: str, key: int) -> KeyState | None:
         """One process's live sample counters, straight from the kernel map."""
-        if self._state is None:
-            return None
-        raw = self._state.lookup(int(key).to_bytes(4, "little"))
-        if raw is None:
-            return None  # exited: its exit record carried the final totals
-        st = np.frombuffer(raw[: CPU_STATE.itemsize], dtype=CPU_STATE)[0]
-        return KeyState(int(st["total"]), int(st["window_start_ns"]), int(st["window_count"]))
+        return self.window_state(self._state, tgid_key(key), CPU_STATE)
 
     # -- alerts --------------------------------------------------------------
 

@@ -11,17 +11,13 @@ one open in eight into a bounded per-process top-k, read here for the alert's
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
-from ksift.rules.incidents import NS, Crossing, Incident, KeyExit, KeyState
+from ksift.rules.incidents import Crossing, Incident, KeyState
 from ksift.rules.model import Rule
-from ksift.sensors.base import Decoded, Sensor
+from ksift.sensors.base import WINDOW, WINDOW_ABI, WINDOW_EXIT, Decoded, Sensor, how_long, tgid_key, window_crossing
 from ksift.transport import records
 from ksift.units import format_duration
-
-log = logging.getLogger("ksift.sensors.files")
 
 FILE_SIGNAL = "file.open"
 
@@ -39,20 +35,8 @@ FD_CROSSING = np.dtype(
         ("pad", "<u4"),
     ]
 )
-FD_EXIT = np.dtype(
-    [("window_start_ns", "<u8"), ("total", "<u8"), ("window_count", "<u4"), ("exit_code", "<u4")]
-)
-FD_STATE = np.dtype(
-    [
-        ("window_start_ns", "<u8"),
-        ("reported_window_ns", "<u8"),
-        ("total", "<u8"),
-        ("window_count", "<u4"),
-        ("window_sockets", "<u4"),
-        ("flagged", "<u4"),
-        ("pad", "<u4"),
-    ]
-)
+FD_EXIT = WINDOW_EXIT  # exit_code: task->exit_code
+FD_STATE = np.dtype([("win", WINDOW), ("window_sockets", "<u4"), ("pad", "<u4")])
 DIR_SLOT = np.dtype(
     [
         ("hash", "<u8"),
@@ -114,8 +98,8 @@ class FileSensor(Sensor):
     counter_names = ("fd_seen", "fd_failed", "fd_self", "fd_aggregated", "fd_crossings",
                      "dir_samples", "dir_unreadable", "file_exit_flagged")
     abi = {
+        **WINDOW_ABI,
         "ksift_fd_crossing": (FD_CROSSING, {}),
-        "ksift_fd_exit": (FD_EXIT, {}),
         "ksift_fd_state": (FD_STATE, {}),
         "ksift_dir_slot": (DIR_SLOT, {}),
         "ksift_fd_dirs": (FD_DIRS, {}),
@@ -132,10 +116,7 @@ class FileSensor(Sensor):
         self._dirs: dict[int, tuple[list[dict], int]] = {}
 
     def rodata(self) -> dict[str, int]:
-        rule = self.fd_rule
-        if rule is None:
-            return {}
-        return {"fd_threshold": rule.threshold, "fd_window_ns": int(rule.window_s * NS)}
+        return self.window_rodata("fd", self.fd_rule)
 
     def programs(self) -> list[str]:
         # One syscall hook for every fd-creating syscall; the exit hook ships final totals.
@@ -151,39 +132,27 @@ class FileSensor(Sensor):
         if self.fd_rule is None or len(batch) == 0:
             return out
         rule = self.fd_rule.name
-        rows, pay = records.payloads(batch, REC_FD_CROSSING, FD_CROSSING)
-        for row, p in zip(rows, pay):
-            try:
-                task = records.task_context(row["task"])
-                count, sockets = int(p["window_count"]), int(p["window_sockets"])
-                out.crossings.append(Crossing(
-                    rule=rule, key=task.tgid, ktime_ns=int(row["ktime_ns"]),
-                    window_start_ns=int(p["window_start_ns"]), window_count=count,
-                    total=int(p["total"]), task=task,
-                    details={"files_at_crossing": max(count - sockets, 0), "sockets_at_crossing": sockets}))
-            except Exception:  # one odd record must not cost the rest of the batch
-                log.exception("skipping an undecodable fd crossing record")
-                out.failed += 1
-        rows, pay = records.payloads(batch, REC_FD_EXIT, FD_EXIT)
-        for row, p in zip(rows, pay):
-            out.exits.append(KeyExit(rule, int(row["task"]["tgid"]), int(p["total"]), int(p["exit_code"])))
+        out.crossings += self.decode_records(batch, REC_FD_CROSSING, FD_CROSSING,
+                                             lambda row, p: self._crossing(rule, row, p), out, "fd crossing")
+        out.exits += self.window_exits(batch, REC_FD_EXIT, rule)
         return out
+
+    def _crossing(self, rule: str, row: np.void, p: np.void) -> Crossing:
+        count, sockets = int(p["window_count"]), int(p["window_sockets"])
+        return window_crossing(rule, row, p, details={"files_at_crossing": max(count - sockets, 0),
+                                                      "sockets_at_crossing": sockets})
 
     def current(self, rule: str, key: int) -> KeyState | None:
         """One process's live counters, straight from the kernel map (and its directories)."""
         if self._state is None:
             return None
         self._read_dirs(key)
-        raw = self._state.lookup(key.to_bytes(4, "little"))
-        if raw is None:
-            return None  # the process exited: its exit record carried the final totals
-        st = np.frombuffer(raw[: FD_STATE.itemsize], dtype=FD_STATE)[0]
-        return KeyState(int(st["total"]), int(st["window_start_ns"]), int(st["window_count"]))
+        return self.window_state(self._state, tgid_key(key), FD_STATE)
 
     def _read_dirs(self, tgid: int) -> None:
         if self._dirs_map is None:
             return
-        raw = self._dirs_map.lookup(tgid.to_bytes(4, "little"))
+        raw = self._dirs_map.lookup(tgid_key(tgid))
         if raw is None:
             return
         dirs = np.frombuffer(raw[: FD_DIRS.itemsize], dtype=FD_DIRS)[0]
@@ -198,7 +167,7 @@ class FileSensor(Sensor):
             return self._dirs.get(inc.task.tgid, ([], 0))
         # Over: a later burst of the same process starts its directory counts afresh.
         if self._dirs_map is not None:
-            self._dirs_map.delete(inc.task.tgid.to_bytes(4, "little"))
+            self._dirs_map.delete(tgid_key(inc.task.tgid))
         return self._dirs.pop(inc.task.tgid, ([], 0))
 
     def details(self, inc: Incident, status: str) -> dict:
@@ -214,7 +183,7 @@ class FileSensor(Sensor):
             top, _ = self._directories(inc, status)
             where = f" ({top[0]['share']:.0%} in {top[0]['directory']})" if top else ""
             return f"{who} opened {inc.peak_window_count:,} {noun} in the last {window}{where}"
-        lasted = format_duration(round(max((inc.resolved_ns or 0) - inc.first_window_ns, 0) / NS, 1))
+        lasted = how_long(inc)
         end = " and exited" if inc.key_exited else ""
         return (f"{who} fd burst is over{end}: {inc.count:,} new {noun} in {lasted} "
                 f"(peak {inc.peak_window_count:,} in {window})")

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from ksift.loader.bpf_object import BpfMap
-from ksift.rules.incidents import NS, Crossing, Incident, KeyExit, KeyState
+from ksift.rules.incidents import NS, Crossing, Incident, KeyState
 from ksift.rules.model import Rule
-from ksift.sensors.base import Decoded, Sensor
+from ksift.sensors.base import WINDOW, WINDOW_ABI, WINDOW_EXIT, Decoded, Sensor, how_long, tgid_key, window_crossing
 from ksift.transport import records
 from ksift.units import format_duration
 
@@ -34,15 +34,7 @@ REC_CHURN_EXIT = 12
 REC_CRASH_CROSSING = 13
 LC_EXEC = np.dtype([("path", f"S{records.PATH_LEN}")])
 LC_KEY = np.dtype([("parent_tgid", "<u4"), ("pad", "<u4"), ("exe", f"S{records.PATH_LEN}")])
-CHURN_STATE = np.dtype(
-    [
-        ("window_start_ns", "<u8"),
-        ("reported_window_ns", "<u8"),
-        ("total", "<u8"),
-        ("window_count", "<u4"),
-        ("flagged", "<u4"),
-    ]
-)
+CHURN_STATE = np.dtype([("win", WINDOW)])
 CHURN_EXE = np.dtype([("count", "<u8"), ("parent_start_ns", "<u8")])
 CHURN_CROSSING = np.dtype(
     [
@@ -57,19 +49,9 @@ CHURN_CROSSING = np.dtype(
         ("last_child_exe", f"S{records.PATH_LEN - 32}"),
     ]
 )
-CHURN_EXIT = np.dtype(
-    [("window_start_ns", "<u8"), ("total", "<u8"), ("window_count", "<u4"), ("exit_code", "<u4")]
-)
+CHURN_EXIT = WINDOW_EXIT  # exit_code: the wait() status
 CRASH_STATE = np.dtype(
-    [
-        ("window_start_ns", "<u8"),
-        ("reported_window_ns", "<u8"),
-        ("total", "<u8"),
-        ("window_count", "<u4"),
-        ("last_code", "<u4"),
-        ("same_code_run", "<u4"),
-        ("last_tgid", "<u4"),
-    ]
+    [("win", WINDOW), ("last_code", "<u4"), ("same_code_run", "<u4"), ("last_tgid", "<u4"), ("pad", "<u4")]
 )
 CRASH_CROSSING = np.dtype(
     [
@@ -109,6 +91,37 @@ def exit_phrase(status: int) -> str:
     return f"was killed by {d['signal']}" + (" (core dumped)" if d["core_dumped"] else "")
 
 
+def churn_crossing(rule: str, row: np.void, p: np.void) -> Crossing:
+    """An exec churn crossing: the parent's, with the child whose exit crossed."""
+    details = {
+        "max_lifetime_s": int(p["max_lifetime_ns"]) / NS,
+        "last_child": {"pid": int(p["last_child_tgid"]),
+                       "exe": records.text(bytes(p["last_child_exe"])),
+                       "lifetime_s": round(int(p["last_lifetime_ns"]) / NS, 6)},
+    }
+    return window_crossing(rule, row, p, details=details)
+
+
+def crash_crossing(rule: str, row: np.void, p: np.void) -> Crossing:
+    """A crash loop crossing, keyed by (parent tgid, executable): the failing process is the subject."""
+    task = records.task_context(row["task"])
+    parent = int(p["parent_tgid"])
+    parent_comm = next((comm for pid, comm in task.ancestry[:1] if pid == parent), None)
+    status = int(p["exit_code"])
+    details = {
+        "exe": task.exe,
+        "parent": {"pid": parent, "comm": parent_comm},
+        **describe_exit(status),
+        "wait_status": status,
+        "same_failure_in_a_row": int(p["same_code_run"]),
+        "last_pid": task.tgid,
+        "last_lifetime_s": round(int(p["lifetime_ns"]) / NS, 6),
+        # Every failure of the crossing window was this one (for the sentence).
+        f"{_PRIVATE}uniform": int(p["same_code_run"]) >= int(p["window_count"]),
+    }
+    return window_crossing(rule, row, p, task=task, key=(parent, task.exe), details=details)
+
+
 def crash_key_bytes(key: tuple[int, str]) -> bytes:
     """The kernel's struct ksift_lc_key for (parent tgid, exe)."""
     parent, exe = key
@@ -142,12 +155,12 @@ class LifecycleSensor(Sensor):
                      "churn_aggregated", "churn_crossings", "churn_exit_flagged", "crash_aggregated",
                      "crash_crossings")
     abi = {
+        **WINDOW_ABI,
         "ksift_lc_exec": (LC_EXEC, {}),
         "ksift_lc_key": (LC_KEY, {}),
         "ksift_churn_state": (CHURN_STATE, {}),
         "ksift_churn_exe": (CHURN_EXE, {}),
         "ksift_churn_crossing": (CHURN_CROSSING, {}),
-        "ksift_churn_exit": (CHURN_EXIT, {}),
         "ksift_crash_state": (CRASH_STATE, {}),
         "ksift_crash_crossing": (CRASH_CROSSING, {}),
     }
@@ -163,12 +176,10 @@ class LifecycleSensor(Sensor):
     def rodata(self) -> dict[str, int]:
         out: dict[str, int] = {}
         if self.churn_rule is not None:
-            out.update(churn_enabled=1, churn_threshold=self.churn_rule.threshold,
-                       churn_window_ns=int(self.churn_rule.window_s * NS),
+            out.update(churn_enabled=1, **self.window_rodata("churn", self.churn_rule),
                        churn_max_lifetime_ns=int(self.churn_rule.param("max_lifetime") * NS))
         if self.crash_rule is not None:
-            out.update(crash_enabled=1, crash_threshold=self.crash_rule.threshold,
-                       crash_window_ns=int(self.crash_rule.window_s * NS))
+            out.update(crash_enabled=1, **self.window_rodata("crash", self.crash_rule))
         return out
 
     def programs(self) -> list[str]:
@@ -197,71 +208,23 @@ class LifecycleSensor(Sensor):
         return out
 
     def _decode_churn(self, batch: np.ndarray, rule: str, out: Decoded) -> None:
-        rows, pay = records.payloads(batch, REC_CHURN_CROSSING, CHURN_CROSSING)
-        for row, p in zip(rows, pay):
-            try:
-                task = records.task_context(row["task"])
-                details = {
-                    "max_lifetime_s": int(p["max_lifetime_ns"]) / NS,
-                    "last_child": {"pid": int(p["last_child_tgid"]),
-                                   "exe": records.text(bytes(p["last_child_exe"])),
-                                   "lifetime_s": round(int(p["last_lifetime_ns"]) / NS, 6)},
-                }
-                out.crossings.append(Crossing(
-                    rule=rule, key=task.tgid, ktime_ns=int(row["ktime_ns"]),
-                    window_start_ns=int(p["window_start_ns"]), window_count=int(p["window_count"]),
-                    total=int(p["total"]), task=task, details=details))
-            except Exception:  # one odd record must not cost the rest of the batch
-                log.exception("skipping an undecodable exec churn record")
-                out.failed += 1
-        rows, pay = records.payloads(batch, REC_CHURN_EXIT, CHURN_EXIT)
-        for row, p in zip(rows, pay):
-            out.exits.append(KeyExit(rule, int(row["task"]["tgid"]), int(p["total"]), int(p["exit_code"])))
+        out.crossings += self.decode_records(batch, REC_CHURN_CROSSING, CHURN_CROSSING,
+                                             lambda row, p: churn_crossing(rule, row, p), out, "exec churn")
+        out.exits += self.window_exits(batch, REC_CHURN_EXIT, rule)
 
     def _decode_crash(self, batch: np.ndarray, rule: str, out: Decoded) -> None:
-        rows, pay = records.payloads(batch, REC_CRASH_CROSSING, CRASH_CROSSING)
-        for row, p in zip(rows, pay):
-            try:
-                task = records.task_context(row["task"])
-                parent = int(p["parent_tgid"])
-                parent_comm = next((comm for pid, comm in task.ancestry[:1] if pid == parent), None)
-                status = int(p["exit_code"])
-                details = {
-                    "exe": task.exe,
-                    "parent": {"pid": parent, "comm": parent_comm},
-                    **describe_exit(status),
-                    "wait_status": status,
-                    "same_failure_in_a_row": int(p["same_code_run"]),
-                    "last_pid": task.tgid,
-                    "last_lifetime_s": round(int(p["lifetime_ns"]) / NS, 6),
-                    # Every failure of the crossing window was this one (for the sentence).
-                    f"{_PRIVATE}uniform": int(p["same_code_run"]) >= int(p["window_count"]),
-                }
-                out.crossings.append(Crossing(
-                    rule=rule, key=(parent, task.exe), ktime_ns=int(row["ktime_ns"]),
-                    window_start_ns=int(p["window_start_ns"]), window_count=int(p["window_count"]),
-                    total=int(p["total"]), task=task, details=details))
-            except Exception:
-                log.exception("skipping an undecodable crash loop record")
-                out.failed += 1
+        out.crossings += self.decode_records(batch, REC_CRASH_CROSSING, CRASH_CROSSING,
+                                             lambda row, p: crash_crossing(rule, row, p), out, "crash loop")
 
     # -- live state ----------------------------------------------------------
 
     def current(self, rule: str, key: Hashable) -> KeyState | None:
         """A key's live counters, straight from the kernel map (one lookup)."""
         if self.churn_rule is not None and rule == self.churn_rule.name and self._churn_state is not None:
-            raw = self._churn_state.lookup(int(key).to_bytes(4, "little"))
-            if raw is None:
-                return None  # the parent exited: its exit record carried the final totals
-            st = np.frombuffer(raw[: CHURN_STATE.itemsize], dtype=CHURN_STATE)[0]
-        elif self.crash_rule is not None and rule == self.crash_rule.name and self._crash_state is not None:
-            raw = self._crash_state.lookup(crash_key_bytes(key))
-            if raw is None:
-                return None
-            st = np.frombuffer(raw[: CRASH_STATE.itemsize], dtype=CRASH_STATE)[0]
-        else:
-            return None
-        return KeyState(int(st["total"]), int(st["window_start_ns"]), int(st["window_count"]))
+            return self.window_state(self._churn_state, tgid_key(key), CHURN_STATE)
+        if self.crash_rule is not None and rule == self.crash_rule.name and self._crash_state is not None:
+            return self.window_state(self._crash_state, crash_key_bytes(key), CRASH_STATE)
+        return None
 
     def _top_executables(self, inc: Incident) -> list[dict[str, Any]] | None:
         if self._churn_exe is None:
@@ -284,7 +247,7 @@ class LifecycleSensor(Sensor):
 
     def summarize(self, inc: Incident, status: str) -> str | None:
         window = format_duration(inc.rule.window_s)
-        lasted = format_duration(round(max((inc.resolved_ns or 0) - inc.first_window_ns, 0) / NS, 1))
+        lasted = how_long(inc)
         if self.churn_rule is not None and inc.rule.name == self.churn_rule.name:
             who = f"PID {inc.task.tgid} ({inc.task.comm})"
             if status == "open":

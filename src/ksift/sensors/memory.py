@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -24,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from ksift.enrich.cgroup import CgroupResolver, find_cgroup2_mount
+from ksift.enrich.cgroup import (
+    CgroupResolver,
+    cgroup1_mounts,
+    find_cgroup1_mounts,
+    find_cgroup2_mount,
+    parse_mountinfo,
+)
 from ksift.rules.incidents import NS, Crossing, Incident
 from ksift.rules.model import Rule
 from ksift.sensors.base import Decoded, Sensor
@@ -91,18 +98,7 @@ def mib(nbytes: int | float) -> str:
 
 def find_memory_v1_mount(mountinfo_text: str) -> str | None:
     """Mount point of the cgroup v1 hierarchy that holds the memory controller, if any."""
-    for line in mountinfo_text.splitlines():
-        fields = line.split()
-        try:
-            sep = fields.index("-", 6)
-        except ValueError:
-            continue
-        if len(fields) < sep + 4 or fields[sep + 1] != "cgroup":
-            continue
-        if "memory" in fields[sep + 3].split(","):
-            # mountinfo escapes spaces as \040; cgroup mount points have none in practice
-            return fields[4].replace("\\040", " ")
-    return None
+    return cgroup1_mounts(parse_mountinfo(os.fsencode(mountinfo_text))).get("memory")
 
 
 class MemcgPaths:
@@ -123,11 +119,7 @@ class MemcgPaths:
             if v2:
                 root = find_cgroup2_mount(self.mountinfo)
             else:
-                try:
-                    with open(self.mountinfo) as fh:
-                        root = find_memory_v1_mount(fh.read())
-                except OSError:
-                    root = None
+                root = find_cgroup1_mounts(self.mountinfo).get("memory")
             # OOM kills are rare and a walk is cheap: rescan soon after a miss.
             resolver = self._resolvers[v2] = CgroupResolver(root, rescan_interval_s=self.rescan_interval_s)
         return resolver
@@ -317,16 +309,14 @@ class MemorySensor(Sensor):
         return out
 
     def _decode_oom(self, batch: np.ndarray, rule: str, out: Decoded) -> None:
-        rows, pay = records.payloads(batch, REC_OOM_KILL, OOM_KILL)
-        for row, p in zip(rows, pay):
-            try:
-                task = records.task_context(row["task"])
-                ktime = int(row["ktime_ns"])
-                out.crossings.append(Crossing(rule=rule, key=task.tgid, ktime_ns=ktime, window_start_ns=ktime,
-                                              window_count=1, total=1, task=task, details=self.oom_details(p)))
-            except Exception:  # one odd record must not cost the rest of the batch
-                log.exception("skipping an undecodable OOM kill record")
-                out.failed += 1
+        out.crossings += self.decode_records(batch, REC_OOM_KILL, OOM_KILL,
+                                             lambda row, p: self._oom_crossing(rule, row, p), out, "OOM kill")
+
+    def _oom_crossing(self, rule: str, row: np.void, p: np.void) -> Crossing:
+        task = records.task_context(row["task"])
+        ktime = int(row["ktime_ns"])
+        return Crossing(rule=rule, key=task.tgid, ktime_ns=ktime, window_start_ns=ktime,
+                        window_count=1, total=1, task=task, details=self.oom_details(p))
 
     def oom_details(self, p: np.void) -> dict[str, Any]:
         """The victim's figures and the cgroup whose limit was hit, as alert details."""
@@ -370,23 +360,21 @@ class MemorySensor(Sensor):
     def _decode_growth(self, batch: np.ndarray, rule: str, out: Decoded) -> None:
         rows, pay = records.payloads(batch, REC_RSS_STEP, RSS_STEP)
         order = np.argsort(rows["ktime_ns"], kind="stable")  # chains need each process's reports in order
-        for i in order:
-            row, p = rows[i], pay[i]
-            try:
-                task = records.task_context(row["task"])
-                ktime = int(row["ktime_ns"])
-                found = self.growth.add(task.tgid, task.start_boottime_ns, int(p["prev_ns"]),
-                                        int(p["prev_pages"]) * self.page_size, ktime,
-                                        int(p["rss_pages"]) * self.page_size)
-                if found is None:
-                    continue
-                out.crossings.append(Crossing(
-                    rule=rule, key=task.tgid, ktime_ns=ktime, window_start_ns=found.from_ns,
-                    window_count=found.growth_bytes // MIB, total=found.to_bytes // MIB, task=task,
-                    details=self.growth_details(found, p)))
-            except Exception:
-                log.exception("skipping an undecodable RSS step record")
-                out.failed += 1
+        steps = self.decode_each(((rows[i], pay[i]) for i in order),
+                                 lambda row, p: self._growth_crossing(rule, row, p), out, "RSS step")
+        out.crossings += [c for c in steps if c is not None]
+
+    def _growth_crossing(self, rule: str, row: np.void, p: np.void) -> Crossing | None:
+        """One RSS step into the process's chain; a Crossing when the chain now adds up to growth."""
+        task = records.task_context(row["task"])
+        ktime = int(row["ktime_ns"])
+        found = self.growth.add(task.tgid, task.start_boottime_ns, int(p["prev_ns"]),
+                                int(p["prev_pages"]) * self.page_size, ktime, int(p["rss_pages"]) * self.page_size)
+        if found is None:
+            return None
+        return Crossing(rule=rule, key=task.tgid, ktime_ns=ktime, window_start_ns=found.from_ns,
+                        window_count=found.growth_bytes // MIB, total=found.to_bytes // MIB, task=task,
+                        details=self.growth_details(found, p))
 
     def growth_details(self, g: Growth, p: np.void) -> dict[str, Any]:
         page = self.page_size

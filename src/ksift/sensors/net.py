@@ -11,17 +11,14 @@ as IPv4.
 from __future__ import annotations
 
 import ipaddress
-import logging
 
 import numpy as np
 
-from ksift.rules.incidents import NS, Crossing, Incident, KeyState
+from ksift.rules.incidents import Crossing, Incident, KeyState
 from ksift.rules.model import Rule
-from ksift.sensors.base import Decoded, Sensor
+from ksift.sensors.base import WINDOW, WINDOW_ABI, Decoded, Sensor, how_long, window_crossing
 from ksift.transport import records
 from ksift.units import format_duration
-
-log = logging.getLogger("ksift.sensors.net")
 
 CONNECT_SIGNAL = "net.connect"
 
@@ -30,15 +27,7 @@ REC_CONNECT_CROSSING = 31
 AF_INET = 2
 AF_INET6 = 10
 CONNECT_KEY = np.dtype([("tgid", "<u4"), ("family", "<u2"), ("port", "<u2"), ("addr", "u1", (16,))])
-CONNECT_STATE = np.dtype(
-    [
-        ("window_start_ns", "<u8"),
-        ("reported_window_ns", "<u8"),
-        ("total", "<u8"),
-        ("window_count", "<u4"),
-        ("pad", "<u4"),
-    ]
-)
+CONNECT_STATE = np.dtype([("win", WINDOW)])
 CONNECT_CROSSING = np.dtype(
     [
         ("key", CONNECT_KEY),
@@ -85,6 +74,7 @@ class ConnectSensor(Sensor):
     counter_names = ("connect_seen", "connect_self", "connect_other_family", "connect_aggregated",
                      "connect_crossings")
     abi = {
+        **WINDOW_ABI,
         "ksift_connect_key": (CONNECT_KEY, {}),
         "ksift_connect_state": (CONNECT_STATE, {}),
         "ksift_connect_crossing": (CONNECT_CROSSING, {}),
@@ -96,10 +86,7 @@ class ConnectSensor(Sensor):
         self._state = None
 
     def rodata(self) -> dict[str, int]:
-        rule = self.connect_rule
-        if rule is None:
-            return {}
-        return {"connect_threshold": rule.threshold, "connect_window_ns": int(rule.window_s * NS)}
+        return self.window_rodata("connect", self.connect_rule)
 
     def programs(self) -> list[str]:
         return ["ks_connect"] if self.connect_rule is not None else []
@@ -113,32 +100,23 @@ class ConnectSensor(Sensor):
         if self.connect_rule is None or len(batch) == 0:
             return out
         rule = self.connect_rule.name
-        rows, pay = records.payloads(batch, REC_CONNECT_CROSSING, CONNECT_CROSSING)
-        for row, p in zip(rows, pay):
-            try:
-                task = records.task_context(row["task"])
-                family = int(p["key"]["family"])
-                address = format_address(family, bytes(p["key"]["addr"]))
-                port = int(p["key"]["port"])
-                out.crossings.append(Crossing(
-                    rule=rule, key=(task.tgid, address, port), ktime_ns=int(row["ktime_ns"]),
-                    window_start_ns=int(p["window_start_ns"]), window_count=int(p["window_count"]),
-                    total=int(p["total"]), task=task,
-                    details={"address": address, "port": port, "family": FAMILY_NAMES[family]}))
-            except Exception:  # one odd record must not cost the rest of the batch
-                log.exception("skipping an undecodable connect crossing record")
-                out.failed += 1
+        out.crossings += self.decode_records(batch, REC_CONNECT_CROSSING, CONNECT_CROSSING,
+                                             lambda row, p: self._crossing(rule, row, p), out, "connect crossing")
         return out
+
+    def _crossing(self, rule: str, row: np.void, p: np.void) -> Crossing:
+        task = records.task_context(row["task"])
+        family = int(p["key"]["family"])
+        address = format_address(family, bytes(p["key"]["addr"]))
+        port = int(p["key"]["port"])
+        return window_crossing(rule, row, p, task=task, key=(task.tgid, address, port),
+                               details={"address": address, "port": port, "family": FAMILY_NAMES[family]})
 
     def current(self, rule: str, key: tuple[int, str, int]) -> KeyState | None:
         """One (process, destination)'s live counters, straight from the kernel map."""
         if self._state is None:
             return None
-        raw = self._state.lookup(kernel_key(key))
-        if raw is None:
-            return None
-        st = np.frombuffer(raw[: CONNECT_STATE.itemsize], dtype=CONNECT_STATE)[0]
-        return KeyState(int(st["total"]), int(st["window_start_ns"]), int(st["window_count"]))
+        return self.window_state(self._state, kernel_key(key), CONNECT_STATE)
 
     def summarize(self, inc: Incident, status: str) -> str:
         who = f"PID {inc.task.tgid} ({inc.task.comm})"
@@ -146,6 +124,6 @@ class ConnectSensor(Sensor):
         to = endpoint(inc.details.get("address", "?"), int(inc.details.get("port", 0)))
         if status == "open":
             return f"{who} attempted {inc.peak_window_count:,} connections to {to} in the last {window}"
-        lasted = format_duration(round(max((inc.resolved_ns or 0) - inc.first_window_ns, 0) / NS, 1))
+        lasted = how_long(inc)
         return (f"{who} connection storm to {to} is over: {inc.count:,} connection attempts in {lasted} "
                 f"(peak {inc.peak_window_count:,} in {window})")

@@ -15,10 +15,9 @@ import threading
 
 import numpy as np
 
-from ksift.rules.incidents import NS, Crossing, Incident, KeyExit, KeyState
+from ksift.rules.incidents import NS, Incident, KeyState
 from ksift.rules.model import Rule
-from ksift.sensors.base import Decoded, Sensor
-from ksift.transport import records
+from ksift.sensors.base import WINDOW, WINDOW_ABI, WINDOW_EXIT, Decoded, Sensor, how_long, tgid_key, window_crossing
 from ksift.units import format_duration
 
 log = logging.getLogger("ksift.sensors.process")
@@ -32,23 +31,13 @@ REC_FORK_EXIT = 2
 FORK_CROSSING = np.dtype(
     [("window_start_ns", "<u8"), ("total", "<u8"), ("window_count", "<u4"), ("threshold", "<u4")]
 )
-FORK_EXIT = np.dtype(
-    [("window_start_ns", "<u8"), ("total", "<u8"), ("window_count", "<u4"), ("exit_code", "<u4")]
-)
+FORK_EXIT = WINDOW_EXIT  # exit_code: task->exit_code
 TREE_FLAG = np.dtype([("start_ticks", "<u8"), ("root_tgid", "<u4"), ("scope", "<u4")])
 TREE_CHILDREN, TREE_WHOLE = 1, 2  # enum ksift_tree_scope
 # The kfunc that lets the fast path kill the new child itself (Linux 6.13+);
 # without it the fallback program kills the forking member of the tree.
 SIGNAL_TASK_KFUNC = "bpf_send_signal_task"
-FORK_STATE = np.dtype(
-    [
-        ("window_start_ns", "<u8"),
-        ("reported_window_ns", "<u8"),
-        ("total", "<u8"),
-        ("window_count", "<u4"),
-        ("flagged", "<u4"),
-    ]
-)
+FORK_STATE = np.dtype([("win", WINDOW)])
 
 
 class ProcessSensor(Sensor):
@@ -60,8 +49,8 @@ class ProcessSensor(Sensor):
                      "exec_seen", "exit_seen", "exit_flagged", "tree_fork_killed", "tree_kill_failed",
                      "tree_budget_spent")
     abi = {
+        **WINDOW_ABI,
         "ksift_fork_crossing": (FORK_CROSSING, {}),
-        "ksift_fork_exit": (FORK_EXIT, {}),
         "ksift_fork_state": (FORK_STATE, {}),
         "ksift_tree_flag": (TREE_FLAG, {}),
     }
@@ -79,10 +68,9 @@ class ProcessSensor(Sensor):
         self.fast_path_program: str | None = None  # which guard program is attached, once started
 
     def rodata(self) -> dict[str, int]:
-        rule = self.fork_rule
-        if rule is None:
+        if self.fork_rule is None:
             return {}
-        return {"fork_threshold": rule.threshold, "fork_window_ns": int(rule.window_s * NS),
+        return {**self.window_rodata("fork", self.fork_rule),
                 "clock_tick_ns": NS // os.sysconf("SC_CLK_TCK"), "fork_crossing_wakeup": int(self._may_act())}
 
     def programs(self) -> list[str]:
@@ -194,38 +182,21 @@ class ProcessSensor(Sensor):
         if self.fork_rule is None or len(batch) == 0:
             return out
         rule = self.fork_rule.name
-        rows, pay = records.payloads(batch, REC_FORK_CROSSING, FORK_CROSSING)
-        for row, p in zip(rows, pay):
-            try:
-                task = records.task_context(row["task"])
-                out.crossings.append(Crossing(
-                    rule=rule, key=task.tgid, ktime_ns=int(row["ktime_ns"]),
-                    window_start_ns=int(p["window_start_ns"]), window_count=int(p["window_count"]),
-                    total=int(p["total"]), task=task))
-            except Exception:  # one odd record must not cost the rest of the batch
-                log.exception("skipping an undecodable fork crossing record")
-                out.failed += 1
-        rows, pay = records.payloads(batch, REC_FORK_EXIT, FORK_EXIT)
-        for row, p in zip(rows, pay):
-            out.exits.append(KeyExit(rule, int(row["task"]["tgid"]), int(p["total"]), int(p["exit_code"])))
+        out.crossings += self.decode_records(batch, REC_FORK_CROSSING, FORK_CROSSING,
+                                             lambda row, p: window_crossing(rule, row, p), out, "fork crossing")
+        out.exits += self.window_exits(batch, REC_FORK_EXIT, rule)
         return out
 
     def current(self, rule: str, key: int) -> KeyState | None:
         """One parent's live counters, straight from the kernel map."""
-        if self._state is None:
-            return None
-        raw = self._state.lookup(key.to_bytes(4, "little"))
-        if raw is None:
-            return None  # the parent exited: its exit record carried the final totals
-        st = np.frombuffer(raw[: FORK_STATE.itemsize], dtype=FORK_STATE)[0]
-        return KeyState(int(st["total"]), int(st["window_start_ns"]), int(st["window_count"]))
+        return self.window_state(self._state, tgid_key(key), FORK_STATE)
 
     def summarize(self, inc: Incident, status: str) -> str:
         who = f"PID {inc.task.tgid} ({inc.task.comm})"
         window = format_duration(inc.rule.window_s)
         if status == "open":
             return f"{who} forked {inc.peak_window_count:,} times in the last {window}"
-        lasted = format_duration(round(max((inc.resolved_ns or 0) - inc.first_window_ns, 0) / NS, 1))
+        lasted = how_long(inc)
         end = " and exited" if inc.key_exited else ""
         forks = f"{inc.count:,} fork" + ("" if inc.count == 1 else "s")
         return f"{who} fork storm is over{end}: {forks} in {lasted} (peak {inc.peak_window_count:,} in {window})"

@@ -11,7 +11,6 @@ the last W", the slowest request and the histogram when an alert is written.
 from __future__ import annotations
 
 import ipaddress
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +19,9 @@ import numpy as np
 
 from ksift.rules.incidents import NS, Crossing, Incident, KeyState
 from ksift.rules.model import Rule
-from ksift.sensors.base import Decoded, Sensor
+from ksift.sensors.base import Decoded, Sensor, how_long, tgid_key
 from ksift.transport import records
 from ksift.units import format_duration
-
-log = logging.getLogger("ksift.sensors.request")
 
 SLOW_REQUEST_SIGNAL = "net.slow_request"
 
@@ -266,8 +263,8 @@ class RequestSensor(Sensor):
     def rodata(self) -> dict[str, int]:
         if self.rule is None:
             return {}
-        return {"latency_ns": self.latency_ns(), "req_threshold": self.rule.threshold,
-                "req_window_ns": int(self.rule.window_s * NS), "max_records": MAX_RECORDS_PER_WINDOW}
+        return {"latency_ns": self.latency_ns(), **self.window_rodata("req", self.rule),
+                "max_records": MAX_RECORDS_PER_WINDOW}
 
     def programs(self) -> list[str]:
         # The handshake marks server sockets; reads start requests, writes end them.
@@ -283,13 +280,7 @@ class RequestSensor(Sensor):
         out = Decoded()
         if self.rule is None or len(batch) == 0:
             return out
-        rows, pay = records.payloads(batch, REC_SLOW_REQUEST, SLOW_REQUEST)
-        for row, p in zip(rows, pay):
-            try:
-                out.crossings.append(self._crossing(row, p))
-            except Exception:  # one odd record must not cost the rest of the batch
-                log.exception("skipping an undecodable slow request record")
-                out.failed += 1
+        out.crossings += self.decode_records(batch, REC_SLOW_REQUEST, SLOW_REQUEST, self._crossing, out, "slow request")
         return out
 
     def _crossing(self, row: np.void, p: np.void) -> Crossing:
@@ -325,7 +316,7 @@ class RequestSensor(Sensor):
         """The process's stats from the kernel map; None if absent or now another process's."""
         if self.stats_map is None or not isinstance(tgid, int):
             return None
-        raw = self.stats_map.lookup(tgid.to_bytes(4, "little"))
+        raw = self.stats_map.lookup(tgid_key(tgid))
         if raw is None:
             return None
         stats = LiveStats.from_raw(raw)
@@ -383,6 +374,6 @@ class RequestSensor(Sensor):
         if status == "open":
             return (f"{what} took {took} in {who}: {d['slow_requests']:,} of {d['requests']:,} "
                     f"requests over {latency} in the last {window}")
-        lasted = format_duration(round(max((inc.resolved_ns or 0) - inc.first_window_ns, 0) / NS, 1))
+        lasted = how_long(inc)
         slow = f"{inc.count:,} slow request" + ("" if inc.count == 1 else "s")
         return f"{who} answers within {latency} again: {slow} in {lasted} (slowest {what}, {took})"

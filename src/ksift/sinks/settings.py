@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 from ksift.errors import ConfigError
 from ksift.rules.model import SEVERITIES
+from ksift.settings_fields import FROM_TO, choice, duration_between, integer_between, string
 from ksift.units import format_duration, parse_duration
 
 KINDS = ("alertmanager", "webhook", "slack")
@@ -124,27 +125,21 @@ def _parse_one(kind: str, entry: dict, source: str, where: str, default_name: st
     values: dict[str, Any] = {"kind": kind, "url": _url(entry["url"], source, f"{where}.url")}
     values["name"] = _name(entry.get("name", default_name), source, f"{where}.name")
     if "min_severity" in entry:
-        value = entry["min_severity"]
-        if not isinstance(value, str) or value.lower() not in SEVERITIES:
-            raise ConfigError(source, f"invalid value {value!r} (expected one of: {', '.join(SEVERITIES)})",
-                              field=f"{where}.min_severity")
-        values["min_severity"] = value.lower()
+        values["min_severity"] = choice(entry["min_severity"], source, f"{where}.min_severity", SEVERITIES,
+                                        fold_case=True)
     for key, attr, low, high in (("queue_size", "queue_size", 1, 1_000_000), ("max_retries", "max_retries", 0, 100)):
         if key in entry:
-            values[attr] = _int(entry[key], source, f"{where}.{key}", low, high)
+            values[attr] = integer_between(entry[key], source, f"{where}.{key}", low, high, FROM_TO)
     for key, attr, low, high in (("timeout", "timeout_s", 0.1, 300.0), ("backoff", "backoff_s", 0.01, 3600.0),
                                  ("max_backoff", "max_backoff_s", 0.01, 3600.0),
                                  ("drain_timeout", "drain_timeout_s", 0.0, 300.0)):
         if key in entry:
-            values[attr] = _duration(entry[key], source, f"{where}.{key}", low, high)
+            values[attr] = duration_between(entry[key], source, f"{where}.{key}", low, high)
     if "headers" in entry:
         values["headers"] = _headers(entry["headers"], source, f"{where}.headers")
     if kind == "alertmanager":
         if "instance" in entry:
-            value = entry["instance"]
-            if not isinstance(value, str):
-                raise ConfigError(source, f"invalid value {value!r}: must be a string", field=f"{where}.instance")
-            values["instance"] = value.strip()
+            values["instance"] = string(entry["instance"], source, f"{where}.instance")
         if "labels" in entry:
             values["labels"] = _labels(entry["labels"], source, f"{where}.labels")
         if "generator_url" in entry:
@@ -217,21 +212,6 @@ def _name(value: object, source: str, field_name: str) -> str:
         raise ConfigError(source, f"invalid value {value!r}: letters, digits, '_', '.', '-' (at most 63)",
                           field=field_name)
     return value
-
-
-def _int(value: object, source: str, field_name: str, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ConfigError(source, f"invalid value {value!r}: must be an integer from {low} to {high}",
-                          field=field_name)
-    return value
-
-
-def _duration(value: object, source: str, field_name: str, low: float, high: float) -> float:
-    seconds = parse_duration(value, source=source, field=field_name)
-    if not low <= seconds <= high:
-        raise ConfigError(source, f"invalid value {value!r}: must be between {format_duration(low)} and "
-                                  f"{format_duration(high)}", field=field_name)
-    return seconds
 
 
 def _headers(value: object, source: str, field_name: str) -> Mapping[str, str]:

@@ -92,6 +92,25 @@ def _statements(script: str) -> Iterator[str]:
         yield pending  # incomplete: let sqlite report the syntax error
 
 
+def connect(target: str, path: Path, *, uri: bool = False) -> sqlite3.Connection:
+    """A connection to the alert store at `path` (`target`: its file name, or a file: URI
+    with uri=True), set up as every user of the store shares one; StoreError naming the path."""
+    try:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the
+        # sqlite3 module never opens a transaction behind our back.
+        conn = sqlite3.connect(
+            target,
+            uri=uri,
+            timeout=_BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open alert store {path}: {exc}") from exc
+    return conn
+
+
 class AlertStore:
     """Alerts persisted in SQLite, safe to share between threads of one process.
 
@@ -128,7 +147,7 @@ class AlertStore:
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o640))
         except OSError as exc:
             raise StoreError(f"cannot create alert store {self.path}: {exc.strerror or exc}") from exc
-        conn = self._connect(str(self.path), uri=False)
+        conn = connect(str(self.path), self.path)
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -148,7 +167,7 @@ class AlertStore:
             raise StoreError(f"no alert store at {self.path}")
         # mode=ro in a URI is the only way to stop sqlite creating the file.
         uri = self.path.resolve().as_uri() + "?mode=ro"
-        conn = self._connect(uri, uri=True)
+        conn = connect(uri, self.path, uri=True)
         try:
             version = self._read_version(conn)
             if version > _LATEST_VERSION:
@@ -164,22 +183,6 @@ class AlertStore:
         except StoreError:
             conn.close()
             raise
-        return conn
-
-    def _connect(self, target: str, uri: bool) -> sqlite3.Connection:
-        try:
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so the
-            # sqlite3 module never opens a transaction behind our back.
-            conn = sqlite3.connect(
-                target,
-                uri=uri,
-                timeout=_BUSY_TIMEOUT_MS / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open alert store {self.path}: {exc}") from exc
         return conn
 
     @staticmethod
