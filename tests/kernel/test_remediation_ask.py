@@ -14,29 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-from harness import WORKLOADS, ScratchCgroup, start_agent
+from harness import WORKLOADS, ScratchCgroup, packaged_rule, start_agent, write_rules
 
 ASK_TIMEOUT_S = 4
 
 
 def _rules(path: Path, scope: str) -> Path:
-    path.write_text(f"""
-[[rule]]
-name = "fork_storm"
-severity = "critical"
-signal = "process.fork"
-key = "tgid"
-threshold = 50
-window = "1s"
-cooldown = "30s"
-[rule.policy]
-action = "terminate"
-mode = "ask"
-grace = "2s"
-ask_timeout = "{ASK_TIMEOUT_S}s"
-only_cgroups = ["{scope}"]
-""")
-    return path
+    return write_rules(path, packaged_rule("fork_storm", severity="critical", policy={
+        "action": "terminate", "mode": "ask", "grace": "2s", "ask_timeout": f"{ASK_TIMEOUT_S}s",
+        "only_cgroups": [scope]}))
 
 
 def _ksift(*args: str) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from harness import CGROUP2_ROOT, WORKLOADS, start_agent
+from harness import CGROUP2_ROOT, WORKLOADS, packaged_rule, start_agent, write_rules
 
 PIDS_V1_ROOT = Path("/sys/fs/cgroup/pids")
 PIDS_MAX = 200  # the bomb's hard bound: the kernel refuses its 201st process
@@ -111,24 +111,9 @@ class BombCgroups:
 def fork_rules(path: Path, scope: str, mode: str = "enforce", fast_path: bool = False, **policy) -> Path:
     """The packaged fork_storm rule's defaults, with a kill_tree policy confined to one cgroup
     (other tests' fork storms on the host must never be touched)."""
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in policy.items())
-    path.write_text(f"""
-[[rule]]
-name = "fork_storm"
-severity = "critical"
-signal = "process.fork"
-key = "tgid"
-threshold = 50
-window = "1s"
-cooldown = "30s"
-[rule.policy]
-action = "kill_tree"
-mode = "{mode}"
-max_processes = 500
-only_cgroups = ["{scope}"]
-{"fast_path = true" if fast_path else ""}
-{extra}""")
-    return path
+    table = {"action": "kill_tree", "mode": mode, "max_processes": 500, "only_cgroups": [scope],
+             **({"fast_path": True} if fast_path else {}), **policy}
+    return write_rules(path, packaged_rule("fork_storm", severity="critical", policy=table))
 
 
 def agent_config(path: Path, extra: str = "") -> Path:
