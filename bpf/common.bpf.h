@@ -12,11 +12,33 @@
 const volatile __u32 ksift_tgid = 0;          /* the agent itself: never counted */
 const volatile __u64 wakeup_bytes = 65536;    /* force a wake-up past this much unread data */
 
+/* Shared by every object: the core object (core.bpf.c) creates these three and
+ * each sensor's object reuses them (bpf_map__reuse_fd), so the agent has one
+ * ring buffer to map, one fd to wait on and one transport counter map to read. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20); /* resized by the loader */
 } ks_events SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ksift_transport);
+} ks_transport SEC(".maps");
+
+/* The last exec path of each process, on its group leader: filled by the core
+ * object's exec hook, gone with the process (nothing to clean up at exit, and a
+ * recycled pid never finds a stale path). */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ksift_exec);
+} ks_exec_path SEC(".maps");
+
+/* This object's own per-CPU counters: what its programs saw, filtered,
+ * aggregated and emitted (read on demand: /metrics, the API, --stats). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -38,12 +60,22 @@ static __always_inline void count(__u32 idx)
 		c->v[idx]++;
 }
 
+static __always_inline void count_transport(__u32 idx)
+{
+	__u32 zero = 0;
+	struct ksift_transport *c = bpf_map_lookup_elem(&ks_transport, &zero);
+
+	if (c && idx < KSIFT_TR_MAX)
+		c->v[idx]++;
+}
+
 static __always_inline struct ksift_record *reserve_record(__u32 type, __u64 now)
 {
 	struct ksift_record *rec = bpf_ringbuf_reserve(&ks_events, sizeof(*rec), 0);
 
 	if (!rec) {
 		count(KSIFT_CNT_RB_DROPPED);
+		count_transport(KSIFT_TR_DROPPED);
 		return NULL;
 	}
 	/* Reserved memory is not zeroed: clear it so no stale bytes reach user space. */
@@ -54,20 +86,30 @@ static __always_inline struct ksift_record *reserve_record(__u32 type, __u64 now
 	return rec;
 }
 
-/* Submit without waking the reader unless the unread data crossed the
- * watermark: the reader drains on its tick anyway, and a wake-up per record
- * costs more than the record. */
-static __always_inline void submit_record(struct ksift_record *rec)
+/* Submit a record; force a wake-up when the reader must act now (`urgent`:
+ * a crossing a remediation policy may act on) or when the unread data crossed
+ * the watermark. Otherwise flags 0: the kernel wakes the reader only when this
+ * record is the first one it has not read (it sleeps on an empty buffer, so an
+ * alert is never kept waiting) and never for the records behind it, which the
+ * same drain takes: at most one wake-up per drain, never one per record. */
+static __always_inline void submit_record_wake(struct ksift_record *rec, bool urgent)
 {
 	__u64 unread = bpf_ringbuf_query(&ks_events, BPF_RB_AVAIL_DATA);
 
 	count(KSIFT_CNT_RB_EMITTED);
-	if (unread + sizeof(*rec) >= wakeup_bytes) {
+	count_transport(KSIFT_TR_EMITTED);
+	if (urgent || unread >= wakeup_bytes) {
 		count(KSIFT_CNT_RB_WAKEUPS);
+		count_transport(KSIFT_TR_WAKEUPS);
 		bpf_ringbuf_submit(rec, BPF_RB_FORCE_WAKEUP);
 	} else {
-		bpf_ringbuf_submit(rec, BPF_RB_NO_WAKEUP);
+		bpf_ringbuf_submit(rec, 0);
 	}
+}
+
+static __always_inline void submit_record(struct ksift_record *rec)
+{
+	submit_record_wake(rec, false);
 }
 
 /* Capture who the task is now: identity, credentials, cgroup and ancestry. */
@@ -112,16 +154,22 @@ static __always_inline void fill_exe_name(struct ksift_task *out, struct task_st
 		bpf_probe_read_kernel_str(out->exe, sizeof(out->exe), name);
 }
 
-/* The executable: the path a tgid -> exec path map (`exec_paths`, filled at
- * sched_process_exec) holds for out->tgid, else the basename. Call after
- * fill_task(). */
-static __always_inline void fill_exe_from(struct ksift_task *out, struct task_struct *task, void *exec_paths)
+/* The last exec of `task`'s process, or NULL when ksift did not see it exec
+ * (it exec'd before ksift started, or it is a forked child that never exec'd).
+ * `task` must be a BTF pointer (a tp_btf argument or a field read directly
+ * from one), not a BPF_CORE_READ result. */
+static __always_inline struct ksift_exec *exec_of(struct task_struct *task)
 {
-	__u32 tgid = out->tgid;
-	const char *path = bpf_map_lookup_elem(exec_paths, &tgid);
+	return bpf_task_storage_get(&ks_exec_path, task->group_leader, 0, 0);
+}
 
-	if (path) {
-		bpf_probe_read_kernel_str(out->exe, sizeof(out->exe), path);
+/* The executable: the exec path ksift saw, else the basename. Call after fill_task(). */
+static __always_inline void fill_exe(struct ksift_task *out, struct task_struct *task)
+{
+	struct ksift_exec *exec = exec_of(task);
+
+	if (exec) {
+		__builtin_memcpy(out->exe, exec->path, sizeof(out->exe));
 		return;
 	}
 	/* Exec'd before ksift started: the basename is what the kernel keeps handy. */

@@ -28,6 +28,10 @@
 #define KSIFT_REC_REQUEST_BASE   40  /* request.h: slow requests */
 #define KSIFT_REC_CPU_BASE       50  /* cpu.h: CPU hogs */
 #define KSIFT_REC_MEMORY_BASE    60  /* memory.h: OOM kills, memory growth */
+#define KSIFT_REC_SENSOR_SPAN    10  /* types per sensor: type / 10 names the range */
+/* Synthetic records a load generator (bench/flood.bpf.c) pushes through the
+ * shared ring buffer to measure the transport: counted and skipped by the agent. */
+#define KSIFT_REC_FLOOD          250
 
 /* Per-CPU counters, one slot each in ksift_counters.v[]. Slots below
  * KSIFT_CNT_SENSOR_BASE are the transport's and mean the same in every object;
@@ -44,6 +48,27 @@ enum ksift_counter {
 
 struct ksift_counters {
 	__u64 v[KSIFT_CNT_MAX];
+};
+
+/* The transport's own per-CPU counters, in the one ks_transport map that every
+ * object shares with the agent's core object (as it shares ks_events): the
+ * agent reads this one map, at most once a second, to see any loss anywhere. */
+enum ksift_transport_counter {
+	KSIFT_TR_EMITTED = 0,          /* records submitted to ks_events, by any object */
+	KSIFT_TR_DROPPED,              /* reservations that failed (ring buffer full) */
+	KSIFT_TR_WAKEUPS,              /* submits that woke the reader */
+	KSIFT_TR_MAX = 8,
+};
+
+struct ksift_transport {
+	__u64 v[KSIFT_TR_MAX];
+};
+
+/* The last exec of a process (task storage on its group leader, shared by every
+ * object through the core object): which executable a record names, even when
+ * the process is gone by the time user space reads it. */
+struct ksift_exec {
+	char path[KSIFT_PATH_LEN]; /* bprm->filename, NUL-padded (copied whole into hashed keys) */
 };
 
 struct ksift_ancestor {

@@ -7,8 +7,8 @@
  * crash loop: one executable under one parent exiting with a non-zero status
  *   or by a signal again and again (per-(parent, exe) window counter).
  *
- * Hooks (tp_btf, CO-RE): sched_process_exec remembers each process's exec
- * path; sched_process_exit does the counting. Only crossings reach the ring
+ * Hook (tp_btf, CO-RE): sched_process_exit does the counting; the exec path
+ * of each process comes from the core object's ks_exec_path (common.bpf.h). Only crossings reach the ring
  * buffer. Each rule's part of the exit program is gated by rodata, so the
  * verifier drops the code of a disabled rule.
  */
@@ -31,13 +31,6 @@ const volatile __u64 crash_window_ns = 10000000000ULL;
 /* Anchor the payload layouts in the object's BTF for tests/unit/test_abi.py. Never used. */
 const struct ksift_churn_crossing *ksift_churn_crossing_abi __attribute__((unused));
 const struct ksift_crash_crossing *ksift_crash_crossing_abi __attribute__((unused));
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u32); /* tgid */
-	__type(value, struct ksift_lc_exec);
-} ks_lc_exec_path SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -82,25 +75,6 @@ static __always_inline struct ksift_lc_key *scratch_key(__u32 parent_tgid)
 	return key;
 }
 
-SEC("tp_btf/sched_process_exec")
-int BPF_PROG(ks_lc_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
-{
-	struct ksift_lc_exec exec = {};
-	__u32 tgid = BPF_CORE_READ(task, tgid);
-
-	count(KSIFT_CNT_LC_EXEC_SEEN);
-	if (tgid == ksift_tgid) {
-		count(KSIFT_CNT_LC_EXEC_SELF);
-		return 0;
-	}
-	/* Zero-padded, so the path can be copied whole into a hashed key. */
-	if (bpf_probe_read_kernel_str(exec.path, sizeof(exec.path), BPF_CORE_READ(bprm, filename)) < 0)
-		return 0;
-	if (bpf_map_update_elem(&ks_lc_exec_path, &tgid, &exec, BPF_ANY))
-		count(KSIFT_CNT_MAP_FULL);
-	return 0;
-}
-
 /* What the parent's wait() will report: wait_task_zombie() takes the group
  * exit code once SIGNAL_GROUP_EXIT is set, else the group leader's exit code.
  * exit_group() and fatal signals set the flag; on recent kernels the last
@@ -119,7 +93,7 @@ static __always_inline __u32 wait_status(struct task_struct *task)
 
 /* The executable for a key: the exec path when we saw the exec, else the
  * basename of mm->exe_file, else comm. `key` comes zeroed. */
-static __always_inline void key_exe(struct ksift_lc_key *key, struct ksift_lc_exec *exec,
+static __always_inline void key_exe(struct ksift_lc_key *key, struct ksift_exec *exec,
 				    struct task_struct *task)
 {
 	const unsigned char *name;
@@ -138,7 +112,7 @@ static __always_inline void key_exe(struct ksift_lc_key *key, struct ksift_lc_ex
 /* Count one more short-lived exec'd child of `parent`; emit a crossing once
  * per window when the parent goes over the threshold. */
 static __always_inline void churn_count(struct task_struct *task, struct task_struct *parent, __u32 ptgid,
-					struct ksift_lc_exec *exec, __u64 now, __u64 lifetime)
+					struct ksift_exec *exec, __u64 now, __u64 lifetime)
 {
 	struct ksift_churn_state *st, st_init = {};
 	struct ksift_churn_exe *per_exe, exe_init = {};
@@ -178,7 +152,7 @@ static __always_inline void churn_count(struct task_struct *task, struct task_st
 		return;
 	count(KSIFT_CNT_CHURN_CROSSINGS);
 	fill_task(&rec->task, parent);
-	fill_exe_from(&rec->task, parent, &ks_lc_exec_path);
+	fill_exe(&rec->task, parent);
 	cross = KSIFT_PAYLOAD(rec, struct ksift_churn_crossing);
 	cross->window_start_ns = window_start;
 	cross->total = st->win.total;
@@ -192,7 +166,7 @@ static __always_inline void churn_count(struct task_struct *task, struct task_st
 }
 
 /* Count one more failed exit of this executable under this parent. */
-static __always_inline void crash_count(struct task_struct *task, __u32 ptgid, struct ksift_lc_exec *exec,
+static __always_inline void crash_count(struct task_struct *task, __u32 ptgid, struct ksift_exec *exec,
 					__u64 now, __u32 code)
 {
 	struct ksift_crash_state *st, st_init = {};
@@ -251,7 +225,7 @@ static __always_inline void churn_parent_exit(struct task_struct *task, __u32 tg
 		count(KSIFT_CNT_CHURN_EXIT_FLAGGED);
 		rec = window_exit_record(&st->win, KSIFT_REC_CHURN_EXIT, task, wait_status(task));
 		if (rec) {
-			fill_exe_from(&rec->task, task, &ks_lc_exec_path);
+			fill_exe(&rec->task, task);
 			submit_record(rec);
 		}
 	}
@@ -262,7 +236,7 @@ SEC("tp_btf/sched_process_exit")
 int BPF_PROG(ks_lc_exit, struct task_struct *task, bool group_dead)
 {
 	struct task_struct *parent;
-	struct ksift_lc_exec *exec;
+	struct ksift_exec *exec;
 	__u64 now, lifetime;
 	__u32 tgid, ptgid, code;
 
@@ -270,9 +244,9 @@ int BPF_PROG(ks_lc_exit, struct task_struct *task, bool group_dead)
 		return 0;
 	count(KSIFT_CNT_LC_EXIT_SEEN);
 	tgid = BPF_CORE_READ(task, tgid);
-	parent = BPF_CORE_READ(task, real_parent);
+	parent = task->real_parent;
 	ptgid = BPF_CORE_READ(parent, tgid);
-	exec = bpf_map_lookup_elem(&ks_lc_exec_path, &tgid);
+	exec = exec_of(task);
 
 	if (tgid == ksift_tgid || ptgid == ksift_tgid) {
 		count(KSIFT_CNT_LC_EXIT_SELF);
@@ -296,9 +270,6 @@ int BPF_PROG(ks_lc_exit, struct task_struct *task, bool group_dead)
 forget:
 	if (churn_enabled)
 		churn_parent_exit(task, tgid);
-	/* The lookup above spared most exits the bucket lock a delete takes. */
-	if (exec)
-		bpf_map_delete_elem(&ks_lc_exec_path, &tgid);
 	return 0;
 }
 

@@ -17,9 +17,7 @@ enum ksift_lifecycle_record {
 };
 
 enum ksift_lifecycle_counter {
-	KSIFT_CNT_LC_EXEC_SEEN = KSIFT_CNT_SENSOR_BASE, /* every sched_process_exec */
-	KSIFT_CNT_LC_EXEC_SELF,        /* execs by ksift itself: filtered */
-	KSIFT_CNT_LC_EXIT_SEEN,        /* thread-group exits */
+	KSIFT_CNT_LC_EXIT_SEEN = KSIFT_CNT_SENSOR_BASE, /* thread-group exits */
 	KSIFT_CNT_LC_EXIT_SELF,        /* exits of ksift or of its children: filtered */
 	KSIFT_CNT_CHURN_LONG_LIVED,    /* exec'd children that outlived max_lifetime: filtered */
 	KSIFT_CNT_CHURN_AGGREGATED,    /* short-lived exec'd children counted per parent */
@@ -33,11 +31,6 @@ enum ksift_lifecycle_counter {
  * (include/linux/sched/signal.h; a #define, so not in BTF). Exit statuses here
  * are what the parent's wait() gets: (status << 8) | signal, 0x80 = core dumped. */
 #define KSIFT_SIGNAL_GROUP_EXIT 0x00000004
-
-/* Per-tgid record of the last exec: which executable a process runs. */
-struct ksift_lc_exec {
-	char path[KSIFT_PATH_LEN]; /* bprm->filename, NUL-padded */
-};
 
 /* A parent and one executable: the key of crash loops and of the churn
  * sensor's per-executable counts. */

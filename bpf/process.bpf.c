@@ -3,8 +3,7 @@
  * Process sensor: counts new processes per parent in the kernel and ships only
  * the parents that cross the fork threshold within a window.
  *
- * Hooks (all tp_btf, CO-RE): sched_process_fork, sched_process_exec,
- * sched_process_exit. Nothing here emits one record per fork.
+ * Hooks (all tp_btf, CO-RE): sched_process_fork, sched_process_exit. Nothing here emits one record per fork.
  *
  * Remediation's fast path (ks_tree_guard*, attached only when a rule's policy
  * asks for it): once user space has judged a process tree and flagged it in
@@ -67,15 +66,6 @@ extern int bpf_send_signal_task(struct task_struct *task, int sig, enum pid_type
 
 #define KSIFT_SIGKILL 9
 
-/* Exec filename per tgid, so a record names the executable even when the
- * process is gone by the time user space reads it. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u32);
-	__type(value, char[KSIFT_PATH_LEN]);
-} ks_exec_path SEC(".maps");
-
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(ks_fork, struct task_struct *parent, struct task_struct *child)
 {
@@ -110,35 +100,13 @@ int BPF_PROG(ks_fork, struct task_struct *parent, struct task_struct *child)
 		return 0;
 	count(KSIFT_CNT_FORK_CROSSINGS);
 	fill_task(&rec->task, parent);
-	fill_exe_from(&rec->task, parent, &ks_exec_path);
+	fill_exe(&rec->task, parent);
 	fork = KSIFT_PAYLOAD(rec, struct ksift_fork_crossing);
 	fork->window_start_ns = window_start;
 	fork->window_count = n;
 	fork->threshold = fork_threshold;
 	fork->total = st->win.total;
-	if (fork_crossing_wakeup) {
-		count(KSIFT_CNT_RB_EMITTED);
-		count(KSIFT_CNT_RB_WAKEUPS);
-		bpf_ringbuf_submit(rec, BPF_RB_FORCE_WAKEUP);
-	} else {
-		submit_record(rec);
-	}
-	return 0;
-}
-
-SEC("tp_btf/sched_process_exec")
-int BPF_PROG(ks_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
-{
-	char path[KSIFT_PATH_LEN];
-	__u32 tgid = BPF_CORE_READ(task, tgid);
-
-	count(KSIFT_CNT_EXEC_SEEN);
-	if (tgid == ksift_tgid)
-		return 0;
-	if (bpf_probe_read_kernel_str(path, sizeof(path), BPF_CORE_READ(bprm, filename)) < 0)
-		return 0;
-	if (bpf_map_update_elem(&ks_exec_path, &tgid, path, BPF_ANY))
-		count(KSIFT_CNT_MAP_FULL);
+	submit_record_wake(rec, fork_crossing_wakeup);
 	return 0;
 }
 
@@ -160,16 +128,14 @@ int BPF_PROG(ks_exit, struct task_struct *task, bool group_dead)
 		count(KSIFT_CNT_EXIT_FLAGGED);
 		rec = window_exit_record(&st->win, KSIFT_REC_FORK_EXIT, task, BPF_CORE_READ(task, exit_code));
 		if (rec) {
-			fill_exe_from(&rec->task, task, &ks_exec_path);
+			fill_exe(&rec->task, task);
 			submit_record(rec);
 		}
 	}
-	/* Most exiting processes never forked nor exec'd while we watched: a
-	 * lock-free lookup first spares them the bucket lock a delete takes. */
+	/* Most exiting processes never forked while we watched: the lock-free
+	 * lookup above spares them the bucket lock a delete takes. */
 	if (st)
 		bpf_map_delete_elem(&ks_fork_state, &tgid);
-	if (bpf_map_lookup_elem(&ks_exec_path, &tgid))
-		bpf_map_delete_elem(&ks_exec_path, &tgid);
 	return 0;
 }
 

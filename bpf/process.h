@@ -19,7 +19,6 @@ enum ksift_process_counter {
 	KSIFT_CNT_FORK_SELF,           /* forks by ksift itself: filtered */
 	KSIFT_CNT_FORK_AGGREGATED,     /* new processes counted in the per-parent map */
 	KSIFT_CNT_FORK_CROSSINGS,      /* threshold crossings (one per parent per window) */
-	KSIFT_CNT_EXEC_SEEN,
 	KSIFT_CNT_EXIT_SEEN,           /* thread-group exits */
 	KSIFT_CNT_EXIT_FLAGGED,        /* exits of flagged parents (final record) */
 	KSIFT_CNT_TREE_FORK_KILLED,    /* fast path: new children of a flagged tree killed at fork */

@@ -1,9 +1,13 @@
-"""The agent: one asyncio loop drives the funnel.
+"""The agent: one asyncio loop drives the funnel, and sleeps while nothing happens.
 
-Each tick (config.tick_s): drain every sensor's ring buffer, read the kernel's
-counters, refresh open incidents from the kernel maps, resolve what went quiet,
-and hand each alert to every sink. A ring buffer that crosses its watermark
-wakes us early through epoll (loop.add_reader on the map fd).
+One ring buffer (the core object's, shared by every sensor) is the one fd the
+loop waits on; its records are drained in a batch and handed to the sensor that
+owns their type range. Besides records, the loop wakes only for what it owns:
+the next deadline of an open incident (its resolution), a sensor's poll, and
+housekeeping at most once per `tick` (1 s by default: the transport counters,
+to see any loss). Kernel counters of each sensor are read when someone asks
+(the funnel report: /metrics, the API, --stats). Nothing here polls on a short
+fixed period, so an idle agent costs about one wake-up a second.
 """
 
 from __future__ import annotations
@@ -18,35 +22,53 @@ from dataclasses import dataclass, field
 from ksift.alerts import Clocks, build_alert
 from ksift.config import AgentConfig
 from ksift.enrich.context import Enricher
-from ksift.rules.incidents import IncidentEngine, Transition
+from ksift.rules.incidents import NS, IncidentEngine, Transition
 from ksift.rules.model import RuleSet
 from ksift.sensors.base import Sensor
 from ksift.sinks.base import Sink
+from ksift.transport import records
+from ksift.transport.core import CoreObject
 
 log = logging.getLogger("ksift.agent")
+
+
+# A record may reach user space a little after the kernel stamped it (a drain
+# coalesced with the next one): resolution waits this much past a quiet window.
+TRANSIT_GRACE_S = 0.2
+# Wake-ups closer together than this are merged into one drain, unless the ring
+# buffer is past its watermark: a trickle of records costs at most 100 drains/s.
+MIN_DRAIN_INTERVAL_S = 0.01
 
 
 @dataclass
 class Funnel:
     """What each stage saw, passed on and dropped, for logs, tests and metrics."""
 
-    kernel: dict[str, dict[str, int]] = field(default_factory=dict)  # per sensor, from the BPF counters
+    kernel: dict[str, dict[str, int]] = field(default_factory=dict)  # per object, read on demand
+    kernel_transport: dict[str, int] = field(default_factory=dict)  # every object's records, shared map
     records_read: int = 0
     records_discarded: int = 0
     records_malformed: int = 0
+    records_unknown: int = 0  # a type no loaded sensor owns (counted, skipped)
+    records_synthetic: int = 0  # bench flood records: counted, never decoded
     records_failed: int = 0  # decoded but could not be handled (logged, never fatal)
     alerts: dict[str, int] = field(default_factory=lambda: {"open": 0, "resolved": 0})
-    ticks: int = 0
+    ticks: int = 0  # housekeeping runs
+    drains: int = 0  # ring-buffer drains that found records
 
     def dropped(self) -> int:
-        kernel = sum(c.get("rb_dropped", 0) for c in self.kernel.values())
-        return kernel + self.records_malformed
+        return self.kernel_transport.get("dropped", 0) + self.records_malformed
 
     def as_dict(self, engine: IncidentEngine, sinks: list[Sink]) -> dict:
         return {
             "kernel": self.kernel,
-            "transport": {"records_read": self.records_read, "discarded": self.records_discarded,
-                          "malformed": self.records_malformed, "failed": self.records_failed},
+            "transport": {"kernel_emitted": self.kernel_transport.get("emitted", 0),
+                          "kernel_dropped": self.kernel_transport.get("dropped", 0),
+                          "kernel_wakeups": self.kernel_transport.get("wakeups", 0),
+                          "records_read": self.records_read, "discarded": self.records_discarded,
+                          "malformed": self.records_malformed, "unknown_type": self.records_unknown,
+                          "synthetic": self.records_synthetic, "failed": self.records_failed,
+                          "drains": self.drains},
             "rules": dict(engine.stats, open_incidents=len(engine.open)),
             "alerts": dict(self.alerts),
             # Network sinks also report retried, gave_up, dropped_queue_full... (sinks/delivery.py).
@@ -59,18 +81,30 @@ class Funnel:
 
 class Agent:
     def __init__(self, config: AgentConfig, rules: RuleSet, sensors: list[Sensor], enricher: Enricher,
-                 sinks: list[Sink], clocks: Clocks | None = None):
+                 sinks: list[Sink], clocks: Clocks | None = None, core: CoreObject | None = None):
         self.config = config
         self.rules = rules
         self.sensors = sensors
         self.enricher = enricher
         self.sinks = sinks
         self.clocks = clocks or Clocks(wall=time.time, mono_ns=time.monotonic_ns)
-        self.engine = IncidentEngine(rules.enabled(), grace_ns=int(config.tick_s * 2e9))
+        self.grace_ns = int(TRANSIT_GRACE_S * NS)
+        self.engine = IncidentEngine(rules.enabled(), grace_ns=self.grace_ns)
         self.funnel = Funnel()
+        # The core object owns the one ring buffer every sensor writes: needed as soon as there is a sensor.
+        if core is None and sensors:
+            core = CoreObject(sensors[0].lib, sensors[0].path.parent, config, sensors[0].self_tgid)
+        self.core = core
         self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deferred_drain: asyncio.TimerHandle | None = None
+        self._last_drain = 0.0
+        self._next_tick = 0.0
+        self._next_poll: dict[str, float] = {}
         self._last_dropped = 0
         self._owner = {rule.name: sensor for sensor in sensors for rule in sensor.rules()}
+        self._by_range = {sensor.record_base // records.SENSOR_SPAN: sensor for sensor in sensors}
         self.ready = False  # every sensor attached and the loop running (readiness)
         for sink in sinks:
             if hasattr(sink, "bind"):  # sinks that read the agent: the API, remediation
@@ -79,16 +113,20 @@ class Agent:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
-        """Load and attach every sensor; all or nothing."""
+        """Load the core object, then attach every sensor to its shared maps; all or nothing."""
         started: list[Sensor] = []
         try:
+            if self.core is not None:
+                self.core.start()
             for sensor in self.sensors:
-                sensor.start()
+                sensor.start(self.core.shared_fds if self.core is not None else None)
                 started.append(sensor)
                 log.info("sensor %s attached: %s", sensor.name, ", ".join(sensor.obj.attached) or "nothing")
         except BaseException:
             for sensor in reversed(started):
                 sensor.close()
+            if self.core is not None:
+                self.core.close()
             raise
 
     def __enter__(self) -> "Agent":
@@ -99,21 +137,32 @@ class Agent:
         self.close()
 
     def close(self) -> None:
-        """The one teardown path for the BPF side: every sensor detaches and closes."""
+        """The one teardown path for the BPF side: every sensor detaches and closes, then the core."""
+        if self.core is not None and self.core.obj is not None:
+            try:  # the last word of the kernel counters, for the final funnel report
+                self.read_kernel_counters()
+            except Exception:
+                log.exception("could not read the kernel counters at shutdown")
         for sensor in reversed(self.sensors):
             try:
                 sensor.close()
             except Exception:  # keep closing the others: nothing may stay attached
                 log.exception("closing sensor %s failed", sensor.name)
+        if self.core is not None:
+            try:
+                self.core.close()
+            except Exception:
+                log.exception("closing the core BPF object failed")
 
     async def run(self, duration_s: float | None = None) -> None:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self._stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
-        for sensor in self.sensors:
-            loop.add_reader(sensor.events_fd, self._drain_one, sensor)
-        deadline = None if duration_s is None else loop.time() + duration_s
+        if self.core is not None:
+            loop.add_reader(self.core.events_fd, self._on_readable)
+        end = None if duration_s is None else loop.call_later(duration_s, self._stop.set)
         started: list[Sink] = []
         try:
             # Sinks with their own tasks (network delivery, the HTTP server) start in this loop.
@@ -122,63 +171,154 @@ class Agent:
                     await sink.start()
                     started.append(sink)
             self.ready = True
-            while not self._stop.is_set():
-                self.tick()
-                timeout = self.config.tick_s
-                if deadline is not None:
-                    timeout = min(timeout, deadline - loop.time())
-                    if timeout <= 0:
-                        break
-                # A plain sleep: wait_for() would build a task per tick, which costs more
-                # than the tick itself. A stop request is seen within one tick.
-                await asyncio.sleep(timeout)
-            self.tick()  # hand over what arrived since the last tick
+            self._on_timer()  # the first housekeeping; it schedules the next wake-up
+            await self._stop.wait()
+            self.drain()  # hand over what arrived since the last wake-up
+            self.tick()
         finally:
             self.ready = False
+            for handle in (end, self._timer, self._deferred_drain):
+                if handle is not None:
+                    handle.cancel()
+            self._timer = self._deferred_drain = None
             for sink in reversed(started):
                 try:
                     await sink.stop()
                 except Exception:
                     log.exception("stopping sink %s failed", sink.name)
-            for sensor in self.sensors:
+            if self.core is not None and self.core.reader is not None:
                 with contextlib.suppress(Exception):
-                    loop.remove_reader(sensor.events_fd)
+                    loop.remove_reader(self.core.events_fd)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            self._loop = None
             if self.engine.open:
                 log.info("%d incident(s) still open at shutdown", len(self.engine.open))
+
+    def stop(self) -> None:
+        """Ask a running agent to stop (from its loop's thread)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    # -- waking up -----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        """The ring buffer's fd is readable: drain now, or merge with a drain a moment later."""
+        loop = self._loop
+        if loop is None or self.core is None or self.core.reader is None:
+            return
+        now = loop.time()
+        soon = self._last_drain + MIN_DRAIN_INTERVAL_S
+        if now < soon and self.core.reader.unread_bytes() < self.config.wakeup_bytes:
+            # Level-triggered: stop watching until the merged drain, or the loop would spin.
+            loop.remove_reader(self.core.events_fd)
+            if self._deferred_drain is None:
+                self._deferred_drain = loop.call_at(soon, self._deferred)
+            return
+        self._drain_and_schedule()
+
+    def _deferred(self) -> None:
+        self._deferred_drain = None
+        if self._loop is not None and self.core is not None and self.core.reader is not None:
+            self._loop.add_reader(self.core.events_fd, self._on_readable)
+            self._drain_and_schedule()
+
+    def _drain_and_schedule(self) -> None:
+        self.drain()
+        self._schedule()
+
+    def _on_timer(self) -> None:
+        """A deadline this agent owns is due: housekeeping, sensor polls, resolutions."""
+        self._timer = None
+        loop = self._loop
+        now = loop.time() if loop is not None else time.monotonic()
+        for sensor in self.sensors:
+            if sensor.poll_interval_s is not None and now >= self._next_poll.get(sensor.name, 0.0):
+                self._next_poll[sensor.name] = now + sensor.poll_interval_s
+                try:
+                    sensor.poll()
+                except Exception:
+                    log.exception("sensor %s could not poll", sensor.name)
+        self.drain()
+        if now >= self._next_tick:
+            self._next_tick = now + self.config.tick_s
+            self.tick()
+        else:
+            self._resolve()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Sleep until the earliest of: housekeeping, a sensor's poll, an open incident's resolution."""
+        loop = self._loop
+        if loop is None:
+            return
+        when = self._next_tick
+        for sensor in self.sensors:
+            if sensor.poll_interval_s is not None:
+                when = min(when, self._next_poll.get(sensor.name, 0.0))
+        due_ns = self.engine.next_deadline_ns()
+        if due_ns is not None:
+            when = min(when, loop.time() + max(due_ns - self.clocks.mono_ns(), 0) / NS)
+        if self._timer is not None:
+            if abs(self._timer.when() - when) < 0.001:
+                return
+            self._timer.cancel()
+        self._timer = loop.call_at(when, self._on_timer)
 
     # -- the funnel ----------------------------------------------------------
 
     def tick(self) -> None:
+        """Housekeeping, at most once per `tick`: loss detection, live totals, resolutions."""
         self.funnel.ticks += 1
-        for sensor in self.sensors:
-            self._drain_one(sensor)
-            self.funnel.kernel[sensor.name] = sensor.counters()
+        if self.core is not None:
+            self.funnel.kernel_transport = self.core.transport_counters()
         dropped = self.funnel.dropped()
         if dropped > self._last_dropped:
             log.warning("%d record(s) lost between the kernel and ksift", dropped - self._last_dropped)
             self.engine.note_loss(self.clocks.mono_ns(), dropped - self._last_dropped)
             self._last_dropped = dropped
         self._refresh_open()
+        self._resolve()
+
+    def _resolve(self) -> None:
         self._emit(self.engine.tick(self.clocks.mono_ns()))
 
-    def _drain_one(self, sensor: Sensor) -> None:
-        reader = sensor.reader
+    def drain(self) -> None:
+        """Read every committed record in one batch and hand each sensor its share."""
+        reader = self.core.reader if self.core is not None else None
         if reader is None:
             return
+        if self._loop is not None:
+            self._last_drain = self._loop.time()
         batch = reader.read()
-        self.funnel.records_read = sum(s.reader.records_read for s in self.sensors if s.reader)
-        self.funnel.records_discarded = sum(s.reader.discarded for s in self.sensors if s.reader)
-        self.funnel.records_malformed = sum(s.reader.malformed for s in self.sensors if s.reader)
+        self.funnel.records_read = reader.records_read
+        self.funnel.records_discarded = reader.discarded
+        self.funnel.records_malformed = reader.malformed
         if len(batch) == 0:
             return
+        self.funnel.drains += 1
+        ranges = batch["type"] // records.SENSOR_SPAN
+        transitions: list[Transition] = []
+        for rng in set(ranges.tolist()):
+            part = batch[ranges == rng]
+            sensor = self._by_range.get(rng)
+            if sensor is None:
+                if rng == records.REC_FLOOD // records.SENSOR_SPAN:
+                    self.funnel.records_synthetic += len(part)
+                else:
+                    self.funnel.records_unknown += len(part)
+                continue
+            transitions += self._hand_over(sensor, part)
+        self._refresh_open()
+        self._emit(transitions)
+
+    def _hand_over(self, sensor: Sensor, batch) -> list[Transition]:
         try:
             decoded = sensor.decode(batch)
         except Exception:
             log.exception("could not decode a batch of %d records from %s", len(batch), sensor.name)
             self.funnel.records_failed += len(batch)
-            return
+            return []
         self.funnel.records_failed += decoded.failed
         transitions: list[Transition] = []
         for c in decoded.crossings:
@@ -189,8 +329,7 @@ class Agent:
                 self.funnel.records_failed += 1
         for gone in decoded.exits:
             self.engine.key_exited(gone.rule, gone.key, gone.total, gone.exit_code)
-        self._refresh_open()
-        self._emit(transitions)
+        return transitions
 
     def _refresh_open(self) -> None:
         """Read the live totals of open incidents' keys from the kernel (one lookup each)."""
@@ -226,5 +365,21 @@ class Agent:
         """The sensor that feeds a rule (for the API and remediation)."""
         return self._owner.get(rule_name)
 
+    def read_kernel_counters(self) -> dict[str, dict[str, int]]:
+        """Every object's counters, read now (one lookup per object): for reports, not for the loop."""
+        kernel: dict[str, dict[str, int]] = {}
+        if self.core is not None:
+            kernel["core"] = self.core.counters()
+            self.funnel.kernel_transport = self.core.transport_counters()
+        for sensor in self.sensors:
+            try:
+                kernel[sensor.name] = sensor.counters()
+            except Exception:
+                log.exception("could not read the counters of sensor %s", sensor.name)
+        self.funnel.kernel = kernel
+        return kernel
+
     def funnel_report(self) -> dict:
+        if self.core is not None and self.core.obj is not None:
+            self.read_kernel_counters()
         return self.funnel.as_dict(self.engine, self.sinks)

@@ -3,7 +3,7 @@
 Layout (every section and field optional):
 
     [agent]
-    tick = "100ms"        # how often the agent drains events and evaluates rules
+    tick = "1s"           # longest sleep while nothing happens: counters, loss check, polls
     log_level = "info"    # debug, info, warning, error
     [transport]
     ringbuf_bytes = 1048576
@@ -43,7 +43,7 @@ DEFAULT_WAKEUP_BYTES = 256 * 1024
 
 @dataclass(frozen=True)
 class AgentConfig:
-    tick_s: float = 0.1
+    tick_s: float = 1.0  # housekeeping: the longest the agent sleeps while nothing is due
     log_level: str = "info"
     ringbuf_bytes: int = 1 << 20  # BPF ring buffer size: power of two, 16 KiB .. 1 GiB
     wakeup_bytes: int = DEFAULT_WAKEUP_BYTES  # wake userspace once this much is queued

@@ -103,7 +103,7 @@ def test_sigterm_leaves_nothing_attached(tmp_path):
     # every sensor of the default rules: at least the three process hooks, each attached
     assert len(held[0]) >= 3 and len(held[1]) >= len(held[0]), f"expected programs and their links, got {held}"
     names = program_names(held[0])
-    assert {"ks_fork", "ks_exec", "ks_exit"} <= names
+    assert {"ks_exec", "ks_fork", "ks_exit"} <= names
     # the packaged rules have no policy: remediation's in-kernel fork guard stays detached
     assert not {n for n in names if n.startswith("ks_tree")}, names
     assert held[0] <= bpf_ids_in_kernel()[0]

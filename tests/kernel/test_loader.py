@@ -15,6 +15,7 @@ from ksift.loader.libbpf import Libbpf
 from ksift.rules.parse import parse_rules
 from ksift.sensors.base import default_objects_dir
 from ksift.sensors.process import ProcessSensor
+from ksift.transport.core import CoreObject
 
 REPO = Path(__file__).resolve().parents[2]
 PROCESS_OBJ = default_objects_dir() / "process.bpf.o"
@@ -51,10 +52,13 @@ def test_missing_object_says_how_to_build(tmp_path, lib):
 def test_rodata_threshold_and_batch_lookup_of_aggregates(lib):
     rules = parse_rules('[[rule]]\nname="f"\nseverity="info"\nsignal="process.fork"\nkey="tgid"\n'
                         'threshold=1000\nwindow="10s"\n', "<test>")
+    core = CoreObject(lib, default_objects_dir(), AgentConfig(), os.getpid())
+    core.start()
     sensor = ProcessSensor(lib, default_objects_dir(), AgentConfig(), os.getpid(), rules)
-    sensor.start()
+    sensor.start(core.shared_fds)
     try:
-        assert sorted(sensor.obj.attached) == ["ks_exec", "ks_exit", "ks_fork"]
+        assert sorted(sensor.obj.attached) == ["ks_exit", "ks_fork"]
+        assert core.obj.attached == ["ks_exec"]
         # A long-lived parent that forks 5 children and then waits: its counter stays in the map.
         parent = subprocess.Popen(["/bin/sh", "-c", "for i in 1 2 3 4 5; do /bin/true; done; read x"],
                                   stdin=subprocess.PIPE)
@@ -84,7 +88,8 @@ def test_rodata_threshold_and_batch_lookup_of_aggregates(lib):
         # Under the threshold: nothing crossed, nothing emitted.
         counters = sensor.counters()
         assert counters["fork_crossings"] == 0 or counters["rb_emitted"] >= counters["fork_crossings"]
-        assert len(sensor.reader.read()) == counters["rb_emitted"]
+        assert len(core.reader.read()) == counters["rb_emitted"] == core.transport_counters()["emitted"]
     finally:
         sensor.close()
+        core.close()
     assert sensor.obj is None

@@ -40,7 +40,7 @@ def parse_error(text: str) -> ConfigError:
 def test_defaults():
     config = AgentConfig()
     assert config == AgentConfig(
-        tick_s=0.1,
+        tick_s=1.0,
         log_level="info",
         ringbuf_bytes=1 << 20,
         wakeup_bytes=256 * 1024,

@@ -147,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent = Agent(config, rules, sensors, enricher, sinks)
     try:
         with agent:  # attaches; detaches everything on every way out
-            log.info("watching the host (tick %.0f ms)%s", config.tick_s * 1000,
+            log.info("watching the host%s",
                      f" for {args.duration:g}s" if args.duration else "; Ctrl-C or SIGTERM stops")
             asyncio.run(agent.run(args.duration))
     except BpfError as exc:

@@ -220,6 +220,15 @@ class BpfObject:
         self.lib.check_int(self.lib.so.bpf_map__set_max_entries(self._find_map(name), max_entries),
                            f"resize map {name}")
 
+    def map_names(self) -> list[str]:
+        return [self.lib.so.bpf_map__name(m).decode() for m in self.lib.iter_maps(self._require())]
+
+    def reuse_map(self, name: str, fd: int) -> None:
+        """Make the object's map `name` the already-loaded map behind fd (one map shared
+        by several objects: the ring buffer, the transport counters, exec paths)."""
+        self._require(loaded=False)
+        self.lib.check_int(self.lib.so.bpf_map__reuse_fd(self._find_map(name), fd), f"reuse map {name}")
+
     # -- load and attach -----------------------------------------------------
 
     def load(self) -> None:

@@ -106,6 +106,7 @@ class Libbpf:
         _sig(s.bpf_map__value_size, u32, p)
         _sig(s.bpf_map__max_entries, u32, p)
         _sig(s.bpf_map__set_max_entries, i, p, u32)
+        _sig(s.bpf_map__reuse_fd, i, p, i)
         _sig(s.bpf_map__initial_value, p, p, ctypes.POINTER(sz))
         _sig(s.bpf_program__name, ctypes.c_char_p, p)
         _sig(s.bpf_program__section_name, ctypes.c_char_p, p)

@@ -229,5 +229,18 @@ class IncidentEngine:
             windows.evict_idle(now_ns)
         return out
 
+    def next_deadline_ns(self) -> int | None:
+        """Kernel time at which the earliest open incident may resolve (its key quiet for a
+        whole window after its last hot one, plus the grace), or None when none is open:
+        the agent sleeps until then instead of checking on a fixed tick."""
+        due = None
+        for inc in self.open.values():
+            window_ns = self.windows[inc.rule.name].window_ns
+            last = self.windows[inc.rule.name].last(inc.key)
+            start = last.start_ns if last is not None else inc.last_window_ns
+            when = start + 2 * window_ns + self.grace_ns
+            due = when if due is None else min(due, when)
+        return due
+
     def open_keys(self) -> list[tuple[str, Hashable]]:
         return list(self.open)

@@ -18,14 +18,12 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ksift.config import AgentConfig
-from ksift.errors import BpfError
 from ksift.events import TaskContext
 from ksift.loader.bpf_object import BpfMap, BpfObject
 from ksift.loader.libbpf import Libbpf
 from ksift.rules.incidents import NS, Crossing, Incident, KeyExit, KeyState
 from ksift.rules.model import Rule, RuleSet
 from ksift.transport import records
-from ksift.transport.ringbuf import RingBufferReader
 from ksift.units import format_duration
 
 T = TypeVar("T")
@@ -101,6 +99,12 @@ class Sensor:
     name = "sensor"
     object_file = ""
     signals: tuple[str, ...] = ()
+    # First record type of the sensor's range (KSIFT_REC_<SENSOR>_BASE in bpf/ksift.h):
+    # the agent hands it every record whose type // records.SENSOR_SPAN is record_base's.
+    record_base = -1
+    # Sensors that look at the host on a schedule rather than from a hook (a task
+    # iterator, say) set this; the agent then calls poll() at most this often.
+    poll_interval_s: float | None = None
     # Names of the sensor's own counter slots, from records.SENSOR_COUNTER_BASE on,
     # in the order of its enum in bpf/<sensor>.h (`counter_enum`).
     counter_names: tuple[str, ...] = ()
@@ -117,7 +121,6 @@ class Sensor:
         # signal -> its enabled rule, for this sensor's signals only
         self.enabled: dict[str, Rule] = {s: r for s in self.signals if (r := rules.for_signal(s)) is not None}
         self.obj: BpfObject | None = None
-        self.reader: RingBufferReader | None = None
         self._counters: BpfMap | None = None
 
     @classmethod
@@ -156,23 +159,35 @@ class Sensor:
         """The signal's own figures for the alert's `details`; None means incident.details."""
         return None
 
-    def start(self) -> None:
-        """open -> configure -> load -> attach; on any failure, everything is torn down."""
+    def poll(self) -> None:
+        """Look at the host now (sensors with a poll_interval_s); records go to the ring buffer."""
+
+    def loaded(self) -> None:
+        """Called once the object is loaded and attached: pick up the maps the sensor reads."""
+
+    def start(self, shared: Mapping[str, int] | None = None) -> None:
+        """open -> configure -> load -> attach; on any failure, everything is torn down.
+
+        `shared` maps names of maps every object declares (common.bpf.h: ks_events,
+        ks_transport, ks_exec_path) to the fds of the core object's, so all sensors
+        write one ring buffer. Without it the object makes its own (tests, doctor).
+        """
         obj = BpfObject(self.path, self.lib)
         self.obj = obj
         try:
             obj.open()
             obj.set_rodata(ksift_tgid=self.self_tgid, wakeup_bytes=self.config.wakeup_bytes, **self.rodata())
             obj.resize_map("ks_events", self.config.ringbuf_bytes)
+            for name, fd in (shared or {}).items():
+                obj.reuse_map(name, fd)
             wanted = set(self.programs())
             for prog in obj.program_names():
                 obj.set_autoload(prog, prog in wanted)
             obj.load()
             for prog in self.programs():
                 self.attach(obj, prog)
-            events = obj.map("ks_events")
-            self.reader = RingBufferReader(events.fd, events.max_entries)
             self._counters = obj.map("ks_counters")
+            self.loaded()
         except BaseException:
             self.close()
             raise
@@ -232,12 +247,6 @@ class Sensor:
         win = np.frombuffer(raw[: dtype.itemsize], dtype=dtype)[0]["win"]
         return KeyState(int(win["total"]), int(win["window_start_ns"]), int(win["window_count"]))
 
-    @property
-    def events_fd(self) -> int:
-        if self.reader is None:
-            raise BpfError(f"sensor {self.name} is not started")
-        return self.reader.fd
-
     def counters(self) -> dict[str, int]:
         if self._counters is None:
             return {}
@@ -247,9 +256,6 @@ class Sensor:
         return records.sum_counters(raw, self._counters.ncpus, self._counters.slot_size, self.all_counter_names())
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
         self._counters = None
         if self.obj is not None:
             self.obj.close()

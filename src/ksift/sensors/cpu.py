@@ -182,6 +182,7 @@ class StackBook:
 
 class CpuSensor(Sensor):
     name = "cpu"
+    record_base = 50  # KSIFT_REC_CPU_BASE
     object_file = "cpu.bpf.o"
     signals = (CPU_SIGNAL,)
     counter_enum = "ksift_cpu_counter"
@@ -234,8 +235,7 @@ class CpuSensor(Sensor):
         else:
             super().attach(obj, prog)
 
-    def start(self) -> None:
-        super().start()
+    def loaded(self) -> None:
         self._state = self.obj.map("ks_cpu_state")
         self._stacks = self.obj.map("ks_cpu_stacks")
         self._stack_counts = self.obj.map("ks_cpu_stack_counts")

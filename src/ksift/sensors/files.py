@@ -92,6 +92,7 @@ def fd_noun(window_count: int, window_sockets: int) -> str:
 
 class FileSensor(Sensor):
     name = "file"
+    record_base = 20  # KSIFT_REC_FILE_BASE
     object_file = "file.bpf.o"
     signals = (FILE_SIGNAL,)
     counter_enum = "ksift_file_counter"
@@ -122,8 +123,7 @@ class FileSensor(Sensor):
         # One syscall hook for every fd-creating syscall; the exit hook ships final totals.
         return ["ks_fd_sys_exit", "ks_fd_proc_exit"] if self.fd_rule is not None else []
 
-    def start(self) -> None:
-        super().start()
+    def loaded(self) -> None:
         self._state = self.obj.map("ks_fd_state")
         self._dirs_map = self.obj.map("ks_fd_dirs")
 

@@ -32,7 +32,6 @@ TOP_EXECUTABLES = 5
 REC_CHURN_CROSSING = 11
 REC_CHURN_EXIT = 12
 REC_CRASH_CROSSING = 13
-LC_EXEC = np.dtype([("path", f"S{records.PATH_LEN}")])
 LC_KEY = np.dtype([("parent_tgid", "<u4"), ("pad", "<u4"), ("exe", f"S{records.PATH_LEN}")])
 CHURN_STATE = np.dtype([("win", WINDOW)])
 CHURN_EXE = np.dtype([("count", "<u8"), ("parent_start_ns", "<u8")])
@@ -148,15 +147,15 @@ def top_executables(keys: bytes, values: bytes, n: int, parent_tgid: int, parent
 
 class LifecycleSensor(Sensor):
     name = "lifecycle"
+    record_base = 10  # KSIFT_REC_LIFECYCLE_BASE
     object_file = "lifecycle.bpf.o"
     signals = (CHURN_SIGNAL, CRASH_SIGNAL)
     counter_enum = "ksift_lifecycle_counter"
-    counter_names = ("lc_exec_seen", "lc_exec_self", "lc_exit_seen", "lc_exit_self", "churn_long_lived",
+    counter_names = ("lc_exit_seen", "lc_exit_self", "churn_long_lived",
                      "churn_aggregated", "churn_crossings", "churn_exit_flagged", "crash_aggregated",
                      "crash_crossings")
     abi = {
         **WINDOW_ABI,
-        "ksift_lc_exec": (LC_EXEC, {}),
         "ksift_lc_key": (LC_KEY, {}),
         "ksift_churn_state": (CHURN_STATE, {}),
         "ksift_churn_exe": (CHURN_EXE, {}),
@@ -183,14 +182,13 @@ class LifecycleSensor(Sensor):
         return out
 
     def programs(self) -> list[str]:
-        # Both rules judge a child at its exit and name it by the exec path the exec hook keeps;
+        # Both rules judge a child at its exit and name it by the exec path the core object keeps;
         # a disabled rule's share of the exit program is dropped by the verifier (rodata gate).
         if self.churn_rule is None and self.crash_rule is None:
             return []
-        return ["ks_lc_exec", "ks_lc_exit"]
+        return ["ks_lc_exit"]
 
-    def start(self) -> None:
-        super().start()
+    def loaded(self) -> None:
         self._churn_state = self.obj.map("ks_churn_state")
         self._churn_exe = self.obj.map("ks_churn_exe")
         self._crash_state = self.obj.map("ks_crash_state")

@@ -260,6 +260,7 @@ class GrowthTracker:
 
 class MemorySensor(Sensor):
     name = "memory"
+    record_base = 60  # KSIFT_REC_MEMORY_BASE
     object_file = "memory.bpf.o"
     signals = (OOM_SIGNAL, GROWTH_SIGNAL)
     counter_enum = "ksift_memory_counter"

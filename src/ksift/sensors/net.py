@@ -68,6 +68,7 @@ def kernel_key(key: tuple[int, str, int]) -> bytes:
 
 class ConnectSensor(Sensor):
     name = "net"
+    record_base = 30  # KSIFT_REC_NET_BASE
     object_file = "net.bpf.o"
     signals = (CONNECT_SIGNAL,)
     counter_enum = "ksift_net_counter"
@@ -91,8 +92,7 @@ class ConnectSensor(Sensor):
     def programs(self) -> list[str]:
         return ["ks_connect"] if self.connect_rule is not None else []
 
-    def start(self) -> None:
-        super().start()
+    def loaded(self) -> None:
         self._state = self.obj.map("ks_connect_state")
 
     def decode(self, batch: np.ndarray) -> Decoded:

@@ -42,11 +42,12 @@ FORK_STATE = np.dtype([("win", WINDOW)])
 
 class ProcessSensor(Sensor):
     name = "process"
+    record_base = 0  # KSIFT_REC_PROCESS_BASE
     object_file = "process.bpf.o"
     signals = (FORK_SIGNAL,)
     counter_enum = "ksift_process_counter"
     counter_names = ("fork_seen", "fork_threads", "fork_self", "fork_aggregated", "fork_crossings",
-                     "exec_seen", "exit_seen", "exit_flagged", "tree_fork_killed", "tree_kill_failed",
+                     "exit_seen", "exit_flagged", "tree_fork_killed", "tree_kill_failed",
                      "tree_budget_spent")
     abi = {
         **WINDOW_ABI,
@@ -74,10 +75,10 @@ class ProcessSensor(Sensor):
                 "clock_tick_ns": NS // os.sysconf("SC_CLK_TCK"), "fork_crossing_wakeup": int(self._may_act())}
 
     def programs(self) -> list[str]:
-        # exec keeps executable paths for flagged parents; exit ships their final totals.
+        # exit ships flagged parents' final totals (exec paths come from the core object).
         if self.fork_rule is None:
             return []
-        programs = ["ks_fork", "ks_exec", "ks_exit"]
+        programs = ["ks_fork", "ks_exit"]
         if self.fast_path_wanted():
             programs.append("ks_tree_guard" if self._kernel_can_signal_task() else "ks_tree_guard_parent")
         return programs
@@ -107,8 +108,7 @@ class ProcessSensor(Sensor):
         except OSError:
             return False
 
-    def start(self) -> None:
-        super().start()
+    def loaded(self) -> None:
         self._state = self.obj.map("ks_fork_state")
         attached = [p for p in ("ks_tree_guard", "ks_tree_guard_parent") if p in self.obj.attached]
         if attached:

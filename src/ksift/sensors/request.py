@@ -237,6 +237,7 @@ class LiveStats:
 
 class RequestSensor(Sensor):
     name = "request"
+    record_base = 40  # KSIFT_REC_REQUEST_BASE
     object_file = "request.bpf.o"
     signals = (SLOW_REQUEST_SIGNAL,)
     counter_enum = "ksift_request_counter"
@@ -270,8 +271,7 @@ class RequestSensor(Sensor):
         # The handshake marks server sockets; reads start requests, writes end them.
         return ["ks_req_state", "ks_req_recv", "ks_req_send"] if self.rule is not None else []
 
-    def start(self) -> None:
-        super().start()
+    def loaded(self) -> None:
         self.stats_map = self.obj.map("ks_req_stats")
 
     # -- records -------------------------------------------------------------------

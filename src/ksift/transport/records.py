@@ -54,6 +54,19 @@ RECORD = np.dtype(
 
 COUNTERS = np.dtype([("v", "<u8", (COUNTER_SLOTS,))])
 
+# Record types: one range of SENSOR_SPAN per sensor (KSIFT_REC_*_BASE), so
+# type // SENSOR_SPAN says which sensor decodes it.
+SENSOR_SPAN = 10
+REC_FLOOD = 250  # synthetic load (bench/flood.bpf.c): counted, never decoded
+
+# struct ksift_transport: the per-CPU counters every object shares (enum ksift_transport_counter).
+TRANSPORT_COUNTER_NAMES = ("emitted", "dropped", "wakeups")
+TRANSPORT_SLOTS = 8
+TRANSPORT = np.dtype([("v", "<u8", (TRANSPORT_SLOTS,))])
+
+# struct ksift_exec: the last exec path of a process (core object's task storage).
+EXEC = np.dtype([("path", f"S{PATH_LEN}")])
+
 def payloads(batch: np.ndarray, rec_type: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """The records of one type in a batch and their payloads decoded as `dtype`."""
     rows = batch[batch["type"] == rec_type]

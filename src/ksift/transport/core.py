@@ -1,0 +1,95 @@
+"""The core BPF object: what every sensor's object shares, loaded first and always.
+
+bpf/core.bpf.c creates the maps every object declares in common.bpf.h (the
+ks_events ring buffer, the ks_transport counters, the ks_exec_path task
+storage) and keeps exec paths with its one hook (sched_process_exec). Each
+sensor's object then reuses those maps (`shared_fds`), so the agent maps one
+ring buffer, waits on one fd, and reads one counter map to see any loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ksift.config import AgentConfig
+from ksift.errors import BpfError
+from ksift.loader.bpf_object import BpfMap, BpfObject
+from ksift.loader.libbpf import Libbpf
+from ksift.transport import records
+from ksift.transport.ringbuf import RingBufferReader
+
+SHARED_MAPS = ("ks_events", "ks_transport", "ks_exec_path")
+# enum ksift_core_counter (bpf/core.bpf.c), from records.SENSOR_COUNTER_BASE on.
+CORE_COUNTER_NAMES = ("exec_seen", "exec_stored")
+
+
+class CoreObject:
+    """Owns core.bpf.o, the shared maps and the one ring-buffer reader."""
+
+    name = "core"
+    object_file = "core.bpf.o"
+
+    def __init__(self, lib: Libbpf, objects_dir: Path, config: AgentConfig, self_tgid: int):
+        self.lib = lib
+        self.path = objects_dir / self.object_file
+        self.config = config
+        self.self_tgid = self_tgid
+        self.obj: BpfObject | None = None
+        self.reader: RingBufferReader | None = None
+        self.shared_fds: dict[str, int] = {}
+        self._transport: BpfMap | None = None
+        self._counters: BpfMap | None = None
+
+    def start(self) -> None:
+        obj = BpfObject(self.path, self.lib)
+        self.obj = obj
+        try:
+            obj.open()
+            obj.set_rodata(ksift_tgid=self.self_tgid, wakeup_bytes=self.config.wakeup_bytes)
+            obj.resize_map("ks_events", self.config.ringbuf_bytes)
+            obj.load()
+            obj.attach("ks_exec")
+            events = obj.map("ks_events")
+            self.reader = RingBufferReader(events.fd, events.max_entries)
+            self.shared_fds = {name: obj.map(name).fd for name in SHARED_MAPS}
+            self._transport = obj.map("ks_transport")
+            self._counters = obj.map("ks_counters")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def events_fd(self) -> int:
+        if self.reader is None:
+            raise BpfError("the core BPF object is not started")
+        return self.reader.fd
+
+    def transport_counters(self) -> dict[str, int]:
+        """Records emitted, dropped (ring buffer full) and wake-ups, by every object together."""
+        if self._transport is None:
+            return {}
+        raw = self._transport.lookup(b"\0\0\0\0")
+        if raw is None:
+            return {}
+        return records.sum_counters(raw, self._transport.ncpus, self._transport.slot_size,
+                                    records.TRANSPORT_COUNTER_NAMES)
+
+    def counters(self) -> dict[str, int]:
+        """The core object's own counters (exec paths seen and kept)."""
+        if self._counters is None:
+            return {}
+        raw = self._counters.lookup(b"\0\0\0\0")
+        if raw is None:
+            return {}
+        return records.sum_counters(raw, self._counters.ncpus, self._counters.slot_size,
+                                    records.COMMON_COUNTER_NAMES + CORE_COUNTER_NAMES)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        self.shared_fds = {}
+        self._transport = self._counters = None
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
