@@ -17,12 +17,13 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from ksift.alerts import Clocks, build_alert
 from ksift.config import AgentConfig
 from ksift.enrich.context import Enricher
-from ksift.rules.incidents import NS, IncidentEngine, Transition
+from ksift.rules.incidents import NS, Incident, IncidentEngine, KeyState, Transition
 from ksift.rules.model import RuleSet
 from ksift.sensors.base import Sensor
 from ksift.sinks.base import Sink
@@ -106,9 +107,10 @@ class Agent:
         self._owner = {rule.name: sensor for sensor in sensors for rule in sensor.rules()}
         self._by_range = {sensor.record_base // records.SENSOR_SPAN: sensor for sensor in sensors}
         self.ready = False  # every sensor attached and the loop running (readiness)
+        self.view = AgentView(self)
         for sink in sinks:
-            if hasattr(sink, "bind"):  # sinks that read the agent: the API, remediation
-                sink.bind(self)
+            if hasattr(sink, "bind"):  # sinks that read the agent (the API, remediation), through its view
+                sink.bind(self.view)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -383,3 +385,98 @@ class Agent:
         if self.core is not None and self.core.obj is not None:
             self.read_kernel_counters()
         return self.funnel.as_dict(self.engine, self.sinks)
+
+
+@dataclass(frozen=True)
+class SensorInfo:
+    """What the interfaces may know of a sensor: names, hooks, counters, program stats."""
+
+    name: str
+    object_file: str
+    rules: tuple[str, ...]
+    attached: tuple[str, ...]
+    counter_names: tuple[str, ...]
+    program_stats: Callable[[], dict[str, tuple[int, int]]]
+
+
+class AgentView:
+    """The narrow, named interface the API, metrics and remediation read the agent through.
+
+    They never reach into the Agent's fields: what they may read (the funnel
+    report, open incidents, a rule's live state in the kernel, the sensors'
+    names and hooks, the shared maps) is listed here, so the agent's insides can
+    change without them.
+    """
+
+    def __init__(self, agent: Agent):
+        self._agent = agent
+
+    @property
+    def ready(self) -> bool:
+        return self._agent.ready
+
+    @property
+    def rules(self) -> RuleSet:
+        return self._agent.rules
+
+    @property
+    def grace_ns(self) -> int:
+        """How late a record may reach user space: slack before judging a window quiet."""
+        return self._agent.grace_ns
+
+    def wall_of(self, ktime_ns: int) -> float:
+        return self._agent.clocks.wall_of(ktime_ns)
+
+    def funnel_report(self) -> dict:
+        """Every stage's counters, the kernel's read now."""
+        return self._agent.funnel_report()
+
+    def open_incidents(self) -> list[Incident]:
+        return list(self._agent.engine.open.values())
+
+    def incident(self, rule: str, key: Hashable) -> Incident | None:
+        return self._agent.engine.open.get((rule, key))
+
+    def incident_key(self, rule: str, incident_id: str) -> Hashable | None:
+        """The key of the open incident of `rule` with this id, if it is still open."""
+        for (name, key), inc in list(self._agent.engine.open.items()):
+            if name == rule and inc.id == incident_id:
+                return key
+        return None
+
+    def has_live_state(self, rule: str) -> bool:
+        """Whether the rule's sensor can read a key's live counters from the kernel."""
+        sensor = self._agent.owner(rule)
+        return sensor is not None and type(sensor).current is not Sensor.current
+
+    def live_state(self, rule: str, key: Hashable) -> KeyState | None:
+        """The key's live counters in the kernel, or None (no such state, or the process is gone)."""
+        sensor = self._agent.owner(rule)
+        return sensor.current(rule, key) if sensor is not None else None
+
+    def summarize(self, incident: Incident, status: str) -> str | None:
+        """The sentence the rule's sensor writes for an incident (None: the generic wording)."""
+        sensor = self._agent.owner(incident.rule.name)
+        return sensor.summarize(incident, status) if sensor is not None else None
+
+    def sensors(self) -> list[SensorInfo]:
+        out = []
+        for s in self._agent.sensors:
+            obj = s.obj
+            out.append(SensorInfo(s.name, s.object_file, tuple(r.name for r in s.rules()),
+                                  tuple(obj.attached) if obj is not None else (), s.counter_names,
+                                  obj.program_stats if obj is not None else dict))
+        return out
+
+    def sink_counters(self) -> dict[str, dict[str, int]]:
+        return {s.name: (s.counters() if callable(getattr(s, "counters", None))
+                         else {"delivered": s.delivered, "failed": s.failed}) for s in self._agent.sinks}
+
+    def engine_stats(self) -> dict[str, int]:
+        return dict(self._agent.engine.stats)
+
+    def shared_map_fds(self) -> dict[str, int]:
+        """The core object's shared maps (ring buffer, transport counters, exec paths), for an
+        object of another part (remediation's guard) to reuse; empty before start."""
+        core = self._agent.core
+        return dict(core.shared_fds) if core is not None else {}

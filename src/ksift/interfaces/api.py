@@ -45,7 +45,7 @@ from ksift.rules.model import SEVERITIES
 from ksift.timeparse import parse_since, rfc3339
 
 if TYPE_CHECKING:
-    from ksift.agent import Agent
+    from ksift.agent import AgentView
     from ksift.store.sqlite import AlertStore
 
 log = logging.getLogger("ksift.api")
@@ -151,7 +151,7 @@ class ApiServer:
         self.bpf_stats_enabled = bpf_stats_enabled
         self.delivered = 0
         self.failed = 0
-        self.agent: Agent | None = None
+        self.agent: AgentView | None = None
         self.registry = None  # prometheus registry, built in bind()
         # (status, rule, severity) -> alerts seen by emit(); the metrics read it.
         self.alert_counts: Counter[tuple[str, str, str]] = Counter()
@@ -172,8 +172,8 @@ class ApiServer:
 
     # -- the sink side -------------------------------------------------------
 
-    def bind(self, agent: Agent) -> None:
-        """Called by the Agent it serves (the API reads the agent at request time)."""
+    def bind(self, agent: AgentView) -> None:
+        """Called by the Agent it serves, with its view (the API reads it at request time)."""
         self.agent = agent
         self.registry = build_registry(agent, lambda: dict(self.alert_counts), self.sse_stats, self.version,
                                        self.bpf_stats_enabled)
@@ -409,7 +409,7 @@ class ApiServer:
 
     # -- handlers ------------------------------------------------------------
 
-    def _need_agent(self) -> Agent:
+    def _need_agent(self) -> AgentView:
         if self.agent is None:
             raise web.HTTPServiceUnavailable(reason="the API is not bound to an agent")
         return self.agent
@@ -424,13 +424,13 @@ class ApiServer:
         reasons = []
         if not agent.ready:
             reasons.append("the agent loop is not running (starting or stopping)")
-        for sensor in agent.sensors:
-            obj = getattr(sensor, "obj", None)
-            if obj is None or not obj.attached:
+        sensors = agent.sensors()
+        for sensor in sensors:
+            if not sensor.attached:
                 reasons.append(f"sensor {sensor.name} has no program attached")
         if reasons:
             return _json({"ready": False, "reason": "; ".join(reasons)}, status=503)
-        return _json({"ready": True, "sensors": [s.name for s in agent.sensors]})
+        return _json({"ready": True, "sensors": [s.name for s in sensors]})
 
     async def _alerts(self, request: web.Request) -> web.Response:
         if self.store is None:
@@ -491,27 +491,25 @@ class ApiServer:
 
     async def _incidents(self, request: web.Request) -> web.Response:
         agent = self._need_agent()
-        incidents = [self._incident_view(agent, inc) for inc in list(agent.engine.open.values())]
+        incidents = [self._incident_view(agent, inc) for inc in agent.open_incidents()]
         incidents.sort(key=lambda i: i["opened_at"], reverse=True)
         return _json({"incidents": incidents, "count": len(incidents)})
 
     @staticmethod
-    def _incident_view(agent: Agent, inc) -> dict[str, Any]:
+    def _incident_view(agent: AgentView, inc) -> dict[str, Any]:
         from ksift.alerts import generic_summary
 
-        owner = agent.owner(inc.rule.name)
         summary = None
-        if owner is not None:
-            try:
-                summary = owner.summarize(inc, "open")
-            except Exception:
-                log.exception("api: summarizing incident %s failed", inc.id)
+        try:
+            summary = agent.summarize(inc, "open")
+        except Exception:
+            log.exception("api: summarizing incident %s failed", inc.id)
         key = list(inc.key) if isinstance(inc.key, tuple) else inc.key
         task = inc.task
         subject = inc.context.get("subject") or {"pid": task.tgid, "ppid": task.ppid, "comm": task.comm,
                                                  "exe": task.exe or None, "uid": task.uid,
                                                  "cgroup_id": task.cgroup_id}
-        wall_of = agent.clocks.wall_of
+        wall_of = agent.wall_of
         return {
             "incident_id": inc.id,
             "rule": inc.rule.name,
@@ -570,12 +568,12 @@ class ApiServer:
             # Each sensor counts the events its programs ran on as <event>_seen.
             "kernel_events": sum(v for counters in kernel.values() for k, v in counters.items()
                                  if k.endswith("_seen")),
-            "records_emitted": sum(c.get("rb_emitted", 0) for c in kernel.values()),
-            "records_dropped": sum(c.get("rb_dropped", 0) for c in kernel.values()),
+            "records_emitted": report.get("transport", {}).get("kernel_emitted", 0),
+            "records_dropped": report.get("transport", {}).get("kernel_dropped", 0),
             "records_read": report.get("transport", {}).get("records_read", 0),
             "alerts_opened": report.get("alerts", {}).get("open", 0),
             "alerts_resolved": report.get("alerts", {}).get("resolved", 0),
-            "open_incidents": len(agent.engine.open),
+            "open_incidents": report.get("rules", {}).get("open_incidents", 0),
         }
         report["ts"] = self.clock()
         report["uptime_s"] = self._uptime()
@@ -587,11 +585,9 @@ class ApiServer:
     async def _status(self, request: web.Request) -> web.Response:
         agent = self._need_agent()
         sensors = []
-        for sensor in agent.sensors:
-            obj = getattr(sensor, "obj", None)
+        for sensor in agent.sensors():
             sensors.append({"name": sensor.name, "object": sensor.object_file,
-                            "rules": [r.name for r in sensor.rules()],
-                            "attached": list(obj.attached) if obj is not None else []})
+                            "rules": list(sensor.rules), "attached": list(sensor.attached)})
         rules = [{"name": r.name, "enabled": r.enabled, "signal": r.signal, "key": r.key,
                   "severity": str(r.severity), "threshold": r.threshold, "window_s": r.window_s,
                   "sustain_s": r.sustain_s, "cooldown_s": r.cooldown_s, "description": r.description}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from ksift.transport.records import COMMON_COUNTER_NAMES
 
 if TYPE_CHECKING:
-    from ksift.agent import Agent
+    from ksift.agent import AgentView
 
 log = logging.getLogger("ksift.metrics")
 
@@ -40,7 +40,7 @@ def read_bpf_stats_enabled(path: str = BPF_STATS_SYSCTL) -> bool:
 class AgentCollector(Collector):
     """A custom collector: every value comes from the agent when Prometheus asks."""
 
-    def __init__(self, agent: Agent, alert_counts: Callable[[], dict[tuple[str, str, str], int]],
+    def __init__(self, agent: AgentView, alert_counts: Callable[[], dict[tuple[str, str, str], int]],
                  sse_stats: Callable[[], dict[str, int]] | None = None, version: str = "unknown",
                  bpf_stats_enabled: Callable[[], bool] = read_bpf_stats_enabled):
         self.agent = agent
@@ -48,8 +48,15 @@ class AgentCollector(Collector):
         self.sse_stats = sse_stats
         self.version = version
         self.bpf_stats_enabled = bpf_stats_enabled
+        self._report: dict = {}  # the funnel as read at the start of the current scrape
 
     def collect(self) -> Iterator[Metric]:
+        # One read of the funnel per scrape (the kernel counters are read now, not kept fresh).
+        try:
+            self._report = self.agent.funnel_report()
+        except Exception:
+            log.exception("metrics: reading the funnel failed")
+            self._report = {}
         # One failing part must not cost the whole scrape: log it and serve the rest.
         for part in (self._agent, self._kernel, self._transport, self._rules, self._sinks, self._sse,
                      self._bpf_programs):
@@ -66,7 +73,8 @@ class AgentCollector(Collector):
         yield info
         yield GaugeMetricFamily("ksift_agent_ready", "1 while the loop runs with every sensor attached",
                                 value=1 if self.agent.ready else 0)
-        yield CounterMetricFamily("ksift_agent_ticks", "agent loop ticks", value=self.agent.funnel.ticks)
+        yield CounterMetricFamily("ksift_agent_ticks", "agent housekeeping runs (at most one per tick)",
+                                  value=self._report.get("ticks", 0))
 
     def _kernel(self) -> Iterator[Metric]:
         events = CounterMetricFamily("ksift_kernel_events", "events the sensor's BPF programs counted, by counter",
@@ -79,8 +87,9 @@ class AgentCollector(Collector):
         map_full = CounterMetricFamily("ksift_kernel_map_full", "updates refused by a full BPF map",
                                        labels=["sensor"])
         common = {"rb_emitted": emitted, "rb_dropped": dropped, "rb_wakeups": wakeups, "map_full": map_full}
-        for sensor in self.agent.sensors:
-            counters = self.agent.funnel.kernel.get(sensor.name, {})
+        kernel = self._report.get("kernel", {})
+        for sensor in self.agent.sensors():
+            counters = kernel.get(sensor.name, {})
             for name in COMMON_COUNTER_NAMES:
                 common[name].add_metric([sensor.name], counters.get(name, 0))
             for name in sensor.counter_names:
@@ -89,17 +98,23 @@ class AgentCollector(Collector):
         yield from common.values()
 
     def _transport(self) -> Iterator[Metric]:
-        f = self.agent.funnel
-        yield CounterMetricFamily("ksift_records_read", "well-formed records read from ring buffers",
-                                  value=f.records_read)
+        t = self._report.get("transport", {})
+        yield CounterMetricFamily("ksift_ringbuf_records_emitted_all",
+                                  "records every BPF object put in the shared ring buffer",
+                                  value=t.get("kernel_emitted", 0))
+        yield CounterMetricFamily("ksift_ringbuf_records_dropped_all",
+                                  "records lost because the shared ring buffer was full, any object",
+                                  value=t.get("kernel_dropped", 0))
+        yield CounterMetricFamily("ksift_records_read", "well-formed records read from the ring buffer",
+                                  value=t.get("records_read", 0))
         yield CounterMetricFamily("ksift_records_decoded", "records read and handled (read minus failed)",
-                                  value=max(f.records_read - f.records_failed, 0))
+                                  value=max(t.get("records_read", 0) - t.get("failed", 0), 0))
         yield CounterMetricFamily("ksift_records_discarded", "records the kernel discarded after reserving",
-                                  value=f.records_discarded)
+                                  value=t.get("discarded", 0))
         yield CounterMetricFamily("ksift_records_malformed", "records with a bad length or type, skipped",
-                                  value=f.records_malformed)
+                                  value=t.get("malformed", 0) + t.get("unknown_type", 0))
         yield CounterMetricFamily("ksift_records_failed", "records that could not be decoded or handled",
-                                  value=f.records_failed)
+                                  value=t.get("failed", 0))
 
     def _rules(self) -> Iterator[Metric]:
         severities = {rule.name: str(rule.severity) for rule in self.agent.rules.enabled()}
@@ -119,7 +134,7 @@ class AgentCollector(Collector):
             yield family
         open_now = GaugeMetricFamily("ksift_incidents_open", "incidents open now, by rule", labels=["rule", "severity"])
         per_rule = {(rule, sev): 0 for rule, sev in severities.items()}
-        for incident in self.agent.engine.open.values():
+        for incident in self.agent.open_incidents():
             label = (incident.rule.name, str(incident.rule.severity))
             per_rule[label] = per_rule.get(label, 0) + 1
         for label, n in sorted(per_rule.items()):
@@ -127,7 +142,7 @@ class AgentCollector(Collector):
         yield open_now
         engine = CounterMetricFamily("ksift_engine_events", "what the incident engine did with crossings",
                                      labels=["event"])
-        for name, n in sorted(self.agent.engine.stats.items()):
+        for name, n in sorted(self.agent.engine_stats().items()):
             engine.add_metric([name], n)
         yield engine
 
@@ -138,13 +153,12 @@ class AgentCollector(Collector):
         # remediation's decisions by status.
         other = CounterMetricFamily("ksift_sink_events", "other outcomes a sink counts, by sink and event",
                                     labels=["sink", "event"])
-        for sink in self.agent.sinks:
-            delivered.add_metric([sink.name], sink.delivered)
-            failed.add_metric([sink.name], sink.failed)
-            counters = sink.counters() if callable(getattr(sink, "counters", None)) else {}
+        for name, counters in self.agent.sink_counters().items():
+            delivered.add_metric([name], counters.get("delivered", 0))
+            failed.add_metric([name], counters.get("failed", 0))
             for event, n in sorted(counters.items()):
                 if event not in ("delivered", "failed") and isinstance(n, int):
-                    other.add_metric([sink.name, event], n)
+                    other.add_metric([name, event], n)
         yield delivered
         yield failed
         yield other
@@ -170,18 +184,17 @@ class AgentCollector(Collector):
                                        labels=["sensor", "program"])
         runs = CounterMetricFamily("ksift_bpf_program_runs", "times the BPF program ran",
                                    labels=["sensor", "program"])
-        for sensor in self.agent.sensors:
-            obj: Any = getattr(sensor, "obj", None)
-            if obj is None:
+        for sensor in self.agent.sensors():
+            if not sensor.attached:
                 continue
-            for program, (ns, count) in sorted(obj.program_stats().items()):
+            for program, (ns, count) in sorted(sensor.program_stats().items()):
                 run_time.add_metric([sensor.name, program], ns / NS)
                 runs.add_metric([sensor.name, program], count)
         yield run_time
         yield runs
 
 
-def build_registry(agent: Agent, alert_counts: Callable[[], dict[tuple[str, str, str], int]],
+def build_registry(agent: AgentView, alert_counts: Callable[[], dict[tuple[str, str, str], int]],
                    sse_stats: Callable[[], dict[str, int]] | None = None, version: str = "unknown",
                    bpf_stats_enabled: Callable[[], bool] = read_bpf_stats_enabled,
                    process_metrics: bool = True) -> CollectorRegistry:
