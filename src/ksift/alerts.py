@@ -1,4 +1,4 @@
-"""Turn incident transitions into alert dicts (the JSON every sink receives)."""
+"""Turn incident transitions into alerts (ksift.alert_model), handed to sinks as their JSON dict."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+from ksift.alert_model import Alert, Ancestor, Degraded, Subject
 from ksift.enrich.context import Enricher
 from ksift.rules.incidents import NS, Incident, Transition
 from ksift.timeparse import rfc3339
@@ -36,7 +37,8 @@ def generic_summary(inc: Incident, status: str) -> str:
 def build_alert(tr: Transition, enricher: Enricher, clocks: Clocks,
                 summarize: Callable[[Incident, str], str | None] | None = None,
                 details: Callable[[Incident, str], dict | None] | None = None) -> dict:
-    """The alert for one transition. Context is captured once, when the incident opens.
+    """The alert for one transition, as the dict every sink receives (Alert.to_dict()).
+    Context is captured once, when the incident opens.
 
     summarize and details come from the sensor that owns the rule: its sentence
     and its signal's own figures (request path, exit status, address...).
@@ -47,28 +49,28 @@ def build_alert(tr: Transition, enricher: Enricher, clocks: Clocks,
     started = clocks.wall_of(inc.first_window_ns)
     resolved = clocks.wall_of(inc.resolved_ns) if inc.resolved_ns is not None else None
     now = clocks.wall_of(inc.opened_ns) if tr.kind == "open" else (resolved or clocks.wall())
-    return {
-        "id": uuid.uuid4().hex,
-        "incident_id": inc.id,
-        "status": tr.kind,
-        "ts": rfc3339(now),
-        "rule": inc.rule.name,
-        "severity": inc.rule.severity,
-        "summary": (summarize(inc, tr.kind) if summarize else None) or generic_summary(inc, tr.kind),
-        "count": inc.count,
-        "peak_window_count": inc.peak_window_count,
-        "window_s": inc.rule.window_s,
-        "threshold": inc.rule.threshold,
-        "subject": inc.context["subject"],
-        "ancestry": inc.context["ancestry"],
-        "details": (details(inc, tr.kind) if details else None) or inc.details or None,
-        "stack": inc.stack,
-        "suppressed": inc.suppressed,
-        "degraded": ({"records_lost": inc.records_lost,
-                      "reason": "the kernel could not hand over every record while this incident was open"}
-                     if inc.records_lost else None),
-        "started_at": rfc3339(started),
-        "resolved_at": rfc3339(resolved) if resolved is not None else None,
-        "duration_s": round(resolved - started, 3) if resolved is not None else None,
-        "subject_exited": inc.key_exited,
-    }
+    return Alert(
+        id=uuid.uuid4().hex,
+        incident_id=inc.id,
+        status=tr.kind,
+        ts=rfc3339(now),
+        rule=inc.rule.name,
+        severity=inc.rule.severity,
+        summary=(summarize(inc, tr.kind) if summarize else None) or generic_summary(inc, tr.kind),
+        count=inc.count,
+        peak_window_count=inc.peak_window_count,
+        window_s=inc.rule.window_s,
+        threshold=inc.rule.threshold,
+        subject=Subject.from_dict(inc.context["subject"]),
+        ancestry=[Ancestor(**entry) for entry in inc.context["ancestry"]],
+        details=(details(inc, tr.kind) if details else None) or inc.details or None,
+        stack=inc.stack,
+        suppressed=inc.suppressed,
+        degraded=(Degraded(records_lost=inc.records_lost,
+                           reason="the kernel could not hand over every record while this incident was open")
+                  if inc.records_lost else None),
+        started_at=rfc3339(started),
+        resolved_at=rfc3339(resolved) if resolved is not None else None,
+        duration_s=round(resolved - started, 3) if resolved is not None else None,
+        subject_exited=inc.key_exited,
+    ).to_dict()

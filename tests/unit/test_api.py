@@ -18,6 +18,7 @@ import pytest
 from agent_helpers import fork_storm_crossing, fork_storm_rules, plain_enricher
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from alert_factory import make_alert
 
 from ksift.agent import Agent
 from ksift.cli.main import main as cli_main
@@ -36,13 +37,6 @@ DEADLINE_S = 10.0
 
 def run(coro: Awaitable) -> object:
     return asyncio.run(coro)
-
-
-def make_alert(n: int, rule: str = "fork_storm", severity: str = "warning", status: str = "open",
-               ts: float = NOW, pid: int = 4242) -> dict:
-    return {"id": f"a{n}", "incident_id": f"inc{n}", "status": status, "ts": rfc3339(ts), "rule": rule,
-            "severity": severity, "summary": f"PID {pid} (ks-forker) forked {n} times",
-            "subject": {"pid": pid, "comm": "ks-forker"}, "ancestry": [], "details": None}
 
 
 class Rig:
@@ -128,10 +122,10 @@ def test_health_and_readiness(rig):
 
 
 def test_alerts_from_the_store_with_filters(rig):
-    rig.feed(make_alert(1, severity="info", ts=NOW - 3600))
-    rig.feed(make_alert(2, severity="warning", ts=NOW - 1200))
-    rig.feed(make_alert(3, severity="critical", rule="oom_kill", ts=NOW - 300))
-    rig.feed(make_alert(4, severity="warning", status="resolved", ts=NOW - 60))
+    rig.feed(make_alert(1, severity="info", ts=rfc3339(NOW - 3600)))
+    rig.feed(make_alert(2, severity="warning", ts=rfc3339(NOW - 1200)))
+    rig.feed(make_alert(3, severity="critical", rule="oom_kill", ts=rfc3339(NOW - 300)))
+    rig.feed(make_alert(4, severity="warning", status="resolved", ts=rfc3339(NOW - 60)))
 
     async def ids(client, query: str) -> list[str]:
         response = await client.get("/api/v1/alerts" + query)
@@ -182,7 +176,7 @@ def test_one_alert_by_id_or_404(rig):
 
     async def body(client):
         response = await client.get("/api/v1/alerts/a7")
-        assert response.status == 200 and (await response.json())["summary"].startswith("PID 4242")
+        assert response.status == 200 and (await response.json())["summary"].startswith("PID 1234")
         response = await client.get("/api/v1/alerts/nope")
         assert response.status == 404
         assert "no alert with id 'nope'" in (await response.json())["error"]
@@ -344,11 +338,11 @@ def test_sse_delivers_alerts_and_survives_a_client_that_leaves(rig):
 
         first.close()  # leaves mid-stream
         await wait_for(lambda: rig.api.sse_stats()["clients"] == 0, "the server to notice the client left")
-        rig.feed(make_alert(2, pid=5002))  # nobody listening: nothing blocks, nothing breaks
+        rig.feed(make_alert(2))  # nobody listening: nothing blocks, nothing breaks
 
         second = await client.get("/api/v1/events")
         await wait_for(lambda: rig.api.sse_stats()["clients"] == 1, "the second client to subscribe")
-        rig.feed(make_alert(3, pid=5003))
+        rig.feed(make_alert(3))
         _, alert = await read_event(second.content)
         assert alert["id"] == "a3"
         second.close()
@@ -378,7 +372,7 @@ def test_a_slow_client_loses_events_counted_and_never_blocks(tmp_path):
         await wait_for(lambda: rig.api.sse_stats()["clients"] == 2, "the streaming client")
         started = time.monotonic()
         for n in range(5):  # no await in between: neither consumer can drain
-            rig.feed(make_alert(n, pid=6000 + n))
+            rig.feed(make_alert(n))
         assert time.monotonic() - started < 5  # emit returned at once (generous: a shared machine)
         assert rig.api.delivered == 5
         assert stalled.lost == 3 and rig.api.lost == 6  # both queues held 2 of 5

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from alert_factory import make_alert
 
 
 def ksift(*args: str) -> subprocess.CompletedProcess:
@@ -79,10 +80,7 @@ def test_alerts_lists_stored_alerts_as_json(tmp_path):
 
     from ksift.store.sqlite import AlertStore
 
-    alert = {"id": "a1", "incident_id": "i1", "status": "open", "ts": "2026-11-25T00:10:00.000Z",
-             "rule": "fork_storm", "severity": "warning", "summary": "PID 1 (x) forked 60 times in the last 1s",
-             "count": 60, "window_s": 1.0, "threshold": 50, "subject": {"pid": 1}, "ancestry": [],
-             "stack": None, "suppressed": 0, "degraded": None}
+    alert = make_alert(summary="PID 1 (x) forked 60 times in the last 1s", count=60)
     with AlertStore(tmp_path / "a.db") as store:
         store.add(alert)
     done = ksift("alerts", "--db", str(tmp_path / "a.db"), "--json")

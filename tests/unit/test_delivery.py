@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from alert_factory import CONTAINER_ID, make_alert, make_subject, resolved
 
 from ksift.agent import Funnel
 from ksift.errors import ConfigError
@@ -23,45 +24,6 @@ from ksift.sinks.webhook import WebhookSink
 from ksift.store.sqlite import AlertStore
 
 SOURCE = "agent.toml"
-CID = "0123456789abcdef" * 4
-
-
-def make_alert(n: int = 1, **overrides) -> dict:
-    alert = {
-        "id": f"a{n}",
-        "incident_id": f"inc-{n}",
-        "status": "open",
-        "ts": "2026-11-25T00:10:01.000Z",
-        "rule": "fork_storm",
-        "severity": "warning",
-        "summary": "PID 1234 (bash) forked 57 times in the last 1s",
-        "count": 57,
-        "peak_window_count": 57,
-        "window_s": 1.0,
-        "threshold": 50,
-        "subject": {
-            "pid": 1234, "ppid": 1200, "comm": "bash", "exe": "/usr/bin/bash",
-            "cmdline": ["bash", "-c", "f(){ f|f& };f"], "uid": 0, "start_boottime_ns": 1, "cgroup_id": 4242,
-            "cgroup": f"/system.slice/docker-{CID}.scope", "container_id": CID, "container_runtime": "docker",
-            "pod_uid": None, "systemd_unit": None, "pod_name": None, "pod_namespace": None, "container_name": None,
-        },
-        "ancestry": [{"pid": 1200, "comm": "sshd"}, {"pid": 1, "comm": "systemd"}],
-        "details": None,
-        "stack": None,
-        "suppressed": 0,
-        "degraded": None,
-        "started_at": "2026-11-25T00:10:00.000Z",
-        "resolved_at": None,
-        "duration_s": None,
-        "subject_exited": False,
-    }
-    alert.update(overrides)
-    return alert
-
-
-def resolved(alert: dict) -> dict:
-    return dict(alert, id=alert["id"] + "-r", status="resolved", resolved_at="2026-11-25T00:10:05.000Z",
-                duration_s=5.0)
 
 
 class Receiver:
@@ -302,9 +264,8 @@ def test_backoff_is_exponential_capped_and_jittered():
 
 
 def test_slack_payload_shape_and_escaping():
-    alert = make_alert(summary="PID 1 (<evil> & co) forked", subject=dict(
-        make_alert()["subject"], comm="<!channel>", cmdline=["x" * 5000], pod_name="web-0", pod_namespace="shop",
-        container_name="nginx"))
+    alert = make_alert(summary="PID 1 (<evil> & co) forked", subject=make_subject(
+        comm="<!channel>", cmdline=["x" * 5000], pod_name="web-0", pod_namespace="shop", container_name="nginx"))
     message = slack_message(alert, host="node-1")
     assert message["text"].startswith("[WARNING] fork_storm firing on node-1: PID 1 (&lt;evil&gt; &amp; co)")
     kinds = [block["type"] for block in message["blocks"]]
@@ -315,7 +276,7 @@ def test_slack_payload_shape_and_escaping():
     fields = {f["text"].split("\n", 1)[0]: f["text"].split("\n", 1)[1] for f in message["blocks"][2]["fields"]}
     assert fields["*Process*"].startswith("&lt;!channel&gt; (pid 1234)")  # no mention can be forged
     assert fields["*Pod*"] == "shop/web-0"
-    assert fields["*Container*"] == f"nginx {CID[:12]} (docker)"
+    assert fields["*Container*"] == f"nginx {CONTAINER_ID[:12]} (docker)"
     assert all(len(f["text"]) <= FIELD_LIMIT for f in message["blocks"][2]["fields"])
     assert "inc-1" in message["blocks"][3]["elements"][0]["text"]
     gone = slack_message(resolved(make_alert()))
@@ -341,8 +302,7 @@ def test_slack_sink_posts_the_message():
 
 
 def test_alertmanager_payload_shape():
-    alert = make_alert(subject=dict(make_alert()["subject"], pod_name="web-0", pod_namespace="shop",
-                                    container_name="nginx"))
+    alert = make_alert(subject=make_subject(pod_name="web-0", pod_namespace="shop", container_name="nginx"))
     posted = postable_alert(alert, "node-1", {"cluster": "prod"}, "https://ksift.example/i/{incident_id}")
     assert posted["labels"] == {"cluster": "prod", "alertname": "fork_storm", "severity": "warning",
                                 "instance": "node-1", "pid": "1234", "comm": "bash", "container": "nginx",
@@ -355,7 +315,7 @@ def test_alertmanager_payload_shape():
     assert posted["generatorURL"] == "https://ksift.example/i/inc-1"
     # Without a name the container label is the short id; labels are the same on resolution.
     gone = postable_alert(resolved(make_alert()), "node-1")
-    assert gone["labels"]["container"] == CID[:12]
+    assert gone["labels"]["container"] == CONTAINER_ID[:12]
     assert gone["endsAt"] == "2026-11-25T00:10:05.000Z"
     assert gone["labels"] == postable_alert(make_alert(), "node-1")["labels"]
     assert "generatorURL" not in gone

@@ -9,6 +9,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from alert_factory import make_alert, make_subject
 from test_remediation_guards import SELF_PARENT, FakeProc
 
 from ksift.remediation.decisions import DecisionError, DecisionStore
@@ -60,10 +61,10 @@ class FakeAgent:
 
 
 def alert(subject, incident_id="inc1", alert_id="a1", status="open"):
-    return {"id": alert_id, "incident_id": incident_id, "status": status, "rule": "fork_storm",
-            "severity": "critical", "ts": "2026-01-01T00:00:00Z", "summary": "storm",
-            "subject": {"pid": subject.pid, "start_boottime_ns": subject.start_boottime_ns, "comm": subject.comm,
-                        "exe": subject.exe, "uid": subject.uid, "cgroup": subject.cgroup}}
+    return make_alert(id=alert_id, incident_id=incident_id, status=status, severity="critical", summary="storm",
+                      subject=make_subject(pid=subject.pid, start_boottime_ns=subject.start_boottime_ns,
+                                           comm=subject.comm, exe=subject.exe, uid=subject.uid,
+                                           cgroup=subject.cgroup))
 
 
 class Harness:

@@ -2,50 +2,12 @@ import io
 import json
 
 import pytest
+from alert_factory import make_alert, make_subject
 
 from ksift.sinks.base import Sink
 from ksift.sinks.console import ConsoleSink, format_alert_text
 from ksift.sinks.store import StoreSink
 from ksift.store.sqlite import AlertStore
-
-
-def make_alert(**overrides):
-    alert = {
-        "id": "a1",
-        "incident_id": "inc-7f3a",
-        "status": "open",
-        "ts": "2026-11-25T00:10:00.123Z",
-        "rule": "fork_storm",
-        "severity": "warning",
-        "summary": "PID 1234 (bash) forked 57 times in the last 1s",
-        "count": 57,
-        "window_s": 1.0,
-        "threshold": 50,
-        "subject": {
-            "pid": 1234,
-            "ppid": 1200,
-            "comm": "bash",
-            "exe": "/usr/bin/bash",
-            "cmdline": ["bash", "-c", "f(){ f|f& };f"],
-            "uid": 0,
-            "cgroup_id": 4242,
-            "cgroup": "/system.slice/docker-abc123def456789.scope",
-            "container_id": "abc123def4567890abcdef",
-            "container_runtime": "docker",
-            "pod_uid": "pod-uid-1",
-            "systemd_unit": None,
-        },
-        "ancestry": [{"pid": 1200, "comm": "sshd"}, {"pid": 1, "comm": "systemd"}],
-        "stack": None,
-        "suppressed": 3,
-        "degraded": None,
-        "started_at": "2026-11-25T00:10:00.123Z",
-        "resolved_at": None,
-        "duration_s": None,
-        "extra_key": "kept",
-    }
-    alert.update(overrides)
-    return alert
 
 
 class BrokenPipeStream:
@@ -73,7 +35,7 @@ def test_sinks_satisfy_the_protocol(tmp_path):
 def test_json_lines_parse_back():
     stream = io.StringIO()
     sink = ConsoleSink(stream, json_lines=True)
-    first, second = make_alert(), make_alert(id="a2", summary="naïve ✓")
+    first, second = make_alert(extra_key="kept"), make_alert(2, summary="naïve ✓")
     sink.emit(first)
     sink.emit(second)
     lines = stream.getvalue().splitlines()
@@ -100,7 +62,8 @@ def test_json_lines_are_compact_and_flushed():
 
 
 def test_text_format_contains_the_essentials():
-    text = format_alert_text(make_alert())
+    subject = make_subject(container_id="abc123def4567890abcdef", pod_uid="pod-uid-1")
+    text = format_alert_text(make_alert(incident_id="inc-7f3a", suppressed=3, subject=subject))
     lines = text.splitlines()
     assert text.endswith("\n")
     assert lines[0] == (
@@ -149,7 +112,7 @@ def test_text_format_degraded_and_resolved():
 
 
 def test_text_format_truncates_long_cmdlines():
-    subject = dict(make_alert()["subject"], cmdline=["python3", "-c", "x" * 5000])
+    subject = make_subject(cmdline=["python3", "-c", "x" * 5000])
     text = format_alert_text(make_alert(subject=subject))
     process_line = next(line for line in text.splitlines() if "process:" in line)
     assert len(process_line) < 300
@@ -158,7 +121,7 @@ def test_text_format_truncates_long_cmdlines():
 
 def test_text_format_escapes_control_characters():
     # comm and argv are chosen by the traced process: they must not forge lines.
-    subject = dict(make_alert()["subject"], comm="evil\nFAKE", cmdline=["sh", "a\nCRITICAL fake"])
+    subject = make_subject(comm="evil\nFAKE", cmdline=["sh", "a\nCRITICAL fake"])
     text = format_alert_text(make_alert(subject=subject, summary="PID 1 (evil\nFAKE) forked"))
     assert not any(line.startswith(("FAKE", "CRITICAL")) for line in text.splitlines())
     assert "\\n" in text
@@ -218,8 +181,8 @@ def test_console_close_does_not_close_the_stream():
 def test_store_sink_saves_alerts(tmp_path):
     store = AlertStore(tmp_path / "alerts.db")
     sink = StoreSink(store)
-    sink.emit(make_alert())
-    assert store.get("a1") == make_alert()
+    sink.emit(make_alert(extra_key="kept"))
+    assert store.get("a1") == make_alert(extra_key="kept")
     assert (sink.delivered, sink.failed) == (1, 0)
     sink.close()
     sink.close()

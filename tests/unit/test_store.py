@@ -4,47 +4,11 @@ import threading
 from datetime import datetime, timezone
 
 import pytest
+from alert_factory import make_alert, make_subject
 
+from ksift.alert_model import STORE_COLUMNS
 from ksift.errors import StoreError
 from ksift.store.sqlite import MIGRATIONS, AlertStore
-
-
-def make_alert(alert_id, ts="2026-11-25T00:10:00.123Z", rule="fork_storm", severity="warning", **extra):
-    alert = {
-        "id": alert_id,
-        "incident_id": f"inc-{rule}",
-        "status": "open",
-        "ts": ts,
-        "rule": rule,
-        "severity": severity,
-        "summary": "PID 1234 (bash) forked 57 times in the last 1s",
-        "count": 57,
-        "window_s": 1.0,
-        "threshold": 50,
-        "subject": {
-            "pid": 1234,
-            "ppid": 1200,
-            "comm": "bash",
-            "exe": "/usr/bin/bash",
-            "cmdline": ["bash", "-c", "f(){ f|f& };f"],
-            "uid": 0,
-            "cgroup_id": 42,
-            "cgroup": "/system.slice/x.service",
-            "container_id": None,
-            "container_runtime": None,
-            "pod_uid": None,
-            "systemd_unit": "x.service",
-        },
-        "ancestry": [{"pid": 1200, "comm": "sshd"}, {"pid": 1, "comm": "systemd"}],
-        "stack": None,
-        "suppressed": 0,
-        "degraded": None,
-        "started_at": ts,
-        "resolved_at": None,
-        "duration_s": None,
-    }
-    alert.update(extra)
-    return alert
 
 
 @pytest.fixture
@@ -79,7 +43,7 @@ def test_migrations_recorded_and_idempotent_on_reopen(tmp_path):
     path = tmp_path / "alerts.db"
     with AlertStore(path) as s:
         assert s.schema_version() == MIGRATIONS[-1][0]
-        s.add(make_alert("a1"))
+        s.add(make_alert(id="a1"))
     with AlertStore(path) as s:
         assert s.schema_version() == MIGRATIONS[-1][0]
         assert s.get("a1") is not None
@@ -124,15 +88,15 @@ def test_not_a_database_is_a_store_error(tmp_path):
 
 
 def test_add_get_round_trip_keeps_unknown_keys(store):
-    alert = make_alert("a1", future_field={"nested": [1, 2, 3]}, note="héllo ✓")
+    alert = make_alert(id="a1", future_field={"nested": [1, 2, 3]}, note="héllo ✓")
     store.add(alert)
     assert store.get("a1") == alert
     assert store.get("missing") is None
 
 
 def test_add_replaces_by_id(store):
-    store.add(make_alert("a1"))
-    store.add(make_alert("a1", status="resolved", duration_s=3.2))
+    store.add(make_alert(id="a1"))
+    store.add(make_alert(id="a1", status="resolved", duration_s=3.2))
     assert len(store.list()) == 1
     assert store.get("a1")["status"] == "resolved"
 
@@ -140,29 +104,29 @@ def test_add_replaces_by_id(store):
 def test_list_is_chronological_and_limit_keeps_the_newest(store):
     # Inserted out of order on purpose: ordering must follow ts, not insertion.
     for i in (3, 1, 4, 0, 2):
-        store.add(make_alert(f"a{i}", ts=f"2026-11-25T00:1{i}:00.000Z"))
+        store.add(make_alert(id=f"a{i}", ts=f"2026-11-25T00:1{i}:00.000Z"))
     assert [a["id"] for a in store.list()] == ["a0", "a1", "a2", "a3", "a4"]
     assert [a["id"] for a in store.list(limit=2)] == ["a3", "a4"]
 
 
 def test_list_ties_keep_insertion_order(store):
     for i in range(3):
-        store.add(make_alert(f"t{i}"))
+        store.add(make_alert(id=f"t{i}"))
     assert [a["id"] for a in store.list()] == ["t0", "t1", "t2"]
 
 
 def test_list_ordering_uses_instants_not_strings(store):
     # Same instant family, different offsets: 00:30+01:00 is before 00:10Z.
-    store.add(make_alert("late", ts="2026-11-25T00:10:00Z"))
-    store.add(make_alert("early", ts="2026-11-25T00:30:00+01:00"))
+    store.add(make_alert(id="late", ts="2026-11-25T00:10:00Z"))
+    store.add(make_alert(id="early", ts="2026-11-25T00:30:00+01:00"))
     assert [a["id"] for a in store.list()] == ["early", "late"]
 
 
 def test_list_filters(store):
-    store.add(make_alert("old", ts="2026-11-24T23:00:00.000Z"))
-    store.add(make_alert("fork", ts="2026-11-25T00:10:00.000Z"))
-    store.add(make_alert("exec", ts="2026-11-25T00:11:00.000Z", rule="exec_burst", severity="critical"))
-    store.add(make_alert("done", ts="2026-11-25T00:12:00.000Z", status="resolved"))
+    store.add(make_alert(id="old", ts="2026-11-24T23:00:00.000Z"))
+    store.add(make_alert(id="fork", ts="2026-11-25T00:10:00.000Z"))
+    store.add(make_alert(id="exec", ts="2026-11-25T00:11:00.000Z", rule="exec_burst", severity="critical"))
+    store.add(make_alert(id="done", ts="2026-11-25T00:12:00.000Z", status="resolved"))
 
     since = datetime(2026, 11, 25, 0, 0, tzinfo=timezone.utc)
     assert [a["id"] for a in store.list(since=since)] == ["fork", "exec", "done"]
@@ -184,7 +148,7 @@ def test_list_rejects_nonpositive_limit(store):
 
 
 def test_indexed_columns_are_filled(store):
-    store.add(make_alert("a1"))
+    store.add(make_alert(id="a1"))
     row = store._conn.execute("SELECT ts_unix, pid, summary FROM alerts WHERE id = 'a1'").fetchone()
     expected = datetime(2026, 11, 25, 0, 10, 0, 123000, tzinfo=timezone.utc).timestamp()
     assert row[0] == pytest.approx(expected)
@@ -192,8 +156,13 @@ def test_indexed_columns_are_filled(store):
     assert row[2].startswith("PID 1234")
 
 
+def test_the_alerts_table_has_the_alert_models_columns(store):
+    columns = [row[1] for row in store._conn.execute("PRAGMA table_info(alerts)")]
+    assert sorted(columns) == sorted(STORE_COLUMNS)
+
+
 def test_alert_without_pid_is_stored(store):
-    alert = make_alert("a1", subject={"pid": None})
+    alert = make_alert(id="a1", subject=make_subject(pid=None))
     store.add(alert)
     assert store.get("a1") == alert
 
@@ -202,8 +171,8 @@ def test_alert_without_pid_is_stored(store):
     "broken",
     [
         {"id": "x"},  # missing fields
-        make_alert("x", ts="yesterday"),
-        make_alert("x", count=object()),  # not JSON-able
+        make_alert(id="x", ts="yesterday"),
+        make_alert(id="x", count=object()),  # not JSON-able
     ],
 )
 def test_invalid_alert_is_a_store_error(store, broken):
@@ -224,12 +193,12 @@ def test_open_readonly_missing_path_errors_and_creates_nothing(tmp_path):
 def test_open_readonly_reads_and_refuses_writes(tmp_path):
     path = tmp_path / "alerts.db"
     with AlertStore(path) as s:
-        s.add(make_alert("a1"))
+        s.add(make_alert(id="a1"))
     with AlertStore.open_readonly(path) as ro:
         assert ro.schema_version() == MIGRATIONS[-1][0]
         assert [a["id"] for a in ro.list()] == ["a1"]
         with pytest.raises(StoreError) as info:
-            ro.add(make_alert("a2"))
+            ro.add(make_alert(id="a2"))
         assert str(path) in str(info.value)
 
 
@@ -237,7 +206,7 @@ def test_readonly_reader_sees_writes_from_a_live_writer(tmp_path):
     path = tmp_path / "alerts.db"
     with AlertStore(path) as writer:
         with AlertStore.open_readonly(path) as reader:
-            writer.add(make_alert("a1"))
+            writer.add(make_alert(id="a1"))
             assert reader.get("a1") is not None
 
 
@@ -255,7 +224,7 @@ def test_use_after_close_is_a_store_error(tmp_path):
     with pytest.raises(StoreError):
         s.list()
     with pytest.raises(StoreError):
-        s.add(make_alert("a1"))
+        s.add(make_alert(id="a1"))
 
 
 def test_uncreatable_parent_is_a_store_error(tmp_path):
@@ -269,7 +238,7 @@ def test_uncreatable_parent_is_a_store_error(tmp_path):
 def test_concurrent_adds_from_threads(store):
     def worker(n):
         for i in range(50):
-            store.add(make_alert(f"{n}-{i}"))
+            store.add(make_alert(id=f"{n}-{i}"))
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
     for t in threads:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from ksift.alert_model import openapi_schemas
+
 _JSON = "application/json"
 
 
@@ -109,21 +111,8 @@ _COMPONENTS: dict[str, Any] = {
         "Error": {"type": "object", "required": ["error"], "properties": {
             "error": {"type": "string", "description": "what was wrong, naming the parameter"},
             "parameter": {"type": "string", "description": "the query parameter at fault, for 400"}}},
-        "Alert": {
-            "type": "object",
-            "description": "one alert, as every sink receives it (see docs/alerts.md)",
-            "required": ["id", "incident_id", "status", "ts", "rule", "severity", "summary"],
-            "properties": {
-                "id": {"type": "string"}, "incident_id": {"type": "string"},
-                "status": {"type": "string", "enum": ["open", "resolved"]},
-                "ts": {"type": "string", "format": "date-time"}, "rule": {"type": "string"},
-                "severity": {"type": "string", "enum": ["info", "warning", "critical"]},
-                "summary": {"type": "string"}, "count": {"type": "integer"},
-                "subject": _OBJECT, "ancestry": {"type": "array", "items": _OBJECT},
-                "details": {"type": ["object", "null"]}, "suppressed": {"type": "integer"},
-            },
-            "additionalProperties": True,
-        },
+        # Alert and its parts, from the one alert model (ksift.alert_model).
+        **openapi_schemas(),
     },
 }
 

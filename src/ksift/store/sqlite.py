@@ -2,8 +2,8 @@
 
 The agent appends alerts while the CLI reads them from another process, so
 the database runs in WAL mode (readers never block the writer). The whole
-alert dict is kept as JSON in `body`; the other columns exist only to filter
-and sort without parsing it.
+alert dict is kept as JSON in `body`; the other columns (ksift.alert_model's
+STORE_COLUMNS) exist only to filter and sort without parsing it.
 
 Every sqlite3 error is turned into StoreError naming the database path.
 """
@@ -20,8 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Collection, Iterator
 
+from ksift.alert_model import STORE_COLUMNS, store_row
 from ksift.errors import StoreError
-from ksift.timeparse import parse_timestamp, rfc3339
+from ksift.timeparse import rfc3339
 
 # Append-only: never edit a released migration, add a new version instead.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -71,6 +72,9 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
 )
 
 _LATEST_VERSION = MIGRATIONS[-1][0]
+# The columns come from the alert model; a unit test checks they are migration 1's alerts table.
+_INSERT_ALERT = (f"INSERT OR REPLACE INTO alerts ({', '.join(STORE_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' * len(STORE_COLUMNS))})")
 _BUSY_TIMEOUT_MS = 5000
 
 
@@ -243,12 +247,7 @@ class AlertStore:
         """Store an alert, replacing any earlier one with the same id."""
         row = self._row(alert)
         with self._guard("write to"):
-            self._conn.execute(
-                "INSERT OR REPLACE INTO alerts "
-                "(id, incident_id, ts, ts_unix, rule, severity, status, pid, summary, body) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
+            self._conn.execute(_INSERT_ALERT, row)
 
     def list(
         self,
@@ -330,24 +329,9 @@ class AlertStore:
                 raise StoreError(f"cannot {action} alert store {self.path}: {exc}") from exc
 
     def _row(self, alert: dict[str, Any]) -> tuple[Any, ...]:
-        """Extract the indexed columns; StoreError if the alert lacks them."""
+        """The alerts table's values (ksift.alert_model.store_row); StoreError if the alert lacks them."""
         try:
-            ts = alert["ts"]
-            ts_unix = parse_timestamp(ts).timestamp()
-            pid = (alert.get("subject") or {}).get("pid")
-            body = json.dumps(alert, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-            return (
-                str(alert["id"]),
-                str(alert["incident_id"]),
-                str(ts),
-                ts_unix,
-                str(alert["rule"]),
-                str(alert["severity"]),
-                str(alert["status"]),
-                pid if isinstance(pid, int) else None,
-                str(alert["summary"]),
-                body,
-            )
+            return store_row(alert)
         except KeyError as exc:
             raise StoreError(f"cannot store alert in {self.path}: missing field {exc}") from None
         except (TypeError, ValueError, AttributeError) as exc:
