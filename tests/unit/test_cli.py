@@ -39,13 +39,22 @@ def test_rules_check_accepts_the_default_rules(tmp_path):
     ('[[rule]]\nname="x"\nseverity="info"\nsignal="process.fork"\nkey="tgid"\nthreshold=5\nwindow="1s"\n'
      'colour="red"\n', ["unknown field 'colour'"]),
     ('[[rule]\nname=', ["invalid TOML"]),
+    # Checks of the whole rule (the CPU sensor's and remediation's limits) are the parser's too.
+    ('[[rule]]\nname="hot"\nseverity="info"\nsignal="cpu.usage"\nkey="tgid"\nthreshold=90\nwindow="100ms"\n',
+     ["rule[0] (hot).window", "4.9 samples"]),
+    ('[[rule]]\nname="hot"\nseverity="info"\nsignal="cpu.usage"\nkey="tgid"\nthreshold=1000000000\nwindow="1h"\n'
+     'params={sample_hz=1000}\n', ["rule[0] (hot).threshold", "more than the kernel counts"]),
+    ('[[rule]]\nname="hot"\nseverity="info"\nsignal="cpu.usage"\nkey="tgid"\nthreshold=90\nwindow="1s"\n'
+     '[rule.policy]\naction="kill_tree"\nfast_path=true\n', ["rule[0] (hot).policy.fast_path", "process.fork"]),
 ])
 def test_bad_rules_exit_2_naming_file_and_field(tmp_path, body, needles):
     path = tmp_path / "bad-rules.toml"
     path.write_text(body)
     assert_clean_error(ksift("rules", "check", str(path)), 2, "bad-rules.toml", *needles)
     # `run` refuses the same file before touching the kernel.
-    assert_clean_error(ksift("run", "--rules", str(path), "--for", "1"), 2, "bad-rules.toml", *needles)
+    assert_clean_error(ksift("run", "--rules", str(path), "--for", "1", "--db", str(tmp_path / "a.db")), 2,
+                       "bad-rules.toml", *needles)
+    assert not (tmp_path / "a.db").exists()  # refused before anything was built
 
 
 def test_bad_config_exits_2_naming_file_and_field(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from ksift.config import parse_config
 from ksift.errors import ConfigError
-from ksift.remediation.engine import build_remediation, check_policies
+from ksift.remediation.engine import build_remediation
 from ksift.remediation.policy import Policy, effective_mode, fast_path_enabled, parse_policy
 from ksift.remediation.settings import DEFAULT_PROTECTED_CGROUPS, DEFAULT_PROTECTED_EXE, parse_remediation
 from ksift.rules.parse import parse_rules
@@ -75,10 +75,10 @@ def test_a_bad_policy_in_a_rules_file_names_the_rule():
 
 
 def test_fast_path_needs_a_fork_rule():
-    rules = parse_rules(RULE.replace("process.fork", "cpu.usage").replace('"tgid"', '"tgid"') +
-                        '[rule.policy]\naction = "kill_tree"\nfast_path = true\n', "rules.toml")
-    with pytest.raises(ConfigError, match=r"rule\[0\] \(fork_storm\).policy.fast_path: fast_path works only"):
-        check_policies(rules)
+    with pytest.raises(ConfigError, match=r"rules.toml: rule\[0\] \(fork_storm\).policy.fast_path: fast_path works "
+                                          r"only for process.fork rules"):
+        parse_rules(RULE.replace("process.fork", "cpu.usage") +
+                    '[rule.policy]\naction = "kill_tree"\nfast_path = true\n', "rules.toml")
 
 
 def test_settings_defaults_and_protected_lists_only_grow():

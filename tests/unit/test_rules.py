@@ -305,3 +305,43 @@ def test_bad_params_name_the_field(params, field, words):
     with pytest.raises(ConfigError) as err:
         parse_rules(SLOW + params + "\n", SOURCE)
     assert field in str(err.value) and words in str(err.value)
+
+
+CPU = """
+[[rule]]
+name = "cpu_hog"
+severity = "warning"
+signal = "cpu.usage"
+key = "tgid"
+threshold = {threshold}
+window = "{window}"
+enabled = {enabled}
+params = {{ sample_hz = {hz} }}
+"""
+
+
+def cpu_toml(threshold=90, window="1s", hz=49, enabled="true", policy=""):
+    return CPU.format(threshold=threshold, window=window, hz=hz, enabled=enabled) + policy
+
+
+# What the sensors and remediation used to refuse only when `ksift run` built them.
+@pytest.mark.parametrize("text, field, detail", [
+    (cpu_toml(window="100ms"), "rule[0] (cpu_hog).window", "holds 4.9 samples of a busy core; at least 10"),
+    (cpu_toml(window="100ms", enabled="false"), "rule[0] (cpu_hog).window", "at params.sample_hz 49"),
+    (cpu_toml(threshold=10**9, window="1h", hz=1000), "rule[0] (cpu_hog).threshold",
+     "more than the kernel counts in a window"),
+    (cpu_toml(policy='[rule.policy]\naction = "kill_tree"\nfast_path = true\n'),
+     "rule[0] (cpu_hog).policy.fast_path", "fast_path works only for process.fork rules"),
+])
+def test_checks_of_the_whole_rule_name_the_file_rule_and_field(text, field, detail):
+    error = parse_error(text)
+    assert error.source == SOURCE and error.field == field
+    assert str(error).startswith(f"{SOURCE}: {field}: ") and detail in str(error)
+
+
+def test_the_cpu_limits_are_inclusive():
+    parse_rules(cpu_toml(window="100ms", hz=100), SOURCE)  # exactly 10 samples
+    most = (2**32 - 1) * 100 // (1000 * 3600)  # percent whose samples still fit the kernel's u32
+    parse_rules(cpu_toml(threshold=most, window="1h", hz=1000), SOURCE)
+    with pytest.raises(ConfigError):
+        parse_rules(cpu_toml(threshold=most + 1, window="1h", hz=1000), SOURCE)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ksift.errors import ConfigError, KsiftError, StoreError
+from ksift.errors import KsiftError, StoreError
 from ksift.remediation.actions import ActionFailed, Actuator, Subject
 from ksift.remediation.decisions import Decision, DecisionError, DecisionStore, new_id
 from ksift.remediation.guards import Cooldowns, RateLimiter, Refusal
@@ -69,15 +69,6 @@ class Case:
     watch_until_ns: int | None = None
 
 
-def check_policies(rules: RuleSet) -> None:
-    """What parse_policy cannot see alone: the fast path needs a fork-storm rule."""
-    for index, rule in enumerate(rules.rules):
-        policy = rule.policy
-        if policy is not None and policy.fast_path and rule.signal != "process.fork":
-            raise ConfigError(rules.source, "fast_path works only for process.fork rules (it acts at fork time)",
-                              field=f"rule[{index}] ({rule.name}).policy.fast_path")
-
-
 class RemediationEngine:
     """A sink (see the module docstring)."""
 
@@ -87,7 +78,7 @@ class RemediationEngine:
                  host: Host | None = None, actuator: Actuator | None = None,
                  wall: Callable[[], float] = time.time, mono_ns: Callable[[], int] = time.monotonic_ns,
                  store_factory: Callable[[str], DecisionStore] | None = None):
-        check_policies(rules)
+        # Policies come checked from the rules parser (ksift.rules.parse), fast_path's signal included.
         self.settings = settings
         self.db_path = db_path
         self.rules = {r.name: r for r in rules.enabled()
@@ -553,7 +544,6 @@ def _raise_priority(nice: int | None) -> None:
 def build_remediation(config, rules: RuleSet, store) -> RemediationEngine | None:
     """The remediation sink, or None when no rule has an active policy (or [remediation] enabled = false)."""
     settings = config.section("remediation")
-    check_policies(rules)
     if not settings.enabled:
         return None
     if not any(r.policy is not None and effective_mode(r.policy, settings) != "off" for r in rules.enabled()):

@@ -51,6 +51,21 @@ def _registry(*specs: SignalSpec) -> Mapping[str, SignalSpec]:
 
 
 _MIB = 1 << 20
+_NS = 1_000_000_000
+
+# cpu.usage: the kernel counts samples, so a rule's window must hold enough of
+# them for a share to mean something: at 49 Hz a 1 s window has 49, and 90% of
+# them is 44; at 5 samples, one sample is 20%.
+MIN_CPU_SAMPLES_PER_WINDOW = 10
+
+
+def cpu_samples_threshold(threshold_percent: int, sample_hz: int, window_s: float) -> int:
+    """Samples per window a process must go over: threshold% of sample_hz * window, rounded down.
+
+    Integer arithmetic on nanoseconds, so 90% of 49 Hz over 1 s is exactly 44 (44.1 rounded down).
+    """
+    window_ns = round(window_s * _NS)
+    return threshold_percent * sample_hz * window_ns // (100 * _NS)
 
 # Every signal a rule may name. Adding a signal means adding a SignalSpec here,
 # the sensor that feeds it (sensors/registry.py) and its kernel program.

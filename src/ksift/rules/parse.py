@@ -1,7 +1,9 @@
 """Read and validate rules files (TOML) into a RuleSet.
 
 Every problem becomes a ConfigError naming the file, the rule (index and name)
-and the field, so a typo is fixed from the message alone.
+and the field, so a typo is fixed from the message alone. This is the only
+place rules are validated (sensors and remediation trust what it returns), so
+`ksift rules check` and `ksift run` accept exactly the same files.
 """
 
 from __future__ import annotations
@@ -12,7 +14,17 @@ from importlib import resources
 from types import MappingProxyType
 
 from ksift.errors import ConfigError
-from ksift.rules.model import SEVERITIES, SIGNALS, ParamSpec, Rule, RuleSet, Severity, SignalSpec
+from ksift.rules.model import (
+    MIN_CPU_SAMPLES_PER_WINDOW,
+    SEVERITIES,
+    SIGNALS,
+    ParamSpec,
+    Rule,
+    RuleSet,
+    Severity,
+    SignalSpec,
+    cpu_samples_threshold,
+)
 from ksift.tomlfile import parse_toml, read_text
 from ksift.units import format_duration, parse_duration
 
@@ -148,7 +160,7 @@ def _parse_rule(table: dict, index: int, source: str) -> Rule:
 
         policy = parse_policy(table["policy"], source, where("policy"))
 
-    return Rule(
+    rule = Rule(
         name=name,
         severity=Severity(severity),
         signal=signal,
@@ -162,6 +174,36 @@ def _parse_rule(table: dict, index: int, source: str) -> Rule:
         params=MappingProxyType(params),
         policy=policy,
     )
+    _check_combination(rule, source, label)
+    return rule
+
+
+def _check_combination(rule: Rule, source: str, label: str) -> None:
+    """What no single field shows: limits of the signal's kernel side and of the policy.
+
+    Every check of a rule lives in this module, none in the sensors or remediation,
+    so `ksift rules check` refuses exactly what `ksift run` refuses. Disabled rules
+    are checked too: enabling one later must not be when it fails.
+    """
+    if rule.signal == "cpu.usage":
+        hz = int(rule.param("sample_hz"))
+        per_window = hz * rule.window_s
+        if per_window < MIN_CPU_SAMPLES_PER_WINDOW:
+            raise ConfigError(source, f"window {format_duration(rule.window_s)} at params.sample_hz {hz} holds "
+                                      f"{per_window:g} samples of a busy core; at least "
+                                      f"{MIN_CPU_SAMPLES_PER_WINDOW} are needed to measure a share: lengthen the "
+                                      "window or raise sample_hz", field=f"{label}.window")
+        samples = cpu_samples_threshold(rule.threshold, hz, rule.window_s)
+        if samples >= _THRESHOLD_LIMIT:
+            # The kernel compares a u32 count of samples with this.
+            raise ConfigError(source, f"invalid threshold {rule.threshold!r}: {rule.threshold}% of one CPU at "
+                                      f"params.sample_hz {hz} over {format_duration(rule.window_s)} is {samples} "
+                                      f"samples, more than the kernel counts in a window (< {_THRESHOLD_LIMIT}); "
+                                      "100 is one busy core", field=f"{label}.threshold")
+    policy = rule.policy
+    if policy is not None and policy.fast_path and rule.signal != "process.fork":
+        raise ConfigError(source, "fast_path works only for process.fork rules (it acts at fork time)",
+                          field=f"{label}.policy.fast_path")
 
 
 def _parse_params(table: object, spec: SignalSpec, source: str, field: str) -> dict[str, float | int]:
