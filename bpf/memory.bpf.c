@@ -7,11 +7,12 @@
  * still accounted (the nearest memcg, from the victim's up, whose page_counter
  * usage is at its max).
  *
- * tp_btf/rss_stat fires on every RSS counter change (every page fault): it is
- * kept cheap (current's own mm only, no map access below one step of RSS, one
- * task-storage lookup above) and reports a process only when its RSS moved a whole step
- * from its last report, so a growing process sends a few records and a stable
- * one none. User space decides whether the reports add up to growth.
+ * iter/task, run by user space once per poll (sensors/memory.py): a pass over
+ * every task reads each process's RSS (the kernel's own mm counters) and
+ * reports a process only when its RSS moved a whole step from its last report,
+ * so a growing process sends a record per poll at most and a stable one none.
+ * Nothing runs on page faults or forks: the cost is one pass per poll, whatever
+ * the host does. User space decides whether the reports add up to growth.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -26,6 +27,9 @@
 #define KS_MM_SWAPENTS 2
 #define KS_MM_SHMEMPAGES 3
 
+/* task_struct.flags (include/linux/sched.h) */
+#define KS_PF_KTHREAD 0x00200000
+
 /* Deep enough for any real cgroup tree; bounds the verifier's loop. */
 #define KS_MEMCG_DEPTH_MAX 16
 
@@ -37,8 +41,8 @@ const volatile __u64 rss_step_pages = 8192;        /* 32 MiB of 4 KiB pages */
 const volatile __u64 oom_limit_slack_pages = 1024; /* 4 MiB */
 
 /* Per-process RSS state, attached to the thread group leader's task_struct:
- * a cached lookup without hashing on the hot path, gone with the process (no
- * stale entry for a recycled pid), and only processes past one step have one. */
+ * a cached lookup without hashing, gone with the process (no stale entry for a
+ * recycled pid), and only processes seen past one step have one. */
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -50,10 +54,10 @@ struct {
 const struct ksift_oom_kill *ksift_oom_kill_abi __attribute__((unused));
 const struct ksift_rss_step *ksift_rss_step_abi __attribute__((unused));
 
-/* The kernel's own figure (get_mm_counter): the counter's global part, which
- * lags the per-CPU deltas by at most a batch (32 pages here) per CPU. mm->rss_stat
- * is a percpu_counter array since Linux 6.2; older kernels fail to load this. A direct
- * (CO-RE relocated) load: rss_stat's hot path cannot afford a helper call. */
+/* The kernel's own figure (get_mm_counter, as /proc/PID/status shows it): the
+ * counter's global part, which lags the per-CPU deltas by at most a batch (32
+ * pages here) per CPU. mm->rss_stat is a percpu_counter array since Linux 6.2;
+ * older kernels fail to load this. A direct (CO-RE relocated) load. */
 static __always_inline __u64 mm_pages(struct mm_struct *mm, int member)
 {
 	__s64 n = mm->rss_stat[member].count;
@@ -158,39 +162,44 @@ int BPF_PROG(ks_mark_victim, struct task_struct *task, uid_t uid)
 	return 0;
 }
 
-SEC("tp_btf/rss_stat")
-int BPF_PROG(ks_rss_stat, struct mm_struct *mm, int member)
+/* One task of a pass (the iterator visits every task, threads included, then
+ * calls once more with task NULL at the end of the pass). */
+SEC("iter/task")
+int ks_rss_iter(struct bpf_iter__task *ctx)
 {
-	struct task_struct *cur = bpf_get_current_task_btf();
+	struct task_struct *task = ctx->task;
 	struct ksift_rss_state *st;
 	struct ksift_rss_step *step;
 	struct ksift_record *rec;
-	struct task_struct *leader;
-	__u64 rss, anon, file, shmem, level, prev_ns, now;
+	struct mm_struct *mm;
+	__u64 rss, anon, file, shmem, level, now;
 
-	count(KSIFT_CNT_RSS_SEEN);
-	/* Growth happens in the process's own faults. Changes to another mm
-	 * (reclaim by kswapd, an exiting task that already dropped its mm) and
-	 * swap entries are not what we follow. */
-	if (cur->mm != mm) {
-		count(KSIFT_CNT_RSS_OTHER_MM);
+	if (!task) {
+		count(KSIFT_CNT_RSS_PASSES);
 		return 0;
 	}
-	if (member == KS_MM_SWAPENTS)
+	count(KSIFT_CNT_RSS_TASKS);
+	/* Processes only: their leader stands for them (the mm is shared by every
+	 * thread). Kernel threads have no RSS of their own (one may borrow an mm),
+	 * an exiting process has dropped its mm, and ksift does not watch itself. */
+	if (task->pid != task->tgid || task->flags & KS_PF_KTHREAD || task->tgid == ksift_tgid)
 		return 0;
+	mm = task->mm;
+	if (!mm)
+		return 0;
+	count(KSIFT_CNT_RSS_PROCS);
 	file = mm_pages(mm, KS_MM_FILEPAGES);
 	anon = mm_pages(mm, KS_MM_ANONPAGES);
 	shmem = mm_pages(mm, KS_MM_SHMEMPAGES);
 	rss = file + anon + shmem;
-	/* Most processes never reach one step: no map access for them. */
-	if (rss < rss_step_pages || cur->tgid == ksift_tgid)
-		return 0;
 
-	leader = cur->group_leader;
-	st = bpf_task_storage_get(&ks_rss_state, leader, 0, 0);
+	st = bpf_task_storage_get(&ks_rss_state, task, 0, 0);
 	if (!st) {
+		/* Most processes never reach one step: no state for them. */
+		if (rss < rss_step_pages)
+			return 0;
 		/* First seen past one step: the baseline the first report is measured from. */
-		st = bpf_task_storage_get(&ks_rss_state, leader, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+		st = bpf_task_storage_get(&ks_rss_state, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 		if (!st) {
 			count(KSIFT_CNT_MAP_FULL);
 			return 0;
@@ -213,30 +222,25 @@ int BPF_PROG(ks_rss_stat, struct mm_struct *mm, int member)
 	level = st->level_pages;
 	if (rss < level + rss_step_pages && rss + rss_step_pages > level)
 		return 0;
-	/* A step away from the last report: one CPU claims it. */
-	if (__sync_val_compare_and_swap(&st->level_pages, level, rss) != level)
-		return 0;
-	prev_ns = st->level_ns;
+	/* A step (or more) away from the last report. One pass runs at a time
+	 * (user space reads one iterator to its end), so no other CPU races us. */
 	now = bpf_ktime_get_ns();
 	rec = reserve_record(KSIFT_REC_RSS_STEP, now);
-	if (!rec) {
-		/* Let the next change try again from the same level. */
-		__sync_val_compare_and_swap(&st->level_pages, rss, level);
-		return 0;
-	}
-	st->level_ns = now;
-	st->reports++;
-	count(KSIFT_CNT_RSS_STEPS);
-	fill_task(&rec->task, cur);
-	fill_exe_name(&rec->task, cur);
+	if (!rec)
+		return 0; /* counted; the next pass tries again from the same level */
+	fill_task(&rec->task, task);
+	fill_exe_name(&rec->task, task);
 	step = KSIFT_PAYLOAD(rec, struct ksift_rss_step);
 	step->rss_pages = rss;
 	step->anon_pages = anon;
 	step->file_pages = file;
 	step->shmem_pages = shmem;
 	step->prev_pages = level;
-	step->prev_ns = prev_ns;
-	step->reports = st->reports;
+	step->prev_ns = st->level_ns;
+	step->reports = ++st->reports;
+	st->level_pages = rss;
+	st->level_ns = now;
+	count(KSIFT_CNT_RSS_STEPS);
 	submit_record(rec);
 	return 0;
 }

@@ -19,9 +19,10 @@ enum ksift_memory_record {
 enum ksift_memory_counter {
 	KSIFT_CNT_OOM_SEEN = KSIFT_CNT_SENSOR_BASE, /* every oom:mark_victim */
 	KSIFT_CNT_OOM_LIMIT_FOUND,     /* victims with a memory cgroup (or ancestor) at its limit */
-	KSIFT_CNT_RSS_SEEN,            /* every kmem:rss_stat (one per RSS counter change) */
-	KSIFT_CNT_RSS_OTHER_MM,        /* changes to an mm that is not current's (reclaim, exit): skipped */
-	KSIFT_CNT_RSS_TRACKED,         /* processes that passed one step: tracked from then on */
+	KSIFT_CNT_RSS_PASSES,          /* iter/task passes over every task (one per poll) */
+	KSIFT_CNT_RSS_TASKS,           /* tasks those passes visited, threads and kernel threads included */
+	KSIFT_CNT_RSS_PROCS,           /* processes whose RSS was read (leaders with an mm, not ksift) */
+	KSIFT_CNT_RSS_TRACKED,         /* processes first seen past one step: tracked from then on */
 	KSIFT_CNT_RSS_REBASED,         /* a tracked tgid with a new mm (exec): baseline reset */
 	KSIFT_CNT_RSS_STEPS,           /* step records: RSS a step above or below the last report */
 };
@@ -54,12 +55,12 @@ struct ksift_oom_kill {
 };
 
 struct ksift_rss_step {
-	__u64 rss_pages;        /* file + anon + shmem pages now */
+	__u64 rss_pages;        /* file + anon + shmem pages at this pass */
 	__u64 anon_pages;
 	__u64 file_pages;
 	__u64 shmem_pages;
 	__u64 prev_pages;       /* RSS at the previous report (or when first tracked) */
-	__u64 prev_ns;          /* ktime of that report: user space chains reports on it */
+	__u64 prev_ns;          /* ktime of that report (or baseline): user space chains reports on it */
 	__u64 reports;          /* step records of this mm so far, this one included */
 };
 

@@ -300,6 +300,53 @@ class ScratchCgroup:
         remove_cgroup(self.path, CGROUP2_ROOT)
 
 
+MEMCG_V1_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def _v2_has_memory() -> bool:
+    try:
+        return "memory" in (CGROUP2_ROOT / "cgroup.subtree_control").read_text().split()
+    except OSError:
+        return False
+
+
+class MemoryLimitedCgroup:
+    """A cgroup of its own with a memory limit, for a test that grows memory; removed afterwards.
+
+    cgroup v2 memory.max where the unified hierarchy runs the memory controller, else
+    a cgroup v1 memory directory with memory.limit_in_bytes (and memory+swap capped too,
+    or the workload swaps instead of stopping at the limit). A workload joins it by
+    writing its pid to `path`/cgroup.procs (allocator.py --memcg, stepper.py --memcg).
+    """
+
+    def __init__(self, limit_bytes: int):
+        self.limit = limit_bytes
+        self.v2 = _v2_has_memory()
+        self.root = CGROUP2_ROOT if self.v2 else MEMCG_V1_ROOT
+        self.path = self.root / f"ksift-test-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> "MemoryLimitedCgroup":
+        if not self.v2 and not (self.root / "memory.limit_in_bytes").exists():
+            raise AssertionError("no memory controller: neither cgroup v2 memory nor v1 at /sys/fs/cgroup/memory")
+        self.path.mkdir()
+        try:
+            if self.v2:
+                (self.path / "memory.max").write_text(str(self.limit))
+                (self.path / "memory.swap.max").write_text("0")
+            else:
+                (self.path / "memory.limit_in_bytes").write_text(str(self.limit))
+                memsw = self.path / "memory.memsw.limit_in_bytes"
+                if memsw.exists():
+                    memsw.write_text(str(self.limit))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        remove_cgroup(self.path, self.root, attempts=100)
+
+
 def owned_bpf_ids(pid: int) -> tuple[set[int], set[int]]:
     """(program ids, link ids) a running process holds, read from its fdinfo."""
     progs, links = set(), set()

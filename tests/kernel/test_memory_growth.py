@@ -1,17 +1,39 @@
 """memory_growth end to end: real processes growing (or not) under the real agent.
 
-The kernel reports a process each time its RSS moves a 32 MiB step
-(tp_btf/rss_stat); user space alerts when the reports show growth over the
-window. Also: the memory rules attach exactly the hooks they need, and nothing
-when disabled.
+A task iterator (iter/task), run once a second, reports a process when its
+RSS moved a 32 MiB step since its last report; user space alerts when the
+reports show growth over the window. Also: the iterator reports exactly the
+processes that moved and none that stayed flat, and the memory rules attach
+exactly the hooks they need, and nothing when disabled. Every workload that
+grows runs in a memory-limited cgroup of its own and under a deadline.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
-from harness import owned_bpf_ids, packaged_rule, program_names, run_workload_script, start_agent, write_rules
+import numpy as np
+from harness import (
+    MemoryLimitedCgroup,
+    owned_bpf_ids,
+    packaged_rule,
+    program_names,
+    rules_toml,
+    run_workload_script,
+    start_agent,
+    workload_command,
+    write_rules,
+)
+
+from ksift.config import AgentConfig
+from ksift.loader.libbpf import Libbpf
+from ksift.rules.parse import parse_rules
+from ksift.sensors.base import default_objects_dir
+from ksift.sensors.memory import REC_RSS_STEP, RSS_STEP, MemorySensor
+from ksift.transport import records
+from ksift.transport.ringbuf import RingBufferReader
 
 MIB = 1 << 20
 WINDOW_S = 15
@@ -28,8 +50,10 @@ def rules_file(tmp_path, growth: bool = True, oom: bool | None = None, fork: boo
 
 
 def allocate(size_mb: float, rate_mb: float, hold: float, comm: str) -> dict:
-    return run_workload_script("allocator.py", "--size-mb", size_mb, "--rate-mb", rate_mb, "--hold", hold,
-                               "--comm", comm, timeout=120)
+    # Its own cgroup, limited a little above what it touches, and a deadline: a runaway cannot hurt the host.
+    with MemoryLimitedCgroup(int(size_mb + 128) * MIB) as cg:
+        return run_workload_script("allocator.py", "--size-mb", size_mb, "--rate-mb", rate_mb, "--hold", hold,
+                                   "--comm", comm, "--memcg", cg.path, timeout=120)
 
 
 def run_workload(tmp_path, size_mb: float, rate_mb: float, hold: float, comm: str) -> tuple[list[dict], dict, dict]:
@@ -67,8 +91,10 @@ def test_growing_process_gives_one_alert_with_from_and_to(tmp_path):
     assert alert["summary"].endswith("still rising")
     kernel = stats["kernel"]["memory"]
     assert kernel["rb_dropped"] == 0 and stats["transport"]["malformed"] == 0
-    # The funnel: an RSS change per 4 KiB page fault in (~100k for 400 MiB), a few dozen step records out.
-    assert kernel["rss_steps"] >= 400 // 32 and kernel["rss_seen"] >= 20 * kernel["rss_steps"]
+    # The funnel: a pass a second reads every process's RSS; the grower sent a record on most passes
+    # of its ~10 s (40 MiB a second, more than a step), every other read sent nothing.
+    assert kernel["rss_passes"] >= 10 and kernel["rss_tasks"] >= kernel["rss_procs"] >= kernel["rss_passes"]
+    assert kernel["rss_steps"] >= 6 and kernel["rss_steps"] * 2 < kernel["rss_procs"]
 
 
 def test_one_big_allocation_then_holding_gives_no_alert(tmp_path):
@@ -77,7 +103,8 @@ def test_one_big_allocation_then_holding_gives_no_alert(tmp_path):
     assert work["peak_rss_bytes"] >= 300 * MIB
     assert alerts == []
     kernel = stats["kernel"]["memory"]
-    assert kernel["rss_steps"] >= 300 // 32  # it was watched: the kernel reported its steps
+    # It was watched (tracked once past a step) by a pass every second while it held.
+    assert kernel["rss_tracked"] >= 1 and kernel["rss_passes"] >= WINDOW_S
 
 
 def test_slow_growth_under_the_bound_gives_no_alert(tmp_path):
@@ -85,7 +112,7 @@ def test_slow_growth_under_the_bound_gives_no_alert(tmp_path):
     alerts, work, stats = run_workload(tmp_path, size_mb=150, rate_mb=15, hold=1, comm="ks-slow")
     assert work["peak_rss_bytes"] >= 150 * MIB
     assert alerts == []
-    assert stats["kernel"]["memory"]["rss_steps"] >= 150 // 32
+    assert stats["kernel"]["memory"]["rss_steps"] >= 2  # a step every ~2 s, each one reported
 
 
 def attached_with(tmp_path, **rules) -> set[str]:
@@ -99,10 +126,106 @@ def attached_with(tmp_path, **rules) -> set[str]:
 
 
 def test_memory_hooks_attach_only_for_enabled_rules(tmp_path):
-    memory_progs = {"ks_mark_victim", "ks_rss_stat"}
+    memory_progs = {"ks_mark_victim", "ks_rss_iter"}
     # Both memory rules disabled (a fork rule keeps the agent busy): no memory hook at all.
     off = attached_with(tmp_path, growth=False, oom=False, fork=True)
     assert off and not off & memory_progs, off
     assert attached_with(tmp_path, growth=False, oom=True) & memory_progs == {"ks_mark_victim"}
-    assert attached_with(tmp_path, growth=True, oom=False) & memory_progs == {"ks_rss_stat"}
+    assert attached_with(tmp_path, growth=True, oom=False) & memory_progs == {"ks_rss_iter"}
     assert attached_with(tmp_path, growth=True, oom=True) & memory_progs == memory_progs
+
+
+# -- the iterator itself: which processes a pass reports -------------------------------
+
+
+class Stepper:
+    """tests/workloads/stepper.py: a process whose RSS grows only when the test says so."""
+
+    def __init__(self, cg: MemoryLimitedCgroup, comm: str):
+        self.proc = subprocess.Popen(workload_command("stepper.py", "--comm", comm, "--memcg", cg.path),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = int(self._answer("ready").split()[1])
+
+    def _answer(self, expect: str) -> str:
+        line = self.proc.stdout.readline()
+        assert line.startswith(expect), f"stepper said {line!r}, not {expect!r}"
+        return line
+
+    def grow(self, mib: int) -> None:
+        self.proc.stdin.write(f"grow {mib}\n")
+        self.proc.stdin.flush()
+        self._answer("ok")  # every page touched: resident before it answers
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+class IteratorRun:
+    """The memory sensor alone (its own ring buffer), passes run by the test: records per process."""
+
+    def __init__(self):
+        rules = parse_rules(rules_toml(packaged_rule("memory_growth"), packaged_rule("oom_kill", enabled=False)),
+                            "test.toml")
+        self.sensor = MemorySensor(Libbpf(), default_objects_dir(), AgentConfig(), os.getpid(), rules)
+        self.sensor.start()
+        events = self.sensor.obj.map("ks_events")
+        self.reader = RingBufferReader(events.fd, events.max_entries)
+
+    def one_pass(self) -> dict[int, list[np.void]]:
+        """Run one pass; the step records it sent, by tgid."""
+        self.sensor.poll()
+        rows, pay = records.payloads(self.reader.read(), REC_RSS_STEP, RSS_STEP)
+        out: dict[int, list[np.void]] = {}
+        for row, p in zip(rows, pay):
+            out.setdefault(int(row["task"]["tgid"]), []).append(p)
+        return out
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sensor.close()
+
+
+def mib_of(pages) -> float:
+    return int(pages) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def test_the_iterator_reports_a_process_that_grew_a_step_and_none_that_stayed_flat():
+    # Both workloads in one limited cgroup; every pass is run here, so nothing depends on timing.
+    with MemoryLimitedCgroup(512 * MIB) as cg:
+        grower, flat, run = Stepper(cg, "ks-stepper"), Stepper(cg, "ks-flat"), None
+        try:
+            flat.grow(96)  # past a step: tracked from the first pass, then never moves
+            run = IteratorRun()
+            passes = [run.one_pass()]  # baseline of the flat one; the grower is under a step
+            grower.grow(48)  # ~60 MiB: first seen past a step, its baseline
+            passes.append(run.one_pass())
+            grower.grow(40)  # a step above its baseline: reported
+            passes.append(run.one_pass())
+            passes.append(run.one_pass())  # nothing moved
+            grower.grow(16)  # half a step: not yet
+            passes.append(run.one_pass())
+            grower.grow(24)  # a step (40 MiB) above its last report: reported
+            passes.append(run.one_pass())
+            counters = run.sensor.counters()
+        finally:
+            grower.close()
+            flat.close()
+            if run is not None:
+                run.close()
+
+    assert all(flat.pid not in p for p in passes), [p.get(flat.pid) for p in passes]
+    got = [len(p.get(grower.pid, [])) for p in passes]
+    assert got == [0, 0, 1, 0, 0, 1], got
+    first, second = passes[2][grower.pid][0], passes[5][grower.pid][0]
+    # Each report chains onto the previous one: its level and time are where the last one left off.
+    assert 56 <= mib_of(first["prev_pages"]) <= 72 and mib_of(first["rss_pages"]) - mib_of(first["prev_pages"]) >= 38
+    assert second["prev_pages"] == first["rss_pages"] and second["prev_ns"] > first["prev_ns"]
+    assert mib_of(second["rss_pages"]) - mib_of(first["rss_pages"]) >= 38
+    assert (first["reports"], second["reports"]) == (1, 2)
+    assert mib_of(second["anon_pages"]) >= 128
+    # The funnel: six passes over every task, every process's RSS read each time, two records out
+    # (other processes on this host may have moved too: at least these two).
+    assert counters["rss_passes"] == 6 and counters["rss_tasks"] >= counters["rss_procs"] >= 6 * 2
+    assert counters["rss_tracked"] >= 2 and counters["rss_steps"] >= 2 and counters["rb_dropped"] == 0

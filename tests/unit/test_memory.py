@@ -290,9 +290,58 @@ def test_records_of_a_disabled_rule_are_ignored():
 
 def test_only_the_enabled_rules_hooks_are_attached():
     assert sensor(oom_rule()).programs() == ["ks_mark_victim"]
-    assert sensor(growth_rule()).programs() == ["ks_rss_stat"]
-    assert sensor().programs() == ["ks_mark_victim", "ks_rss_stat"]
+    assert sensor(growth_rule()).programs() == ["ks_rss_iter"]
+    assert sensor().programs() == ["ks_mark_victim", "ks_rss_iter"]
     assert sensor(growth_rule(enabled=False), oom_rule(enabled=False)).programs() == []
+
+
+def test_the_iterator_runs_once_a_second_only_for_memory_growth():
+    assert sensor(growth_rule()).poll_interval_s == 1.0
+    assert sensor().poll_interval_s == 1.0
+    assert sensor(oom_rule()).poll_interval_s is None  # the tracepoint alone: nothing to poll
+    # Short windows get at least 10 passes each, down to 4 a second.
+    assert sensor(growth_rule(window_s=5.0)).poll_interval_s == 0.5
+    assert sensor(growth_rule(window_s=1.0)).poll_interval_s == 0.25
+    assert sensor(growth_rule(window_s=600.0)).poll_interval_s == 1.0
+
+
+class FakeObject:
+    """A loaded BpfObject stand-in that records the iterator passes it was asked for."""
+
+    def __init__(self):
+        self.runs: list[str] = []
+
+    def run_iter(self, program: str) -> bytes:
+        self.runs.append(program)
+        return b""
+
+
+def test_poll_runs_one_pass_of_the_iterator():
+    s = sensor(growth_rule())
+    s.poll()  # not started: nothing to run
+    s.obj = FakeObject()
+    s.poll()
+    s.poll()
+    assert s.obj.runs == ["ks_rss_iter", "ks_rss_iter"] and s.passes == 2
+    oom_only = sensor(oom_rule())
+    oom_only.obj = FakeObject()
+    oom_only.poll()
+    assert oom_only.obj.runs == []
+
+
+def test_reports_sampled_once_a_second_several_steps_apart_are_growth():
+    # A pass a second sees a 45 MiB/s grower: each report jumps more than one 32 MiB step.
+    points = [(100 + i, 40 + 45 * i) for i in range(9)]  # 40 -> 400 MiB in 8 s
+    out = sensor(growth_rule(window_s=15.0)).decode(growth_batch(points))
+    assert out.failed == 0 and out.crossings
+    first = out.crossings[0]
+    assert first.window_start_ns == 100 * NS and first.ktime_ns == 108 * NS  # span >= half the window first here
+    assert first.details["from_bytes"] == 40 * MIB and first.details["to_bytes"] == 400 * MIB
+
+
+def test_one_allocation_seen_by_two_passes_is_not_growth():
+    # 300 MiB touched in a fraction of a second: one pass saw it half way, the next at the top.
+    assert sensor(growth_rule()).decode(growth_batch([(100, 120), (101, 300)])).crossings == []
 
 
 def test_rodata_carries_the_step_in_pages():

@@ -113,6 +113,8 @@ class Libbpf:
         _sig(s.bpf_program__set_autoload, i, p, ctypes.c_bool)
         _sig(s.bpf_program__attach, p, p)
         _sig(s.bpf_program__attach_perf_event, p, p, i)
+        _sig(s.bpf_program__attach_iter, p, p, p)  # opts NULL: every object of the iterator's kind
+        _sig(s.bpf_iter_create, i, i)  # link fd -> a new iterator's fd: reading it runs the program
         _sig(s.bpf_program__fd, i, p)
         _sig(s.bpf_link__destroy, i, p)
         _sig(s.bpf_link__fd, i, p)

@@ -129,8 +129,8 @@ SIGNALS: Mapping[str, SignalSpec] = _registry(
         name="memory.rss_growth",
         keys=("tgid",),
         unit="MB of resident memory growth",
-        description="resident memory of one process growing within window, from the kernel's rss_stat "
-                    "tracepoint (only processes that pass step are tracked)",
+        description="resident memory of one process growing within window, from a task iterator that reads "
+                    "every process's RSS in the kernel once a second (only processes that pass step are tracked)",
         where="user space",
         params=(
             ParamSpec("min_growth_percent", "float", 50.0, 0.0, 100000.0,

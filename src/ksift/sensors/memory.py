@@ -5,12 +5,16 @@ memory figures and the memory cgroup whose limit was hit, decided in the kernel
 (the nearest memcg from the victim's up whose page_counter usage was at its max
 when the victim was marked). Here the cgroup ids become paths.
 
-memory_growth: the kernel reports a process only when its RSS moved a whole
-`step` from its last report (kmem:rss_stat); each report carries the previous
-one's level and time, so user space keeps a short chain of samples per process
-and decides (GrowthTracker) whether the RSS keeps growing: more than the
-threshold and min_growth_percent within the window, spread over the window
-rather than one allocation, and still at its highest.
+memory_growth: a task iterator (iter/task) runs once per poll (poll_interval_s:
+1 s, shorter for windows under 10 s); in one pass in the kernel it reads every
+process's RSS and reports a process only when its RSS moved a whole `step`
+from its last report. Nothing runs on page faults or forks. Each report
+carries the previous one's level and time, so user space keeps a short chain
+of samples per process and decides (GrowthTracker) whether the RSS keeps
+growing: more than the threshold and min_growth_percent within the window,
+spread over the window rather than one allocation, and still at its highest.
+A report is a sample taken by a pass, so its time is the pass's: figures are
+within one step and one poll interval.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import time
 from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -82,6 +87,19 @@ RSS_STEP = np.dtype(
     ]
 )
 RSS_STATE = np.dtype([("mm", "<u8"), ("level_pages", "<u8"), ("level_ns", "<u8"), ("reports", "<u8")])
+
+# The growth rule's samples: one pass of the task iterator per poll. A window needs
+# enough passes to tell steady growth from one allocation (rising_growth() looks at
+# the halves of the rise), so short windows poll faster, down to MIN_POLL_S.
+POLL_S = 1.0
+MIN_POLL_S = 0.25
+PASSES_PER_WINDOW = 10
+
+
+def growth_poll_interval(window_s: float) -> float:
+    """Seconds between iterator passes for a growth window: 1 s, or window/10 for windows under 10 s."""
+    return max(MIN_POLL_S, min(POLL_S, window_s / PASSES_PER_WINDOW))
+
 
 LIMIT_SOURCE = ("kernel: the nearest memory cgroup, from the victim's up, whose usage was at its limit "
                 "when the victim was chosen")
@@ -264,8 +282,12 @@ class MemorySensor(Sensor):
     object_file = "memory.bpf.o"
     signals = (OOM_SIGNAL, GROWTH_SIGNAL)
     counter_enum = "ksift_memory_counter"
-    counter_names = ("oom_seen", "oom_limit_found", "rss_seen", "rss_other_mm", "rss_tracked", "rss_rebased",
-                     "rss_steps")
+    counter_names = ("oom_seen", "oom_limit_found", "rss_passes", "rss_tasks", "rss_procs", "rss_tracked",
+                     "rss_rebased", "rss_steps")
+    # The iterator's pace when memory_growth is enabled (set per rule in __init__: growth_poll_interval);
+    # None when only oom_kill is, which needs no poll.
+    poll_interval_s: float | None = POLL_S
+    ITERATOR = "ks_rss_iter"
     abi = {
         "ksift_oom_kill": (OOM_KILL, {}),
         "ksift_rss_step": (RSS_STEP, {}),
@@ -279,10 +301,14 @@ class MemorySensor(Sensor):
         self.growth_rule: Rule | None = self.enabled.get(GROWTH_SIGNAL)
         self.memcg_paths = memcg_paths or MemcgPaths()
         self.growth: GrowthTracker | None = None
+        self.poll_interval_s = None
+        self.passes = 0  # iterator passes run (poll)
+        self.pass_ns = 0  # wall time they took, in all
         if self.growth_rule is not None:
             rule = self.growth_rule
             self.growth = GrowthTracker(int(rule.window_s * NS), rule.threshold * MIB,
                                         float(rule.param("min_growth_percent")))
+            self.poll_interval_s = growth_poll_interval(rule.window_s)
 
     def rodata(self) -> dict[str, int]:
         if self.growth_rule is None:
@@ -294,8 +320,17 @@ class MemorySensor(Sensor):
         if self.oom_rule is not None:
             progs.append("ks_mark_victim")
         if self.growth_rule is not None:
-            progs.append("ks_rss_stat")
+            progs.append(self.ITERATOR)
         return progs
+
+    def poll(self) -> None:
+        """One pass of the task iterator: the processes whose RSS moved a step go to the ring buffer."""
+        if self.growth_rule is None or self.obj is None:
+            return
+        started = time.monotonic_ns()
+        self.obj.run_iter(self.ITERATOR)
+        self.pass_ns += time.monotonic_ns() - started
+        self.passes += 1
 
     # -- records ------------------------------------------------------------------
 
