@@ -98,19 +98,9 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ksift.agent import Agent
+    from ksift.compose import running_agent
     from ksift.config import default_db_path, load_config
-    from ksift.enrich.cgroup import CgroupResolver, find_cgroup2_mount
-    from ksift.enrich.context import Enricher
-    from ksift.enrich.procfs import ProcFS
-    from ksift.loader.libbpf import Libbpf
     from ksift.rules.parse import load_rules
-    from ksift.sensors.base import default_objects_dir
-    from ksift.sensors.registry import build_sensors
-    from ksift.sinks.console import ConsoleSink
-    from ksift.sinks.factory import configured_sinks
-    from ksift.sinks.store import StoreSink
-    from ksift.store.sqlite import AlertStore
 
     config = load_config(args.config)
     if args.api is not None:
@@ -125,45 +115,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("rules from %s: %s", rules.source, ", ".join(r.name for r in enabled) or "none enabled")
     if os.geteuid() != 0:
         log.warning("not running as root: loading BPF needs CAP_BPF and CAP_PERFMON (see `ksift doctor`)")
-
-    from ksift.enrich.kubernetes import build_pod_resolver
-
-    pods = build_pod_resolver(config.section("kubernetes"))  # None unless [kubernetes] enabled
-    db_path = args.db or config.db_path or default_db_path()
-    store = AlertStore(db_path)
-    log.info("alert store: %s", db_path)
-    sinks = [ConsoleSink(sys.stdout, json_lines=args.json or config.json_output), StoreSink(store)]
-    sinks += configured_sinks(config, rules, store)
     try:
-        lib = Libbpf()
-    except OSError as exc:
-        store.close()
-        raise BpfError(str(exc)) from exc
-    sensors = build_sensors(lib, default_objects_dir(), config, rules)
-    procfs = ProcFS()
-    enricher = Enricher(procfs, CgroupResolver(find_cgroup2_mount()), pods=pods)
-    if pods is not None:
-        pods.start()  # fetches in its own thread: an alert never waits for the API server
-    agent = Agent(config, rules, sensors, enricher, sinks)
-    try:
-        with agent:  # attaches; detaches everything on every way out
+        # Everything it builds (kernel side, store, sinks) is released on every way out.
+        with running_agent(config, rules, db_path=args.db or config.db_path or default_db_path(),
+                           json_lines=args.json, stats_path=args.stats) as agent:
             log.info("watching the host%s",
                      f" for {args.duration:g}s" if args.duration else "; Ctrl-C or SIGTERM stops")
             asyncio.run(agent.run(args.duration))
     except BpfError as exc:
         raise BpfError(f"{exc}\n(run `ksift doctor` to see what this host supports)") from exc
-    finally:
-        report = agent.funnel_report()
-        log.info("funnel: %s", json.dumps(report, sort_keys=True))
-        if args.stats:
-            with open(args.stats, "w", encoding="utf-8") as fh:
-                json.dump(report, fh, indent=2, sort_keys=True)
-        for sink in sinks:
-            sink.close()
-        if pods is not None:
-            log.info("kubernetes: %s", json.dumps(pods.stats(), sort_keys=True))
-            pods.close()
-        store.close()
     return EXIT_OK
 
 

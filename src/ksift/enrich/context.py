@@ -9,13 +9,15 @@ recycled or unreadable process just means less detail.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ksift.enrich.cgroup import CgroupResolver, parse_cgroup_path
-from ksift.enrich.kubernetes import PodMetadataResolver
 from ksift.enrich.procfs import ProcFS, ProcStat
 from ksift.errors import AccessDenied, ProcessGone
 from ksift.events import TaskContext
+
+if TYPE_CHECKING:  # the resolver's module (urllib, ssl) loads only when [kubernetes] is on
+    from ksift.enrich.kubernetes import PodMetadataResolver
 
 _NS_PER_S = 1_000_000_000
 

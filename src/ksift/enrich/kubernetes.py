@@ -37,7 +37,6 @@ import os
 import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -287,6 +286,8 @@ class HttpPodSource:
                 self._context.verify_mode = ssl.CERT_NONE
 
     def __call__(self) -> bytes:
+        import urllib.request  # here: the agent pays for it only when [kubernetes] is on
+
         request = urllib.request.Request(self.url, headers={"Accept": "application/json", "User-Agent": "ksift"})
         token = self._token()
         # A token goes only over TLS: the kubelet's read-only port is plain HTTP and needs none.

@@ -26,6 +26,8 @@ def configured_sinks(config: AgentConfig, rules: RuleSet, store: AlertStore) -> 
         sinks.append(ApiServer(config.section("api"), store))
     # Remediation (per-rule policies + [remediation]; ksift.remediation): only when a policy is active.
     # Its decisions reach the API as "action" events and approve/reject routes.
+    if not any(r.policy is not None for r in rules.rules):
+        return sinks  # monitor only: remediation's modules are never imported
     from ksift.remediation.engine import build_remediation
 
     remediation = build_remediation(config, rules, store)

@@ -163,6 +163,8 @@ def _parse_one(kind: str, entry: dict, source: str, where: str, default_name: st
 def build_sinks(settings: SinksSettings, env: Mapping[str, str] | None = None,
                 hostname: Callable[[], str] = socket.gethostname) -> list:
     """The configured network sinks, not started yet (the agent awaits their start())."""
+    if not settings.sinks:
+        return []  # nothing configured: do not even import the HTTP client
     from ksift.sinks.alertmanager import AlertmanagerSink, alerts_url
     from ksift.sinks.delivery import DeliverySettings
     from ksift.sinks.slack import SlackSink

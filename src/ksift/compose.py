@@ -1,0 +1,122 @@
+"""The composition root: builds the agent, its kernel side, store and sinks, under one teardown.
+
+Everything `ksift run` owns is made here and registered on one ExitStack as it
+is made, so whatever fails half-way (a store that will not open, a sink's bad
+address, a BPF object the kernel refuses) releases exactly what was already
+made, in reverse order, and a normal exit does the same.
+
+Modules of sinks and interfaces are imported only when configured, and the heap
+libbpf freed after loading (it parses the kernel's BTF, ~10 MiB, per object) is
+handed back to the system.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import TextIO
+
+from ksift.config import AgentConfig
+from ksift.errors import BpfError
+from ksift.rules.model import RuleSet
+
+log = logging.getLogger("ksift")
+
+
+@contextmanager
+def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lines: bool,
+                  stdout: TextIO = sys.stdout, stats_path: str | None = None) -> Iterator:
+    """An Agent with every part attached and started; everything released on the way out.
+
+    At exit (normal or not) the funnel report is logged, and written to stats_path when given.
+    """
+    from ksift.agent import Agent
+    from ksift.enrich.cgroup import CgroupResolver, find_cgroup2_mount
+    from ksift.enrich.context import Enricher
+    from ksift.enrich.procfs import ProcFS
+    from ksift.loader.libbpf import Libbpf
+    from ksift.sensors.base import default_objects_dir
+    from ksift.sensors.registry import build_sensors
+    from ksift.transport.core import CoreObject
+
+    with ExitStack() as stack:
+        try:
+            lib = Libbpf()
+        except OSError as exc:
+            raise BpfError(str(exc)) from exc
+        objects = default_objects_dir()
+        core = CoreObject(lib, objects, config, os.getpid())
+        sensors = build_sensors(lib, objects, config, rules)
+        store = _open_store(db_path)
+        stack.callback(store.close)
+        sinks = _build_sinks(config, rules, store, json_lines, stdout)
+        for sink in reversed(sinks):
+            stack.callback(_closer(sink))
+        pods = None
+        if config.section("kubernetes").enabled:
+            from ksift.enrich.kubernetes import build_pod_resolver
+
+            pods = build_pod_resolver(config.section("kubernetes"))
+        if pods is not None:
+            pods.start()  # fetches in its own thread: an alert never waits for the API server
+            stack.callback(pods.close)
+            stack.callback(lambda: log.info("kubernetes: %s", json.dumps(pods.stats(), sort_keys=True)))
+        enricher = Enricher(ProcFS(), CgroupResolver(find_cgroup2_mount()), pods=pods)
+        agent = Agent(config, rules, sensors, enricher, sinks, core=core)
+        agent.start()  # the kernel side: all or nothing
+        stack.callback(agent.close)
+        _release_free_heap()
+        stack.callback(_report, agent, stats_path)
+        yield agent
+
+
+def _open_store(db_path: str):
+    from ksift.store.sqlite import AlertStore
+
+    store = AlertStore(db_path)
+    log.info("alert store: %s", db_path)
+    return store
+
+
+def _build_sinks(config: AgentConfig, rules: RuleSet, store, json_lines: bool, stdout: TextIO) -> list:
+    from ksift.sinks.console import ConsoleSink
+    from ksift.sinks.factory import configured_sinks
+    from ksift.sinks.store import StoreSink
+
+    sinks = [ConsoleSink(stdout, json_lines=json_lines or config.json_output), StoreSink(store)]
+    return sinks + configured_sinks(config, rules, store)
+
+
+def _closer(sink):
+    def close() -> None:
+        try:
+            sink.close()
+        except Exception:  # keep closing the others
+            log.exception("closing sink %s failed", sink.name)
+    return close
+
+
+def _report(agent, stats_path: str | None) -> None:
+    """The funnel counters at exit (read before the kernel side closes: this runs first)."""
+    report = agent.funnel_report()
+    log.info("funnel: %s", json.dumps(report, sort_keys=True))
+    if stats_path:
+        with open(stats_path, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2, sort_keys=True)
+
+
+def _release_free_heap() -> None:
+    """Hand the heap libbpf freed after loading (the kernel BTF it parsed) back to the system."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
