@@ -163,7 +163,7 @@ int BPF_PROG(ks_cpu_exit, struct task_struct *task, bool group_dead)
 
 	if (!group_dead) /* other threads still run: the process lives on */
 		return 0;
-	tgid = BPF_CORE_READ(task, tgid);
+	tgid = task->tgid; /* a direct (BTF) load: this runs at every exit */
 	st = bpf_map_lookup_elem(&ks_cpu_state, &tgid);
 	if (!st) /* most exits: never sampled, or evicted */
 		return 0;

@@ -84,11 +84,12 @@ static __always_inline struct ksift_lc_key *scratch_key(__u32 parent_tgid)
  * way against the status the parent really got). */
 static __always_inline __u32 wait_status(struct task_struct *task)
 {
-	struct signal_struct *sig = BPF_CORE_READ(task, signal);
+	struct signal_struct *sig = task->signal;
 
-	if (BPF_CORE_READ(sig, flags) & KSIFT_SIGNAL_GROUP_EXIT)
-		return BPF_CORE_READ(sig, group_exit_code);
-	return BPF_CORE_READ(task, group_leader, exit_code);
+	/* Direct (BTF) loads, not probe-read helpers: this runs at every exit. */
+	if (sig->flags & KSIFT_SIGNAL_GROUP_EXIT)
+		return sig->group_exit_code;
+	return task->group_leader->exit_code;
 }
 
 /* The executable for a key: the exec path when we saw the exec, else the
@@ -243,9 +244,10 @@ int BPF_PROG(ks_lc_exit, struct task_struct *task, bool group_dead)
 	if (!group_dead) /* other threads still run: the process lives on */
 		return 0;
 	count(KSIFT_CNT_LC_EXIT_SEEN);
-	tgid = BPF_CORE_READ(task, tgid);
+	/* Direct (BTF) loads on this per-exit path: no helper call for a field. */
+	tgid = task->tgid;
 	parent = task->real_parent;
-	ptgid = BPF_CORE_READ(parent, tgid);
+	ptgid = parent->tgid;
 	exec = exec_of(task);
 
 	if (tgid == ksift_tgid || ptgid == ksift_tgid) {
@@ -255,7 +257,7 @@ int BPF_PROG(ks_lc_exit, struct task_struct *task, bool group_dead)
 	now = bpf_ktime_get_ns();
 	/* Children that never exec'd (workers forked from their parent) are not churn. */
 	if (churn_enabled && exec) {
-		lifetime = now - BPF_CORE_READ(task, group_leader, start_time);
+		lifetime = now - task->group_leader->start_time;
 		if (lifetime <= churn_max_lifetime_ns)
 			churn_count(task, parent, ptgid, exec, now, lifetime);
 		else
