@@ -5,8 +5,16 @@ samples of each process per window; a process over
     threshold% / 100 * sample_hz * window
 samples in one window is shipped as a crossing, once per window. While a
 process is over, its user and kernel stacks are counted in the kernel; each
-batch of crossings drains those counts here, symbolizes them while the process
-still lives, and the alert carries the hottest stacks.
+batch of crossings drains those counts here, and the alert carries the hottest
+stacks.
+
+Symbolizing (maps, ELF files, kallsyms) is slow on a cache miss, so it runs in
+a worker thread (ksift.worker) that owns the symbolizer and the StackBook: the
+loop reads the counts and stack ids from the kernel (fast) and hands the
+addresses over at once, while the process still lives. Under a StackGate
+(ksift.enrich.stacks, `defer_stacks`) a crossing carries a PendingStack that the
+gate completes before its alert reaches the sinks; without one, decode waits for
+the worker, as long as symbolizing took on the loop before.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ksift.config import AgentConfig
+from ksift.enrich.stacks import MAX_WAIT_S, PendingStack, settled
 from ksift.enrich.symbols import Symbolizer
 from ksift.errors import ConfigError
 from ksift.loader.bpf_object import BpfMap, BpfObject
@@ -30,6 +39,7 @@ from ksift.rules.model import Rule, RuleSet
 from ksift.sensors.base import WINDOW, WINDOW_ABI, WINDOW_EXIT, Decoded, Sensor, tgid_key, window_crossing
 from ksift.transport import records
 from ksift.units import format_duration
+from ksift.worker import BoundedWorker, Job
 
 log = logging.getLogger("ksift.sensors.cpu")
 
@@ -43,6 +53,8 @@ MIN_SAMPLES_PER_WINDOW = 10
 TOP_STACKS = 5
 # A stack id nobody sampled for this long is deleted from the kernel's stack map.
 STACK_ID_TTL_NS = 30 * NS
+# Batches of stacks waiting for the symbolizing thread; beyond this the oldest is dropped (and counted).
+MAX_SYMBOL_JOBS = 64
 
 # Mirrors of bpf/cpu.h.
 STACK_DEPTH = 64
@@ -72,6 +84,8 @@ STACK_KEY = np.dtype(
     [("tgid", "<u4"), ("user_stack_id", "<i4"), ("kernel_stack_id", "<i4"), ("_pad", "<u4")]
 )
 LOST_FRAME = "[stack lost]"
+# A drained stack count: (tgid, user addresses, kernel addresses, samples); () no such stack, None its id was lost.
+RawStack = tuple[int, tuple[int, ...] | None, tuple[int, ...] | None, int]
 
 
 def samples_threshold(threshold_percent: int, sample_hz: int, window_s: float) -> int:
@@ -103,6 +117,7 @@ def share_percent(samples: int, elapsed_ns: int, sample_hz: int) -> float:
 
 def hot_frame(stacks: list[dict] | None) -> str | None:
     """Where the hottest stack spends its time: its innermost user frame, else its kernel one."""
+    stacks = settled(stacks)  # a PendingStack (still being symbolized) shows nothing yet
     if not stacks:
         return None
     top = stacks[0]
@@ -206,12 +221,19 @@ class CpuSensor(Sensor):
             check_rule(rule, rules.source, f"rule[{rules.rules.index(rule)}] ({rule.name})")
             self.sample_hz = int(rule.param("sample_hz"))
             self.window_threshold = samples_threshold(rule.threshold, self.sample_hz, rule.window_s)
+        # The symbolizer and the book belong to the symbolizing thread: only its jobs touch them.
         self.symbolizer = symbolizer or Symbolizer()
-        self.clock_ns = clock_ns
         self.book = StackBook()
+        self._symbols = BoundedWorker("symbols", MAX_SYMBOL_JOBS, on_drop=self._symbol_job_dropped)
+        # True under a StackGate (ksift.enrich.stacks), which completes PendingStacks; False: decode
+        # waits up to symbol_wait_s for the thread, and crossings carry the frames.
+        self.defer_stacks = False
+        self.symbol_wait_s = MAX_WAIT_S
+        self.symbol_jobs_dropped = 0
+        self.clock_ns = clock_ns
         # Stack ids read from the kernel: their addresses, and when a sample last named them.
         # An id keeps its stack until we delete it (no BPF_F_REUSE_STACKID), so both stay valid till then.
-        self._stack_addresses_by_id: dict[int, list[int]] = {}
+        self._stack_addresses_by_id: dict[int, tuple[int, ...]] = {}
         self._stack_seen_ns: dict[int, int] = {}
         self.stack_stats = {"drained": 0, "lost": 0}  # stack-count entries read, stacks gone before we read them
         self._state: BpfMap | None = None
@@ -242,13 +264,16 @@ class CpuSensor(Sensor):
 
     def close(self) -> None:
         self._state = self._stacks = self._stack_counts = None
+        if not self._symbols.close(timeout=1.0):  # a daemon thread: it never holds the agent's exit
+            log.info("the symbolizing thread is still busy at shutdown; left behind")
         super().close()
 
     def counters(self) -> dict[str, int]:
         """The kernel's counters, plus what became of the stacks in user space."""
         out = super().counters()
         if out:
-            out.update(stacks_drained=self.stack_stats["drained"], stacks_lost=self.stack_stats["lost"])
+            out.update(stacks_drained=self.stack_stats["drained"], stacks_lost=self.stack_stats["lost"],
+                       stack_jobs_dropped=self.symbol_jobs_dropped)
         return out
 
     # -- records -------------------------------------------------------------
@@ -259,24 +284,29 @@ class CpuSensor(Sensor):
         if rule is None or len(batch) == 0:
             return out
         window_ns = round(rule.window_s * NS)
+        tracks: list[tuple[int, int, int, int]] = []
 
         def track(row: np.void, p: np.void) -> tuple:
             task = records.task_context(row["task"])
-            self.book.track(task.tgid, task.start_boottime_ns, int(p["window_start_ns"]), window_ns)
+            tracks.append((task.tgid, task.start_boottime_ns, int(p["window_start_ns"]), window_ns))
             return row, p, task
 
         decoded = self.decode_records(batch, REC_CPU_CROSSING, CPU_CROSSING, track, out, "CPU crossing")
+        stacks: dict[int, object] = {}
         if decoded:
+            entries: list[RawStack] = []
             try:
-                self.drain_stacks()
+                entries = self.drain_stacks()
             except Exception:  # stacks are context: the alert still goes out without them
                 log.exception("could not read the stacks of hot processes")
-        out.crossings += self.decode_each(decoded, lambda row, p, task: self._crossing(rule, row, p, task), out,
-                                          "CPU crossing")
+            stacks = self.symbolize(tracks, entries)
+        out.crossings += self.decode_each(
+            decoded, lambda row, p, task: self._crossing(rule, row, p, task, stacks.get(task.tgid)), out,
+            "CPU crossing")
         out.exits += self.window_exits(batch, REC_CPU_EXIT, rule.name)
         return out
 
-    def _crossing(self, rule: Rule, row: np.void, p: np.void, task) -> Crossing:
+    def _crossing(self, rule: Rule, row: np.void, p: np.void, task, stack: object) -> Crossing:
         ktime = int(row["ktime_ns"])
         run_ns = ktime - int(p["run_start_ns"])
         run_samples = int(p["run_samples"])
@@ -288,20 +318,23 @@ class CpuSensor(Sensor):
             "threshold_percent": rule.threshold,
             "window_samples_threshold": int(p["threshold"]),
         }
-        return window_crossing(rule.name, row, p, task=task, details=details, stack=self.book.top(task.tgid) or None)
+        return window_crossing(rule.name, row, p, task=task, details=details, stack=stack)
 
-    def drain_stacks(self) -> int:
-        """Move the kernel's stack counts into the book, symbolized; returns the entries read.
+    def drain_stacks(self) -> list[RawStack]:
+        """Read (and delete) the kernel's stack counts, as (tgid, user, kernel, samples) each.
 
-        The counts are read and deleted in one batch. Each stack id they name is
-        read from the stack map once and remembered; an id no sample named for
-        STACK_ID_TTL_NS is deleted from the kernel, so a count drained a moment
-        after its id was read still finds it, and the map holds only live stacks.
+        user and kernel are the stack's addresses, () when the sample had no such
+        stack, None when its id was gone before we read it. The counts are read
+        and deleted in one batch. Each stack id they name is read from the stack
+        map once and remembered; an id no sample named for STACK_ID_TTL_NS is
+        deleted from the kernel, so a count drained a moment after its id was
+        read still finds it, and the map holds only live stacks.
         """
         if self._stack_counts is None or self._stacks is None:
-            return 0
+            return []
         keys, values, n = self._stack_counts.lookup_batch(delete=True)
         now = self.clock_ns()
+        out: list[RawStack] = []
         if n:
             entries = np.frombuffer(keys, dtype=STACK_KEY, count=n)
             samples = np.frombuffer(values, dtype="<u8", count=n)
@@ -312,47 +345,81 @@ class CpuSensor(Sensor):
                     found = self._read_stack(sid)
                     if found is not None:
                         self._stack_addresses_by_id[sid] = found
-            user_cache: dict[tuple[int, int], tuple[str, ...]] = {}
-            kernel_cache: dict[int, tuple[str, ...]] = {}
             for entry, count in zip(entries, samples):
-                tgid, uid, kid = int(entry["tgid"]), int(entry["user_stack_id"]), int(entry["kernel_stack_id"])
-                if (tgid, uid) not in user_cache:
-                    user_cache[(tgid, uid)] = self._user_frames(tgid, uid)
-                if kid not in kernel_cache:
-                    kernel_cache[kid] = self._kernel_frames(kid)
-                self.book.add(tgid, user_cache[(tgid, uid)], kernel_cache[kid], int(count))
+                out.append((int(entry["tgid"]), self._addresses(int(entry["user_stack_id"])),
+                            self._addresses(int(entry["kernel_stack_id"])), int(count)))
             self.stack_stats["drained"] += n
         for sid, seen in list(self._stack_seen_ns.items()):
             if now - seen > STACK_ID_TTL_NS:
                 self._stacks.delete(sid.to_bytes(4, "little"))
                 del self._stack_seen_ns[sid]
                 self._stack_addresses_by_id.pop(sid, None)
-        return n
+        return out
 
-    def _read_stack(self, stack_id: int) -> list[int] | None:
+    def _read_stack(self, stack_id: int) -> tuple[int, ...] | None:
         raw = self._stacks.lookup(stack_id.to_bytes(4, "little"))
         if raw is None:
             self.stack_stats["lost"] += 1
             return None
         # Frames fill the slot from the start; the rest is zero.
-        return [int(a) for a in np.frombuffer(raw[: STACK_DEPTH * 8], dtype="<u8") if a]
+        return tuple(int(a) for a in np.frombuffer(raw[: STACK_DEPTH * 8], dtype="<u8") if a)
 
-    def _user_frames(self, tgid: int, stack_id: int) -> tuple[str, ...]:
-        if stack_id < 0:
-            return ()
-        found = self._stack_addresses_by_id.get(stack_id)
-        if found is None:
+    def _addresses(self, stack_id: int) -> tuple[int, ...] | None:
+        return () if stack_id < 0 else self._stack_addresses_by_id.get(stack_id)
+
+    # -- symbolizing (in the worker thread) ------------------------------------
+
+    def symbolize(self, tracks: list[tuple[int, int, int, int]], entries: list[RawStack]) -> dict[int, object]:
+        """Hand a batch's crossings and stacks to the symbolizing thread: each crossing tgid's stacks.
+
+        Under a StackGate, PendingStacks at once; else the frames, waited for (up to symbol_wait_s)."""
+        future = self._symbols.submit(self._book_job, tracks, entries)
+        wanted = {tgid for tgid, *_ in tracks}
+        if self.defer_stacks:
+            return {tgid: PendingStack(future, tgid) for tgid in wanted}
+        pending = PendingStack(future, None)
+        if not pending.wait(self.symbol_wait_s):
+            log.warning("symbolizing stacks took more than %.1fs: the crossings go without them", self.symbol_wait_s)
+        return {tgid: PendingStack(future, tgid).result() for tgid in wanted}
+
+    def _book_job(self, tracks: list[tuple[int, int, int, int]], entries: list[RawStack]) -> dict[int, list | None]:
+        """In the worker: the crossings' runs, the stacks symbolized into the book, each crossing's hottest."""
+        for tgid, start_boottime_ns, window_start_ns, window_ns in tracks:
+            self.book.track(tgid, start_boottime_ns, window_start_ns, window_ns)
+        try:
+            users: dict[tuple[int, tuple[int, ...] | None], tuple[str, ...]] = {}
+            kernels: dict[tuple[int, ...] | None, tuple[str, ...]] = {}
+            for tgid, user, kernel, samples in entries:
+                if (tgid, user) not in users:
+                    users[(tgid, user)] = self._user_frames(tgid, user)
+                if kernel not in kernels:
+                    kernels[kernel] = self._kernel_frames(kernel)
+                self.book.add(tgid, users[(tgid, user)], kernels[kernel], samples)
+        except Exception:  # stacks are context: the alert still goes out with what the book holds
+            log.exception("could not symbolize the stacks of hot processes")
+        return {tgid: self.book.top(tgid) or None for tgid, *_ in tracks}
+
+    def _symbol_job_dropped(self, job: Job) -> None:
+        self.symbol_jobs_dropped += 1
+        if self.symbol_jobs_dropped == 1 or self.symbol_jobs_dropped % 100 == 0:
+            log.warning("symbolizing falls behind: %d batch(es) of stacks waiting, dropped %d so far (their "
+                        "samples are not counted, their crossings carry no stack)", MAX_SYMBOL_JOBS,
+                        self.symbol_jobs_dropped)
+
+    def _user_frames(self, tgid: int, addresses: tuple[int, ...] | None) -> tuple[str, ...]:
+        if addresses is None:
             return (LOST_FRAME,)
+        if not addresses:
+            return ()
         start = self.book.start_boottime_ns(tgid)
-        return tuple(self.symbolizer.user_frames(tgid, found, start))
+        return tuple(self.symbolizer.user_frames(tgid, list(addresses), start))
 
-    def _kernel_frames(self, stack_id: int) -> tuple[str, ...]:
-        if stack_id < 0:
-            return ()
-        found = self._stack_addresses_by_id.get(stack_id)
-        if found is None:
+    def _kernel_frames(self, addresses: tuple[int, ...] | None) -> tuple[str, ...]:
+        if addresses is None:
             return (LOST_FRAME,)
-        return tuple(self.symbolizer.kernel_frames(found))
+        if not addresses:
+            return ()
+        return tuple(self.symbolizer.kernel_frames(list(addresses)))
 
     def current(self, rule: str, key: int) -> KeyState | None:
         """One process's live sample counters, straight from the kernel map."""
