@@ -195,6 +195,7 @@ def test_store_sink_counts_errors_and_does_not_raise(tmp_path, caplog):
     store.close()
     sink.emit(make_alert())  # store closed underneath
     sink.emit("not a dict")  # type: ignore[arg-type]
+    assert sink.flush(5)  # the writer thread has tried them all
     assert (sink.delivered, sink.failed) == (0, 3)
     assert "broken" in caplog.text
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol, runtime_checkable
+
+# What a sink that queues alerts for a worker counts (network sinks: sinks/delivery.py; the
+# store: sinks/store.py), reported by `counters()` with "queued" for the funnel report and /metrics.
+# failed is the sum of every loss.
+QUEUE_COUNTERS = ("delivered", "failed", "retried", "gave_up", "rejected", "dropped_queue_full",
+                  "dropped_at_stop", "filtered")
 
 
 @runtime_checkable
@@ -36,3 +43,14 @@ class Sink(Protocol):
     def close(self) -> None:
         """Release resources; idempotent and never raises."""
         ...
+
+
+def queue_counters(sink: Any, queued: int) -> dict[str, int]:
+    """A queued sink's counters (QUEUE_COUNTERS), plus what waits in its queue now."""
+    return {**{name: getattr(sink, name) for name in QUEUE_COUNTERS}, "queued": queued}
+
+
+def log_queue_full(logger: logging.Logger, who: str, size: int, dropped: int) -> None:
+    """The warning for a full queue: at the first drop, then every thousandth."""
+    if dropped == 1 or dropped % 1000 == 0:
+        logger.warning("%s: queue full (%d), dropped %d alert(s) so far", who, size, dropped)

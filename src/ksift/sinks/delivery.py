@@ -39,6 +39,7 @@ from typing import Any
 import aiohttp
 
 from ksift.rules.model import severity_rank
+from ksift.sinks.base import log_queue_full, queue_counters
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +127,8 @@ class DeliverySink:
             self._queue.get_nowait()  # the oldest goes (see the module docstring)
             self._queue.task_done()
             self._lose("dropped_queue_full")
-            if self.dropped_queue_full == 1 or self.dropped_queue_full % 1000 == 0:
-                logger.warning("%s sink %s: queue full (%d), dropped %d alert(s) so far", self.kind, self.name,
-                               self.settings.queue_size, self.dropped_queue_full)
+            log_queue_full(logger, f"{self.kind} sink {self.name}", self.settings.queue_size,
+                           self.dropped_queue_full)
         self._queue.put_nowait((alert_id, payload))
 
     async def start(self) -> None:
@@ -170,17 +170,7 @@ class DeliverySink:
 
     def counters(self) -> dict[str, int]:
         """Every counter, for the funnel report and metrics."""
-        return {
-            "delivered": self.delivered,
-            "failed": self.failed,
-            "retried": self.retried,
-            "gave_up": self.gave_up,
-            "rejected": self.rejected,
-            "dropped_queue_full": self.dropped_queue_full,
-            "dropped_at_stop": self.dropped_at_stop,
-            "filtered": self.filtered,
-            "queued": self._queue.qsize(),
-        }
+        return queue_counters(self, self._queue.qsize())
 
     # -- what a subclass says ------------------------------------------------
 

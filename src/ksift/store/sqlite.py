@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Collection, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 from ksift.alert_model import STORE_COLUMNS, store_row
 from ksift.errors import StoreError
@@ -76,6 +76,8 @@ _LATEST_VERSION = MIGRATIONS[-1][0]
 _INSERT_ALERT = (f"INSERT OR REPLACE INTO alerts ({', '.join(STORE_COLUMNS)}) "
                  f"VALUES ({', '.join('?' * len(STORE_COLUMNS))})")
 _BUSY_TIMEOUT_MS = 5000
+# How long a read waits for alerts already handed to the writer thread (see set_write_barrier).
+_READ_WAIT_S = 2.0
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -121,6 +123,9 @@ class AlertStore:
     Use `AlertStore(path)` in the agent (creates and migrates the database) and
     `AlertStore.open_readonly(path)` in the CLI (never creates or writes).
     """
+
+    # The write-behind writer's flush(timeout) (ksift.sinks.store), or None: see set_write_barrier.
+    _write_barrier: Callable[[float], bool] | None = None
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -243,6 +248,19 @@ class AlertStore:
         with self._guard("read schema version of"):
             return self._read_version(self._conn)
 
+    def set_write_barrier(self, flush: Callable[[float], bool] | None) -> None:
+        """Alerts reach this store through a writer thread (the store sink): list() and get() first wait,
+        up to _READ_WAIT_S, until what it was handed before the read is written, so a reader in this
+        process (the API) sees every alert emitted before its query. None removes it."""
+        self._write_barrier = flush
+
+    def wait_for_writes(self, timeout: float = _READ_WAIT_S) -> bool:
+        """Wait until the alerts handed to the writer so far are in the database; False on timeout.
+
+        Never call it from the writer thread itself (it would wait for itself until timeout)."""
+        barrier = self._write_barrier
+        return True if barrier is None else barrier(timeout)
+
     def add(self, alert: dict[str, Any]) -> None:
         """Store an alert, replacing any earlier one with the same id."""
         row = self._row(alert)
@@ -289,12 +307,14 @@ class AlertStore:
             "ORDER BY ts_unix DESC, seq DESC LIMIT ?) ORDER BY ts_unix ASC, seq ASC"
         )
         params.append(limit)
+        self.wait_for_writes()
         with self._guard("read"):
             rows = self._conn.execute(sql, params).fetchall()
         return [self._decode(body) for (body,) in rows]
 
     def get(self, alert_id: str) -> dict[str, Any] | None:
         """The alert with this id, or None."""
+        self.wait_for_writes()
         with self._guard("read"):
             row = self._conn.execute("SELECT body FROM alerts WHERE id = ?", (alert_id,)).fetchone()
         return None if row is None else self._decode(row[0])
