@@ -99,11 +99,11 @@ class AgentCollector(Collector):
 
     def _transport(self) -> Iterator[Metric]:
         t = self._report.get("transport", {})
-        yield CounterMetricFamily("ksift_ringbuf_records_emitted_all",
+        yield CounterMetricFamily("ksift_transport_records_emitted",
                                   "records every BPF object put in the shared ring buffer",
                                   value=t.get("kernel_emitted", 0))
-        yield CounterMetricFamily("ksift_ringbuf_records_dropped_all",
-                                  "records lost because the shared ring buffer was full, any object",
+        yield CounterMetricFamily("ksift_transport_records_dropped",
+                                  "records any BPF object lost because the shared ring buffer was full",
                                   value=t.get("kernel_dropped", 0))
         yield CounterMetricFamily("ksift_records_read", "well-formed records read from the ring buffer",
                                   value=t.get("records_read", 0))
