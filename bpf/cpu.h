@@ -37,6 +37,9 @@ struct ksift_cpu_crossing {
 	__u32 window_count;     /* samples in this window at the crossing */
 	__u32 threshold;        /* samples per window the count went over */
 };
+/* Anchor the payload layout in the BTF of the object that includes this header
+ * (only casts reach it) for tests/unit/test_abi.py. Never used. */
+const struct ksift_cpu_crossing *ksift_cpu_crossing_abi __attribute__((unused));
 
 /* KSIFT_REC_CPU_EXIT carries a struct ksift_window_exit (exit_code:
  * task->exit_code, (status << 8) | signal). */

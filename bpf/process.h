@@ -32,6 +32,9 @@ struct ksift_fork_crossing {
 	__u32 window_count;     /* forks in this window at the crossing */
 	__u32 threshold;
 };
+/* Anchor the payload layout in the BTF of the object that includes this header
+ * (only casts reach it) for tests/unit/test_abi.py. Never used. */
+const struct ksift_fork_crossing *ksift_fork_crossing_abi __attribute__((unused));
 
 /* KSIFT_REC_FORK_EXIT carries a struct ksift_window_exit (exit_code:
  * task->exit_code, (status << 8) | signal). */
