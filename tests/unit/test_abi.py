@@ -153,7 +153,8 @@ def c_constants() -> tuple[dict[str, int], dict[str, list[tuple[str, int]]]]:
     for text in _c_sources():
         # Object-like macros with a value; guards (#define KSIFT_H) and function-like macros have none.
         defines += re.findall(r"^[ \t]*#define[ \t]+(\w+)[ \t]+(\S[^\n]*)$", text, flags=re.M)
-        for name, body in re.findall(r"\benum\s+(\w+)\s*\{(.*?)\}", text, flags=re.S):
+        for name, body in re.findall(r"\benum\s*(\w*)\s*\{(.*?)\}", text, flags=re.S):
+            name = name or f"<anonymous enum {len(enums)}>"  # its constants count all the same
             entries = [e.split("=", 1) for e in (e.strip() for e in body.split(",")) if e]
             enums.append((name, [(e[0].strip(), e[1] if len(e) == 2 else None) for e in entries]))
     known: dict[str, int] = {}
