@@ -114,8 +114,8 @@ def test_the_hook_is_attached_only_while_the_rule_is_enabled(tmp_path):
     on = start_agent(tmp_path / "on", "--rules", str(rules_file(tmp_path, "on.toml")))
     on.wait_ready()
     held = owned_bpf_ids(on.proc.pid)
-    assert program_names(held[0]) == {"ks_connect"}
-    assert len(held[1]) == 1, f"expected 1 link, got {held[1]}"
+    assert program_names(held[0]) == {"ks_exec", "ks_connect"}  # the core object's hook, and the rule's
+    assert len(held[1]) == 2, f"expected 2 links, got {held[1]}"
     assert "sensor net attached: ks_connect" in on.stderr()
     # Attached for real: it counts this test's own connection attempts.
     with Listener("127.0.0.1") as server:

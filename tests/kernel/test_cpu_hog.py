@@ -188,9 +188,9 @@ def test_disabled_rule_attaches_nothing_and_enabled_attaches_one_sampler_per_cpu
     fds = perf_fds(enabled.proc.pid)
     ncpus = online_cpus()
     assert enabled.terminate() == 0, enabled.stderr()
-    assert names == {"ks_cpu_sample", "ks_cpu_exit"}
+    assert names == {"ks_exec", "ks_cpu_sample", "ks_cpu_exit"}  # with the core object's exec hook
     assert fds == ncpus  # one cpu-clock event per online CPU
-    assert len(held[1]) == ncpus + 1  # a link per event, plus the exit hook
+    assert len(held[1]) == ncpus + 2  # a link per event, plus the exit hook and the core's exec hook
     assert_released(held)
 
 

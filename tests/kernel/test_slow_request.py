@@ -200,7 +200,7 @@ def test_hooks_are_attached_only_while_the_rule_is_enabled(tmp_path):
     on = start_agent(tmp_path / "on", "--rules", str(rules_file(tmp_path, enabled=True)))
     on.wait_ready()
     held = owned_bpf_ids(on.proc.pid)
-    assert program_names(held[0]) == REQ_PROGRAMS
-    assert len(held[1]) == 3, f"expected 3 links, got {held[1]}"
+    assert program_names(held[0]) == REQ_PROGRAMS | {"ks_exec"}  # with the core object's exec hook
+    assert len(held[1]) == 4, f"expected 4 links, got {held[1]}"
     assert on.terminate() == 0, on.stderr()
     assert_released(held)
