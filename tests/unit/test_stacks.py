@@ -12,7 +12,7 @@ from records_helpers import FakeBpfMap, unstarted_sensor
 from test_cpu import FakeSymbolizer, crossing_payload, record, stack_key, stack_value
 
 from ksift.alerts import Clocks, build_alert
-from ksift.enrich.stacks import PendingStack, StackGate
+from ksift.enrich.stacks import PendingStack, StackGate, settled
 from ksift.rules.incidents import NS, IncidentEngine
 from ksift.rules.parse import parse_rules
 from ksift.sensors.cpu import REC_CPU_CROSSING, CpuSensor, hot_frame
@@ -208,3 +208,16 @@ def test_a_batch_the_worker_had_no_room_for_is_counted_and_has_no_stack():
     sym.opened.set()
     assert first.wait(10) and kept.wait(10) and kept.result()
     s.close()
+
+
+def test_no_symbolizing_thread_to_be_had_still_lets_the_crossings_out(monkeypatch):
+    s = hot_sensor(FakeSymbolizer())
+
+    def refuse(*args):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(s._symbols, "submit", refuse)
+    for defer in (False, True):
+        s.defer_stacks = defer
+        [crossing] = s.decode(batch()).crossings
+        assert settled(crossing.stack) is None

@@ -373,7 +373,11 @@ class CpuSensor(Sensor):
         """Hand a batch's crossings and stacks to the symbolizing thread: each crossing tgid's stacks.
 
         Under a StackGate, PendingStacks at once; else the frames, waited for (up to symbol_wait_s)."""
-        future = self._symbols.submit(self._book_job, tracks, entries)
+        try:
+            future = self._symbols.submit(self._book_job, tracks, entries)
+        except Exception:  # no thread to be had: the crossings still go out, without stacks
+            log.exception("cannot hand stacks to the symbolizing thread")
+            future = None
         wanted = {tgid for tgid, *_ in tracks}
         if self.defer_stacks:
             return {tgid: PendingStack(future, tgid) for tgid in wanted}
