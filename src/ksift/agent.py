@@ -19,10 +19,13 @@ import signal
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ksift.alerts import Clocks, build_alert
 from ksift.config import AgentConfig
 from ksift.enrich.context import Enricher
+from ksift.enrich.stacks import StackGate
+from ksift.loader.libbpf import Libbpf
 from ksift.rules.incidents import NS, Incident, IncidentEngine, KeyState, Transition
 from ksift.rules.model import RuleSet
 from ksift.sensors.base import Sensor
@@ -92,6 +95,8 @@ class Agent:
         self.grace_ns = int(TRANSIT_GRACE_S * NS)
         self.engine = IncidentEngine(rules.enabled(), grace_ns=self.grace_ns)
         self.funnel = Funnel()
+        # Alerts whose stacks are still being symbolized (off the loop) wait here, in order, before the sinks.
+        self.stack_gate = StackGate(self._to_sinks, sensors)
         # The core object owns the one ring buffer every sensor writes: needed as soon as there is a sensor.
         if core is None and sensors:
             core = CoreObject(sensors[0].lib, sensors[0].path.parent, config, sensors[0].self_tgid)
@@ -183,6 +188,7 @@ class Agent:
                 if handle is not None:
                     handle.cancel()
             self._timer = self._deferred_drain = None
+            await self.stack_gate.drain()
             for sink in reversed(started):
                 try:
                     await sink.stop()
@@ -357,11 +363,14 @@ class Agent:
                 log.exception("could not build the %s alert of incident %s", tr.kind, tr.incident.id)
                 continue
             self.funnel.alerts[tr.kind] = self.funnel.alerts.get(tr.kind, 0) + 1
-            for sink in self.sinks:
-                try:
-                    sink.emit(alert)
-                except Exception:  # a sink must not raise; if one does, the others still get the alert
-                    log.exception("sink %s failed", sink.name)
+            self.stack_gate.submit(alert, tr.incident, owner.summarize if owner else None)
+
+    def _to_sinks(self, alert: dict) -> None:
+        for sink in self.sinks:
+            try:
+                sink.emit(alert)
+            except Exception:  # a sink must not raise; if one does, the others still get the alert
+                log.exception("sink %s failed", sink.name)
 
     def owner(self, rule_name: str) -> Sensor | None:
         """The sensor that feeds a rule (for the API and remediation)."""
@@ -384,7 +393,9 @@ class Agent:
     def funnel_report(self) -> dict:
         if self.core is not None and self.core.obj is not None:
             self.read_kernel_counters()
-        return self.funnel.as_dict(self.engine, self.sinks)
+        report = self.funnel.as_dict(self.engine, self.sinks)
+        report["stacks"] = dict(self.stack_gate.stats)  # alerts that waited for symbolization; of them, late
+        return report
 
 
 @dataclass(frozen=True)
@@ -480,3 +491,10 @@ class AgentView:
         object of another part (remediation's guard) to reuse; empty before start."""
         core = self._agent.core
         return dict(core.shared_fds) if core is not None else {}
+
+    def bpf_loader(self) -> tuple[Libbpf, Path] | None:
+        """The libbpf bindings and the directory of compiled objects the core object was loaded
+        with, for another part's object (remediation's guard) to load the same way; None
+        without a core."""
+        core = self._agent.core
+        return (core.lib, core.path.parent) if core is not None else None

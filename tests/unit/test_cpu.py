@@ -10,6 +10,7 @@ from ksift.errors import ConfigError
 from ksift.events import TaskContext
 from ksift.loader.bpf_object import parse_cpu_list
 from ksift.rules.incidents import NS, Incident
+from ksift.rules.model import cpu_samples_threshold as samples_threshold
 from ksift.rules.parse import load_rules, parse_rules
 from ksift.sensors.cpu import (
     CPU_CROSSING,
@@ -24,7 +25,6 @@ from ksift.sensors.cpu import (
     CpuSensor,
     StackBook,
     hot_frame,
-    samples_threshold,
     share_percent,
 )
 

@@ -31,11 +31,10 @@ import numpy as np
 from ksift.config import AgentConfig
 from ksift.enrich.stacks import MAX_WAIT_S, PendingStack, settled
 from ksift.enrich.symbols import Symbolizer
-from ksift.errors import ConfigError
 from ksift.loader.bpf_object import BpfMap, BpfObject
 from ksift.loader.libbpf import Libbpf
 from ksift.rules.incidents import NS, Crossing, Incident, KeyState
-from ksift.rules.model import Rule, RuleSet
+from ksift.rules.model import Rule, RuleSet, cpu_samples_threshold
 from ksift.sensors.base import WINDOW, WINDOW_ABI, WINDOW_EXIT, Decoded, Sensor, tgid_key, window_crossing
 from ksift.transport import records
 from ksift.units import format_duration
@@ -47,9 +46,6 @@ CPU_SIGNAL = "cpu.usage"
 SAMPLER = "ks_cpu_sample"
 EXIT_HOOK = "ks_cpu_exit"
 
-# A window must hold enough samples for a share to mean something: at 49 Hz a
-# 1 s window has 49, and 90% of them is 44; at 5 samples, one sample is 20%.
-MIN_SAMPLES_PER_WINDOW = 10
 TOP_STACKS = 5
 # A stack id nobody sampled for this long is deleted from the kernel's stack map.
 STACK_ID_TTL_NS = 30 * NS
@@ -86,26 +82,6 @@ STACK_KEY = np.dtype(
 LOST_FRAME = "[stack lost]"
 # A drained stack count: (tgid, user addresses, kernel addresses, samples); () no such stack, None its id was lost.
 RawStack = tuple[int, tuple[int, ...] | None, tuple[int, ...] | None, int]
-
-
-def samples_threshold(threshold_percent: int, sample_hz: int, window_s: float) -> int:
-    """Samples per window a process must go over: threshold% of sample_hz * window, rounded down.
-
-    Integer arithmetic on nanoseconds, so 90% of 49 Hz over 1 s is exactly 44 (44.1 rounded down).
-    """
-    window_ns = round(window_s * NS)
-    return threshold_percent * sample_hz * window_ns // (100 * NS)
-
-
-def check_rule(rule: Rule, source: str, label: str) -> None:
-    """Refuse a window too short for the sample rate to measure a share (ConfigError naming both)."""
-    hz = int(rule.param("sample_hz"))
-    per_window = hz * rule.window_s
-    if per_window < MIN_SAMPLES_PER_WINDOW:
-        raise ConfigError(source, f"window {format_duration(rule.window_s)} at params.sample_hz {hz} holds "
-                                  f"{per_window:g} samples of a busy core; at least {MIN_SAMPLES_PER_WINDOW} are "
-                                  "needed to measure a share: lengthen the window or raise sample_hz",
-                          field=f"{label}.window")
 
 
 def share_percent(samples: int, elapsed_ns: int, sample_hz: int) -> float:
@@ -217,10 +193,9 @@ class CpuSensor(Sensor):
         self.sample_hz = 0
         self.window_threshold = 0
         if self.cpu_rule is not None:
-            rule = self.cpu_rule
-            check_rule(rule, rules.source, f"rule[{rules.rules.index(rule)}] ({rule.name})")
+            rule = self.cpu_rule  # its window and sample rate were checked by the rules parser
             self.sample_hz = int(rule.param("sample_hz"))
-            self.window_threshold = samples_threshold(rule.threshold, self.sample_hz, rule.window_s)
+            self.window_threshold = cpu_samples_threshold(rule.threshold, self.sample_hz, rule.window_s)
         # The symbolizer and the book belong to the symbolizing thread: only its jobs touch them.
         self.symbolizer = symbolizer or Symbolizer()
         self.book = StackBook()
