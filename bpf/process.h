@@ -21,9 +21,6 @@ enum ksift_process_counter {
 	KSIFT_CNT_FORK_CROSSINGS,      /* threshold crossings (one per parent per window) */
 	KSIFT_CNT_EXIT_SEEN,           /* thread-group exits */
 	KSIFT_CNT_EXIT_FLAGGED,        /* exits of flagged parents (final record) */
-	KSIFT_CNT_TREE_FORK_KILLED,    /* fast path: new children of a flagged tree killed at fork */
-	KSIFT_CNT_TREE_KILL_FAILED,    /* fast path: the kernel refused to signal such a child */
-	KSIFT_CNT_TREE_BUDGET_SPENT,   /* fast path: a fork let live, the tree's kill budget is spent */
 };
 
 struct ksift_fork_crossing {
@@ -43,23 +40,5 @@ const struct ksift_fork_crossing *ksift_fork_crossing_abi __attribute__((unused)
 struct ksift_fork_state {
 	struct ksift_window win;  /* forks (new processes) of this parent */
 };
-
-/* Fast path (remediation): processes user space judged and flagged.
- * Keyed by tgid; the start time makes a recycled pid never count as flagged.
- * It is in clock ticks, as /proc shows it, because that is all user space
- * knows of the tree's members. */
-enum ksift_tree_scope {
-	KSIFT_TREE_CHILDREN = 1, /* kill new children of this process only */
-	KSIFT_TREE_WHOLE = 2,    /* ... and of every descendant of it */
-};
-
-struct ksift_tree_flag {
-	__u64 start_ticks;       /* group leader's start_boottime / clock_tick_ns */
-	__u32 root_tgid;         /* the judged tree's root: its kill budget's key */
-	__u32 scope;             /* enum ksift_tree_scope */
-};
-
-/* How many ancestors of a forking process the fast path looks at. */
-#define KSIFT_TREE_DEPTH 16
 
 #endif /* KSIFT_PROCESS_H */

@@ -52,7 +52,7 @@ def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lin
             raise BpfError(str(exc)) from exc
         objects = default_objects_dir()
         core = CoreObject(lib, objects, config, os.getpid())
-        sensors = build_sensors(lib, objects, config, rules)
+        sensors = build_sensors(lib, objects, config, rules, urgent_rules=_urgent_rules(config, rules))
         store = _open_store(db_path)
         stack.callback(store.close)
         sinks = _build_sinks(config, rules, store, json_lines, stdout)
@@ -74,6 +74,17 @@ def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lin
         _release_free_heap()
         stack.callback(_report, agent, stats_path)
         yield agent
+
+
+def _urgent_rules(config: AgentConfig, rules: RuleSet) -> frozenset[str]:
+    """Rules a remediation policy may act on (ask or enforce): each of their crossings wakes the
+    agent at once. The sensors obey (Sensor.urgent_rules) without knowing why: they never
+    import remediation."""
+    if not any(r.policy is not None for r in rules.rules):
+        return frozenset()  # monitor only: remediation's modules are never imported
+    from ksift.remediation.policy import acting_rules
+
+    return acting_rules(rules, config.section("remediation"))
 
 
 def _open_store(db_path: str):

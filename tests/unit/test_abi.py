@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ksift.remediation.guard import TreeGuard
 from ksift.sensors.base import default_objects_dir
 from ksift.sensors.registry import all_sensor_classes
 from ksift.transport import records
@@ -48,6 +49,7 @@ def _required() -> dict[str, Mirrors]:
     out: dict[str, Mirrors] = {CoreObject.object_file: dict(COMMON)}
     for sensor in SENSORS:
         out.setdefault(sensor.object_file, {}).update(sensor.abi)
+    out[TreeGuard.object_file] = dict(TreeGuard.abi)  # remediation's fork-bomb guard: an object, not a sensor
     return out
 
 
@@ -274,3 +276,7 @@ def test_sensor_counter_names_match_header(sensor):
     assert tuple(enum_names(sensor.counter_enum, "KSIFT_CNT_")) == sensor.counter_names
     assert len(sensor.all_counter_names()) <= records.COUNTER_SLOTS
 
+
+def test_guard_counter_names_match_header():
+    assert ENUMS[TreeGuard.counter_enum][0][1] == records.SENSOR_COUNTER_BASE
+    assert tuple(enum_names(TreeGuard.counter_enum, "KSIFT_CNT_")) == TreeGuard.counter_names

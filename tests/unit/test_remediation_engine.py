@@ -12,6 +12,7 @@ import pytest
 from alert_factory import make_alert, make_subject
 from test_remediation_guards import SELF_PARENT, FakeProc
 
+from ksift.errors import BpfError
 from ksift.remediation.decisions import DecisionError, DecisionStore
 from ksift.remediation.engine import RemediationEngine
 from ksift.remediation.settings import RemediationSettings
@@ -36,28 +37,45 @@ window = "1s"
 """, "rules.toml")
 
 
-class FakeSensor:
-    """The live signal the outcome watch reads: None once the key is gone."""
+class FakeView:
+    """A fake of the AgentView surface remediation reads (ksift.agent.AgentView): open incidents,
+    a rule's live state in the kernel (None once the key is gone), the grace, the shared maps."""
+
+    grace_ns = 50_000_000
 
     def __init__(self):
-        self.states: dict = {}
+        self.open: dict = {}   # (rule, key) -> incident
+        self.states: dict = {}  # key -> KeyState, the kernel's live counters
+        self.shared = {"ks_events": 7, "ks_transport": 8, "ks_exec_path": 9}
 
-    def current(self, rule, key):
+    def incident_key(self, rule, incident_id):
+        return next((key for (name, key), inc in self.open.items() if name == rule and inc.id == incident_id), None)
+
+    def incident(self, rule, key):
+        return self.open.get((rule, key))
+
+    def has_live_state(self, rule):
+        return True
+
+    def live_state(self, rule, key):
         return self.states.get(key)
 
+    def shared_map_fds(self):
+        return dict(self.shared)
 
-class FakeAgent:
-    def __init__(self):
-        self.engine = SimpleNamespace(open={})
-        self.sensor = FakeSensor()
-        self.config = SimpleNamespace(tick_s=0.05)
-
-    def owner(self, rule):
-        return self.sensor
+    def bpf_loader(self):
+        return None  # no BPF here: a test that wants the guard passes a guard_factory
 
     def open_incident(self, subject, incident_id):
-        self.engine.open[("fork_storm", subject.pid)] = SimpleNamespace(id=incident_id, last_window_ns=0)
-        self.sensor.states[subject.pid] = KeyState(total=100, window_start_ns=0, window_count=80)
+        self.open[("fork_storm", subject.pid)] = SimpleNamespace(id=incident_id, last_window_ns=0)
+        self.states[subject.pid] = KeyState(total=100, window_start_ns=0, window_count=80)
+
+
+def test_the_fake_view_fakes_only_what_agent_view_has():
+    from ksift.agent import AgentView
+
+    faked = {n for n in vars(FakeView) if not n.startswith("_") and n != "open_incident"}
+    assert faked <= set(dir(AgentView)), faked - set(dir(AgentView))
 
 
 def alert(subject, incident_id="inc1", alert_id="a1", status="open"):
@@ -68,21 +86,22 @@ def alert(subject, incident_id="inc1", alert_id="a1", status="open"):
 
 
 class Harness:
-    def __init__(self, tmp_path, policy: str, **settings):
+    def __init__(self, tmp_path, policy: str, guard_factory=None, **settings):
         self.proc = FakeProc(tmp_path)
         self.db = tmp_path / "alerts.db"
         self.alerts = AlertStore(self.db)
-        self.agent = FakeAgent()
+        self.view = FakeView()
         self.events: list[dict] = []
         self.engine = RemediationEngine(RemediationSettings(nice=None, poll_interval_s=0.05, **settings),
-                                        rules(policy), str(self.db), host=self.proc.host())
+                                        rules(policy), str(self.db), host=self.proc.host(),
+                                        guard_factory=guard_factory)
         self.engine.listeners.append(lambda kind, data: self.events.append(dict(data, kind=kind)))
-        self.engine.bind(self.agent)
+        self.engine.bind(self.view)
 
     def emit(self, subject, incident_id="inc1", alert_id="a1"):
         a = alert(subject, incident_id, alert_id)
         self.alerts.add(a)
-        self.agent.open_incident(subject, incident_id)
+        self.view.open_incident(subject, incident_id)
         self.engine.emit(a)
 
     def decisions(self):
@@ -137,7 +156,7 @@ def test_enforce_acts_and_records_that_it_helped(tmp_path):
         await h.engine.start()
         h.emit(root)
         await h.until(lambda: h.engine.stats["done"])
-        h.agent.sensor.states.pop(root.pid)  # the kernel forgot the key: the process is gone
+        h.view.states.pop(root.pid)  # the kernel forgot the key: the process is gone
         await h.until(lambda: h.engine.stats["resolved"])
         await h.engine.stop()
 
@@ -162,8 +181,7 @@ def test_enforce_that_did_not_help_says_so(tmp_path):
         h.emit(subject)
         await h.until(lambda: h.engine.stats["done"])
         # Still over the threshold in a window that began after the action.
-        h.agent.sensor.states[subject.pid] = KeyState(total=500, window_start_ns=time.monotonic_ns(),
-                                                      window_count=90)
+        h.view.states[subject.pid] = KeyState(total=500, window_start_ns=time.monotonic_ns(), window_count=90)
         await h.until(lambda: h.engine.stats["did_not_help"])
         await h.engine.stop()
 
@@ -363,3 +381,152 @@ def test_decision_store_answer_is_conditional(tmp_path):
     assert store.get("abc").status == "expired"
     assert json.loads(json.dumps(store.get("abc").as_dict()))["history"][-1]["status"] == "expired"
     store.close()
+
+
+class FakeGuard:
+    """The in-kernel guard's surface (ksift.remediation.guard.TreeGuard), recording what it was asked."""
+
+    kills_children = True
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.shared = None
+        self.closed = 0
+        self.flagged: dict[int, int] = {}
+        self.calls: list = []
+
+    @property
+    def ready(self):
+        return self.shared is not None and not self.closed
+
+    def start(self, shared):
+        if self.fail:
+            raise BpfError("kernel refused BPF object guard.bpf.o")
+        self.shared = shared
+
+    def close(self):
+        self.closed += 1
+
+    def flag_tree(self, root, members, whole_tree, budget):
+        self.calls.append(("flag", root, [p for p, _ in members], whole_tree))
+        self.flagged.update({p: root for p, _ in members})
+        return len(members)
+
+    def unflag_tree(self, tgids):
+        self.calls.append(("unflag", sorted(tgids)))
+        for tgid in tgids:
+            self.flagged.pop(tgid, None)
+
+    def counters(self):
+        return {"tree_fork_killed": 3, "tree_kill_failed": 0, "tree_budget_spent": 0}
+
+
+FAST = 'action = "kill_tree"\nmode = "enforce"\nfast_path = true\nverify_for = "3s"'
+
+
+def test_the_guard_is_loaded_on_the_shared_maps_used_then_closed_when_a_policy_asks_for_it(tmp_path):
+    guards: list[FakeGuard] = []
+
+    def factory(view):
+        guards.append(FakeGuard())
+        return guards[-1]
+
+    h = Harness(tmp_path, FAST, guard_factory=factory)
+    root = h.proc.add(3000, SELF_PARENT, "bomb")
+    h.proc.add(3001, 3000, "bomb")
+
+    async def main():
+        await h.engine.start()
+        [guard] = guards
+        assert guard.shared == h.view.shared  # it reuses the core's maps: no ring buffer of its own
+        h.emit(root)
+        await h.until(lambda: h.engine.stats["done"])
+        assert guard.flagged == {3000: 3000, 3001: 3000}  # armed on the subject, then on the judged tree
+        h.view.states.pop(root.pid)
+        await h.until(lambda: h.engine.stats["resolved"])
+        assert guard.flagged == {}  # the watch is over: the flags are gone
+        await h.engine.stop()
+        assert guard.closed == 1 and h.engine.guard is None
+
+    run(main())
+    [d] = h.decisions()
+    assert d.result["fast_path"] is True and d.result["fast_path_flagged"] == 2
+    # Its counters stay in the funnel report after it closed (the final report is read after stop).
+    assert h.engine.counters()["tree_fork_killed"] == 3
+    h.engine.close()
+    assert guards[0].closed == 1
+
+
+@pytest.mark.parametrize("policy", ['action = "kill_tree"\nmode = "enforce"',
+                                    'action = "kill_tree"\nmode = "dry-run"\nfast_path = true'])
+def test_no_guard_unless_a_policy_that_may_act_asks_for_the_fast_path(tmp_path, policy):
+    def factory(view):
+        raise AssertionError("the guard must not be loaded")
+
+    h = Harness(tmp_path, policy, guard_factory=factory)
+
+    async def main():
+        await h.engine.start()
+        await h.engine.stop()
+
+    run(main())
+    assert h.engine.guard is None and "tree_fork_killed" not in h.engine.counters()
+
+
+def test_a_guard_that_cannot_load_stops_the_start_and_leaves_nothing(tmp_path):
+    guard = FakeGuard(fail=True)
+    h = Harness(tmp_path, FAST, guard_factory=lambda view: guard)
+
+    async def main():
+        with pytest.raises(BpfError, match="guard.bpf.o"):
+            await h.engine.start()
+
+    run(main())
+    assert h.engine.guard is None and h.engine._workers is None and h.engine.store is None
+
+
+def test_close_without_stop_still_closes_the_guard(tmp_path):
+    guard = FakeGuard()
+    h = Harness(tmp_path, FAST, guard_factory=lambda view: guard)
+
+    async def main():
+        await h.engine.start()
+
+    run(main())  # the loop went away without stop(): close() is the last way out
+    h.engine.close()
+    assert guard.closed == 1 and h.engine.guard is None
+
+
+def test_without_a_core_the_default_guard_refuses_to_load(tmp_path):
+    h = Harness(tmp_path, FAST)  # FakeView.bpf_loader() is None: no core object
+
+    async def main():
+        with pytest.raises(BpfError, match="core BPF object"):
+            await h.engine.start()
+
+    run(main())
+    assert h.engine.guard is None
+
+
+def test_housekeeping_sleeps_while_nothing_is_watched_or_pending(tmp_path):
+    h = Harness(tmp_path, 'action = "stop"\nmode = "enforce"\nverify_for = "300ms"')
+    subject = h.proc.add(3100, SELF_PARENT, "p")
+    rounds = []
+
+    async def main():
+        await h.engine.start()
+        wakeups = h.engine._next_wakeup_s
+        h.engine._next_wakeup_s = lambda: rounds.append(1) or wakeups()
+        await asyncio.sleep(0.5)
+        idle = len(rounds)
+        assert idle <= 2, idle  # one look at start, then asleep (it used to wake every 100 ms)
+        h.emit(subject)
+        await h.until(lambda: h.engine.stats["did_not_help"] or h.engine.stats["resolved"])
+        assert len(rounds) > idle  # while the outcome was watched, it woke to read it
+        await asyncio.sleep(0.05)
+        after = len(rounds)
+        await asyncio.sleep(0.5)
+        assert len(rounds) == after  # nothing left to watch: asleep again
+        await h.engine.stop()
+
+    run(main())

@@ -31,7 +31,7 @@ SHOWN_TARGETS = 20  # processes named in a step's text; the plan lists them all
 
 
 class TreeFlagger(Protocol):
-    """The in-kernel fast path (the process sensor's tree flags map)."""
+    """The in-kernel fast path (remediation's fork-bomb guard, remediation/guard.py)."""
 
     kills_children: bool  # the kernel kills the new child itself (else it kills the forking parent)
 

@@ -9,9 +9,16 @@ For each `open` alert of a rule whose policy is active, one decision:
        poll_interval) or the API; enforce acts at once;
     3. acting runs every guard again, then acts (worker thread). terminate's
        grace is waited for on the loop, never in a thread or by blocking it;
-    4. once done, an outcome watch reads the rule's own signal every tick until
-       it falls under the threshold ("resolved 0.8s after the action") or the
-       watch ends ("did not help").
+    4. once done, an outcome watch reads the rule's own signal every
+       WATCH_PERIOD_S until it falls under the threshold ("resolved 0.8s after
+       the action") or the watch ends ("did not help").
+
+It reads the agent only through its AgentView (bound by the agent): the open
+incident of an alert, the rule's live state in the kernel, the shared maps.
+With a policy that asks for the fork-bomb fast path, it owns the in-kernel
+guard (remediation/guard.py): loaded in start(), closed in stop() and close().
+Its housekeeping sleeps while nothing is watched or pending: configured
+remediation adds no wake-up to an idle agent.
 
 Every change of a decision is saved (SQLite, through one I/O thread so writes
 stay in order), put on the incident's stored alerts, and handed to listeners
@@ -31,22 +38,23 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ksift.errors import KsiftError, StoreError
+from ksift.errors import BpfError, KsiftError, StoreError
 from ksift.remediation.actions import ActionFailed, Actuator, Subject
 from ksift.remediation.decisions import Decision, DecisionError, DecisionStore, new_id
 from ksift.remediation.guards import Cooldowns, RateLimiter, Refusal
 from ksift.remediation.host import Host
-from ksift.remediation.policy import Policy, effective_mode
+from ksift.remediation.policy import Policy, effective_mode, fast_path_enabled
 from ksift.remediation.settings import RemediationSettings
 from ksift.rules.model import Rule, RuleSet
 
 if TYPE_CHECKING:
-    from ksift.agent import Agent
+    from ksift.agent import AgentView
+    from ksift.remediation.guard import TreeGuard
 
 log = logging.getLogger("ksift.remediation")
 
 NS = 1_000_000_000
-WATCH_PERIOD_S = 0.1
+WATCH_PERIOD_S = 0.1  # how often a done action's outcome is read, only while one is watched
 GRACE_POLL_S = 0.05
 STOP_TIMEOUT_S = 10.0
 
@@ -77,7 +85,8 @@ class RemediationEngine:
     def __init__(self, settings: RemediationSettings, rules: RuleSet, db_path: str, *,
                  host: Host | None = None, actuator: Actuator | None = None,
                  wall: Callable[[], float] = time.time, mono_ns: Callable[[], int] = time.monotonic_ns,
-                 store_factory: Callable[[str], DecisionStore] | None = None):
+                 store_factory: Callable[[str], DecisionStore] | None = None,
+                 guard_factory: Callable[[AgentView | None], TreeGuard] | None = None):
         # Policies come checked from the rules parser (ksift.rules.parse), fast_path's signal included.
         self.settings = settings
         self.db_path = db_path
@@ -88,6 +97,7 @@ class RemediationEngine:
         self.wall = wall
         self.mono_ns = mono_ns
         self._store_factory = store_factory or (lambda path: DecisionStore(path, clock=wall))
+        self._guard_factory = guard_factory or _default_guard
         self.store: DecisionStore | None = None
         self.listeners: list[Listener] = []
         self.delivered = 0
@@ -98,7 +108,9 @@ class RemediationEngine:
         self.dry_limiter = RateLimiter(settings.max_actions_per_minute, mono_s)
         self.cooldowns = Cooldowns(mono_s)
         self.dry_cooldowns = Cooldowns(mono_s)
-        self.agent: Agent | None = None
+        self.view: AgentView | None = None
+        self.guard: TreeGuard | None = None  # the in-kernel fork-bomb guard, while a policy wants it
+        self._guard_counters: dict[str, int] = {}  # its last counters, kept once it is closed
         self.cases: dict[str, Case] = {}  # decisions not final yet, or done and still watched
         self._counted: dict[str, str] = {}  # decision id -> the status last counted in stats
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,15 +118,39 @@ class RemediationEngine:
         self._io: concurrent.futures.ThreadPoolExecutor | None = None
         self._tasks: set[asyncio.Task] = set()
         self._housekeeper: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None  # something to watch or pick up answers for
         self._next_poll = 0.0
 
     # -- sink interface ----------------------------------------------------
 
-    def bind(self, agent: Agent) -> None:
-        self.agent = agent
+    def bind(self, view: AgentView) -> None:
+        """The agent's narrow interface: the only way remediation reads the agent."""
+        self.view = view
+
+    def fast_path_wanted(self) -> bool:
+        """A policy may act and asks for the in-kernel fast path: the guard must be loaded."""
+        return any(fast_path_enabled(r.policy, self.settings) for r in self.rules.values())
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            # The agent does not stop a sink whose start failed: release what was made here.
+            self._close_guard()
+            for pool in (self._workers, self._io):
+                if pool is not None:
+                    pool.shutdown(wait=False)
+            self._workers = self._io = None
+            raise
+
+    async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        if self.fast_path_wanted() and self.guard is None:
+            # Loaded before the agent is ready, so the first alert finds it armed-able.
+            guard = self._guard_factory(self.view)
+            guard.start(self.view.shared_map_fds() if self.view is not None else {})
+            self.guard = guard
         # The storms remediation fights load the CPU; the threads that judge and act (and the
         # loop, which hands them the alert) must not starve behind them.
         _raise_priority(self.settings.nice)
@@ -155,11 +191,27 @@ class RemediationEngine:
             if pool is not None:
                 pool.shutdown(wait=True)
         self._workers = self._io = None
+        self._close_guard()
 
     def close(self) -> None:
+        self._close_guard()  # also here: every way out detaches the guard
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    def _close_guard(self) -> None:
+        guard = self.guard
+        if guard is None:
+            return
+        try:
+            self._guard_counters = guard.counters()
+        except Exception:
+            log.exception("remediation: could not read the fork-bomb guard's counters")
+        try:
+            guard.close()
+        except Exception:
+            log.exception("remediation: closing the fork-bomb guard failed")
+        self.guard = None
 
     def emit(self, alert: dict[str, Any]) -> None:
         try:
@@ -180,12 +232,9 @@ class RemediationEngine:
     # -- the decision --------------------------------------------------------
 
     def _incident_key(self, alert: dict[str, Any]) -> Hashable | None:
-        if self.agent is None:
+        if self.view is None or alert.get("incident_id") is None:
             return None
-        for (rule, key), incident in self.agent.engine.open.items():
-            if incident.id == alert.get("incident_id") and rule == alert.get("rule"):
-                return key
-        return None
+        return self.view.incident_key(str(alert.get("rule")), str(alert.get("incident_id")))
 
     async def _propose(self, alert: dict[str, Any], key: Hashable | None) -> None:
         rule = self.rules[alert["rule"]]
@@ -306,21 +355,19 @@ class RemediationEngine:
         self._record(case.decision, case)
 
     def _fast_path(self, case: Case) -> _Flagger | None:
-        if not (case.policy.fast_path and case.policy.action == "kill_tree") or self.agent is None:
+        if not (case.policy.fast_path and case.policy.action == "kill_tree"):
             return None
-        sensor = self.agent.owner(case.rule.name)
-        if sensor is None or not getattr(sensor, "fast_path_ready", False):
+        guard = self.guard
+        if guard is None or not guard.ready:
             return None
-        return _Flagger(sensor, case)
+        return _Flagger(guard, case)
 
     def _unflag(self, case: Case) -> None:
-        if case.flagged and self.agent is not None:
-            sensor = self.agent.owner(case.rule.name)
-            if sensor is not None and hasattr(sensor, "unflag_tree"):
-                try:
-                    sensor.unflag_tree(case.flagged)
-                except Exception:
-                    log.exception("remediation: could not clear the fast-path flags of %s", case.decision.id)
+        if case.flagged and self.guard is not None:
+            try:
+                self.guard.unflag_tree(case.flagged)
+            except Exception:
+                log.exception("remediation: could not clear the fast-path flags of %s", case.decision.id)
         case.flagged = []
 
     def _refuse(self, case: Case, refusal: Refusal) -> None:
@@ -348,6 +395,8 @@ class RemediationEngine:
             self.cases.pop(decision.id, None)
             self._counted.pop(decision.id, None)
         log.info("remediation %s [%s] %s: %s", decision.id, decision.rule, decision.mode, decision.summary())
+        if self._wake is not None:
+            self._wake.set()  # a decision changed: housekeeping sees whether it has something to watch
         snapshot = Decision.from_dict(decision.as_dict())  # the I/O thread gets its own copy
         self._publish(snapshot)
         self._spawn(self._in_io(self._annotate if stored else self._persist, snapshot))
@@ -412,23 +461,20 @@ class RemediationEngine:
     def _measure(self, case: Case, now_ns: int) -> str | None:
         """Why the alert's own signal is under its threshold now, or None if it is not (yet)."""
         rule = case.rule
-        agent = self.agent
-        if agent is None or case.key is None or case.acted_ns is None:
+        view = self.view
+        if view is None or case.key is None or case.acted_ns is None:
             return None
-        incident = agent.engine.open.get((rule.name, case.key))
+        incident = view.incident(rule.name, case.key)
         if incident is None:
             return "the incident resolved"
-        sensor = agent.owner(rule.name)
-        from ksift.sensors.base import Sensor
-
-        if sensor is not None and type(sensor).current is not Sensor.current:
-            state = sensor.current(rule.name, case.key)
+        if view.has_live_state(rule.name):
+            state = view.live_state(rule.name, case.key)
             if state is None:
                 return "the process is gone"
             if state.window_start_ns >= case.acted_ns and state.window_count > rule.threshold:
                 return None  # over again in a window that began after the action
         window_ns = int(rule.window_s * NS)
-        grace_ns = int(2 * agent.config.tick_s * NS)
+        grace_ns = view.grace_ns  # a record of that window may still be on its way
         crossed_after = incident.last_window_ns >= case.acted_ns
         if not crossed_after and now_ns >= case.acted_ns + window_ns + grace_ns:
             return f"a whole {rule.window_s:g}s window passed under the threshold of {rule.threshold}"
@@ -461,19 +507,51 @@ class RemediationEngine:
 
     # -- plumbing ------------------------------------------------------------
 
+    def _watching(self) -> bool:
+        return any(c.decision.status == "done" and c.watch_until_ns is not None and c.decision.outcome is None
+                   for c in self.cases.values())
+
+    def _pending(self) -> bool:
+        return any(c.decision.status == "pending" for c in self.cases.values())
+
+    def _next_wakeup_s(self) -> float | None:
+        """Seconds until housekeeping has work: an outcome to read (every WATCH_PERIOD_S while an
+        action is watched), answers to pick up (every poll_interval while a decision is pending);
+        None when there is nothing of either, and it sleeps until a decision changes."""
+        delays = []
+        if self._watching():
+            delays.append(WATCH_PERIOD_S)
+        if self._pending():
+            delays.append(max(self._next_poll - time.monotonic(), 0.0))
+        return min(delays) if delays else None
+
     async def _housekeeping(self) -> None:
+        assert self._wake is not None
         while True:
             try:
-                self._check_outcomes()
-                now = time.monotonic()
-                if now >= self._next_poll:
-                    self._next_poll = now + self.settings.poll_interval_s
-                    await self._pick_up_answers()
+                if self._watching():
+                    self._check_outcomes()
+                if self._pending():
+                    now = time.monotonic()
+                    if now >= self._next_poll:
+                        self._next_poll = now + self.settings.poll_interval_s
+                        await self._pick_up_answers()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("remediation: housekeeping failed (will retry)")
-            await asyncio.sleep(WATCH_PERIOD_S)
+            delay = self._next_wakeup_s()
+            if delay is None:
+                # Nothing to watch: sleep until a decision changes (_record wakes us).
+                self._wake.clear()
+                if self._next_wakeup_s() is None:  # nothing changed since the check
+                    await self._wake.wait()
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -502,9 +580,18 @@ class RemediationEngine:
         return await self._in_io(query, store)
 
     def counters(self) -> dict[str, int]:
-        """Flat counts for the funnel report and /metrics: alerts handled, decisions by status."""
+        """Flat counts for the funnel report and /metrics: alerts handled, decisions by status,
+        and the in-kernel guard's (tree_fork_killed, tree_kill_failed, tree_budget_spent: read
+        now while it is loaded, its last values once it is closed) when a policy loaded it."""
         out = {"delivered": self.delivered, "failed": self.failed, "in_flight": len(self.cases)}
         out.update({f"decisions_{status}": n for status, n in sorted(self.stats.items())})
+        guard = self.guard
+        if guard is not None:
+            try:
+                self._guard_counters = guard.counters()
+            except Exception:
+                log.exception("remediation: could not read the fork-bomb guard's counters")
+        out.update(self._guard_counters)
         return out
 
     def report(self) -> dict[str, Any]:
@@ -514,17 +601,28 @@ class RemediationEngine:
 
 
 class _Flagger:
-    """The fast path of one case: flags through the process sensor, remembers what to unflag."""
+    """The fast path of one case: flags through the in-kernel guard, remembers what to unflag."""
 
-    def __init__(self, sensor, case: Case):
-        self.sensor = sensor
+    def __init__(self, guard: TreeGuard, case: Case):
+        self.guard = guard
         self.case = case
-        self.kills_children = bool(getattr(sensor, "can_kill_children", False))
+        self.kills_children = bool(guard.kills_children)
 
     def flag(self, root: int, members: list[tuple[int, int]], whole_tree: bool, budget: int) -> int:
-        count = self.sensor.flag_tree(root, members, whole_tree, budget)
+        count = self.guard.flag_tree(root, members, whole_tree, budget)
         self.case.flagged.extend(pid for pid, _ in members)
         return count
+
+
+def _default_guard(view: AgentView | None) -> TreeGuard:
+    """The in-kernel guard, loaded with the same libbpf and objects directory as the agent's core."""
+    from ksift.remediation.guard import TreeGuard  # only hosts with a fast-path policy import it
+
+    loader = view.bpf_loader() if view is not None else None
+    if loader is None:
+        raise BpfError("the in-kernel fork-bomb guard needs the agent's core BPF object, and there is none")
+    lib, objects_dir = loader
+    return TreeGuard(lib, objects_dir)
 
 
 def _raise_priority(nice: int | None) -> None:

@@ -197,6 +197,16 @@ def fast_path_enabled(policy: Policy, settings: Any) -> bool:
     return policy.fast_path and policy.action == "kill_tree" and effective_mode(policy, settings) in ("ask", "enforce")
 
 
+def acting_rules(rules: Any, settings: Any) -> frozenset[str]:
+    """Names of the enabled rules whose policy may act (ask or enforce under `settings`).
+
+    Their crossings must reach user space at once: the composition hands this set to the
+    sensors (Sensor.urgent_rules), which never import remediation themselves.
+    """
+    return frozenset(r.name for r in rules.enabled()
+                     if r.policy is not None and effective_mode(r.policy, settings) in ("ask", "enforce"))
+
+
 def _cgroups(value: object, source: str, field: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError(source, f"invalid value {value!r}: must be a non-empty list of cgroup paths such as "

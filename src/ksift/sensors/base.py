@@ -112,6 +112,10 @@ class Sensor:
     # C struct name -> (numpy dtype, {C member: numpy field} where they differ):
     # checked against the object's BTF by tests/unit/test_abi.py.
     abi: dict[str, tuple[np.dtype, dict[str, str]]] = {}
+    # Names of enabled rules whose crossings must reach user space at once, because
+    # something may act on their alerts (a remediation policy in ask or enforce
+    # mode). Set by the composition before start(); a sensor never asks why.
+    urgent_rules: frozenset[str] = frozenset()
 
     def __init__(self, lib: Libbpf, objects_dir: Path, config: AgentConfig, self_tgid: int, rules: RuleSet):
         self.lib = lib

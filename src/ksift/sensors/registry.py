@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 from ksift.config import AgentConfig
@@ -46,11 +47,19 @@ def all_sensor_classes() -> list[type[Sensor]]:
     return out
 
 
-def build_sensors(lib: Libbpf, objects_dir: Path, config: AgentConfig, rules: RuleSet) -> list[Sensor]:
-    """Only the sensors an enabled rule needs: an unused hook costs the whole host."""
+def build_sensors(lib: Libbpf, objects_dir: Path, config: AgentConfig, rules: RuleSet,
+                  urgent_rules: Collection[str] = ()) -> list[Sensor]:
+    """Only the sensors an enabled rule needs: an unused hook costs the whole host.
+
+    urgent_rules: rules whose crossings must reach user space at once (see Sensor.urgent_rules);
+    the composition decides which (remediation's acting_rules), the sensors only obey.
+    """
     classes: list[type[Sensor]] = []
     for rule in rules.enabled():
         cls = sensor_class(rule.signal)
         if cls not in classes:
             classes.append(cls)
-    return [cls(lib, objects_dir, config, os.getpid(), rules) for cls in classes]
+    sensors = [cls(lib, objects_dir, config, os.getpid(), rules) for cls in classes]
+    for sensor in sensors:
+        sensor.urgent_rules = frozenset(urgent_rules)
+    return sensors
