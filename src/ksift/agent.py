@@ -178,6 +178,8 @@ class Agent:
                     await sink.start()
                     started.append(sink)
             self.ready = True
+            # Said once every part is up (sinks, the API, remediation's guard): tests and tools wait for it.
+            log.info("watching the host%s", f" for {duration_s:g}s" if duration_s else "; Ctrl-C or SIGTERM stops")
             self._on_timer()  # the first housekeeping; it schedules the next wake-up
             await self._stop.wait()
             self.drain()  # hand over what arrived since the last wake-up

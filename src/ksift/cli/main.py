@@ -119,8 +119,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Everything it builds (kernel side, store, sinks) is released on every way out.
         with running_agent(config, rules, db_path=args.db or config.db_path or default_db_path(),
                            json_lines=args.json, stats_path=args.stats) as agent:
-            log.info("watching the host%s",
-                     f" for {args.duration:g}s" if args.duration else "; Ctrl-C or SIGTERM stops")
             asyncio.run(agent.run(args.duration))
     except BpfError as exc:
         raise BpfError(f"{exc}\n(run `ksift doctor` to see what this host supports)") from exc
