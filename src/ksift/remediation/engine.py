@@ -86,10 +86,13 @@ class RemediationEngine:
                  host: Host | None = None, actuator: Actuator | None = None,
                  wall: Callable[[], float] = time.time, mono_ns: Callable[[], int] = time.monotonic_ns,
                  store_factory: Callable[[str], DecisionStore] | None = None,
-                 guard_factory: Callable[[AgentView | None], TreeGuard] | None = None):
+                 guard_factory: Callable[[AgentView | None], TreeGuard] | None = None,
+                 alerts_written: Callable[[float], bool] = lambda timeout: True):
         # Policies come checked from the rules parser (ksift.rules.parse), fast_path's signal included.
         self.settings = settings
         self.db_path = db_path
+        # The alert store writes in its own thread: wait for it before annotating the alert rows.
+        self.alerts_written = alerts_written
         self.rules = {r.name: r for r in rules.enabled()
                       if r.policy is not None and effective_mode(r.policy, settings) != "off"}
         self.host = host
@@ -409,6 +412,7 @@ class RemediationEngine:
 
     def _annotate(self, decision: Decision) -> None:
         if self.store is not None:
+            self.alerts_written(2.0)  # on remediation's I/O thread, never the loop
             self.store.annotate_alerts(decision)
 
     def _publish(self, decision: Decision) -> None:
@@ -646,4 +650,4 @@ def build_remediation(config, rules: RuleSet, store) -> RemediationEngine | None
         return None
     if not any(r.policy is not None and effective_mode(r.policy, settings) != "off" for r in rules.enabled()):
         return None
-    return RemediationEngine(settings, rules, str(store.path))
+    return RemediationEngine(settings, rules, str(store.path), alerts_written=store.wait_for_writes)
