@@ -16,9 +16,13 @@ BPF_CFLAGS  := -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_x86 -Wall -Werror -Ib
 APT_PKGS    := clang-14 libbpf-dev libbpf1 bpftool make gcc python3-venv
 # What only the tests need: the real receivers and a headless browser they drive.
 TEST_APT_PKGS := prometheus prometheus-alertmanager chromium chromium-driver
+# What only `make bench` needs: the reference it compares the agent with.
+BENCH_APT_PKGS := bpftrace
+BENCH_OUT   := build/bench
 STAMP_SYS   := $(VENV)/.system-deps
 STAMP_PY    := $(VENV)/.python-deps
 STAMP_TEST  := $(VENV)/.test-system-deps
+STAMP_BENCH := $(VENV)/.bench-system-deps
 ARGS        ?=
 
 .PHONY: run test build deps system-deps vmlinux bench bench-sensors clean
@@ -68,8 +72,18 @@ $(BPF_OUT)/%.bpf.o: bpf/%.bpf.c $(BPF_HDRS) | $(STAMP_SYS)
 vmlinux:
 	bpftool btf dump file /sys/kernel/btf/vmlinux format c > bpf/vmlinux.h
 
-bench: build
+# Overhead (with bpftrace side by side), footprint, detection latency and a ring-buffer flood (bench/run_bench.py).
+bench: build $(STAMP_BENCH) $(BENCH_OUT)/flood.bpf.o
 	$(VPY) bench/run_bench.py $(ARGS)
+
+$(STAMP_BENCH): $(STAMP_SYS)
+	$(call apt_install,$(BENCH_APT_PKGS))
+	@touch $@
+
+# The flood's load generator: same flags as every ksift object, never loaded by the agent.
+$(BENCH_OUT)/flood.bpf.o: bench/flood.bpf.c $(BPF_HDRS) | $(STAMP_SYS)
+	@mkdir -p $(BENCH_OUT)
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
 # Each sensor alone on the operation it hooks, with and without ksift (bench/sensor_bench.py).
 bench-sensors: build
