@@ -1146,9 +1146,12 @@ def print_report(result: dict, out=sys.stdout) -> None:
           f"MiB, HWM {fl['memory_before']['vm_hwm_kib'] / 1024:.1f} -> "
           f"{fl['memory_after_tail']['vm_hwm_kib'] / 1024:.1f} MiB; "
           f"alive after: {fl['agent_alive_after']}, exit {acc['agent_exit']}\n")
-        w(f"  the fork storm during the flood (pid {fl['side_pid']}): "
-          + ", ".join(f"{k} alert degraded={json.dumps(v['degraded']) if v else 'no alert'}"
-                      for k, v in fl["side_alerts"].items()) + "\n")
+        if fl["side_pid"] is None:
+            w(f"  no fork storm during the flood (it starts {FLOOD_SIDE_AT_S:g} s in)\n")
+        else:
+            w(f"  the fork storm during the flood (pid {fl['side_pid']}): "
+              + ", ".join(f"{k} alert degraded={json.dumps(v['degraded']) if v else 'no alert'}"
+                          for k, v in fl["side_alerts"].items()) + "\n")
 
     rows = figures(result)
     if rows:
