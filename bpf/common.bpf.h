@@ -50,6 +50,7 @@ struct {
  * checked against it (tests/unit/test_abi.py). Never read or written. */
 const struct ksift_record *ksift_record_abi __attribute__((unused));
 const struct ksift_window_exit *ksift_window_exit_abi __attribute__((unused));
+const struct ksift_crossing *ksift_crossing_abi __attribute__((unused));
 
 static __always_inline void count(__u32 idx)
 {
@@ -143,15 +144,15 @@ static __always_inline void fill_task(struct ksift_task *out, struct task_struct
 	}
 }
 
-/* The executable's basename from mm->exe_file: always at hand, unlike the full
- * path (bpf_d_path is not allowed from tracepoints). Enrichment adds the full
- * path from /proc while the process lives. */
-static __always_inline void fill_exe_name(struct ksift_task *out, struct task_struct *task)
+/* The executable's basename from mm->exe_file into out[KSIFT_PATH_LEN]: at
+ * hand while the process has its memory (not at exit: it is gone by the time
+ * sched_process_exit fires), unlike the full path (bpf_d_path is not allowed
+ * from tracepoints). The bytes read with the NUL, or <= 0 when there is none. */
+static __always_inline long read_exe_name(char *out, struct task_struct *task)
 {
 	const unsigned char *name = BPF_CORE_READ(task, mm, exe_file, f_path.dentry, d_name.name);
 
-	if (name)
-		bpf_probe_read_kernel_str(out->exe, sizeof(out->exe), name);
+	return name ? bpf_probe_read_kernel_str(out, KSIFT_PATH_LEN, name) : 0;
 }
 
 /* The last exec of `task`'s process, or NULL when ksift did not see it exec
@@ -163,7 +164,9 @@ static __always_inline struct ksift_exec *exec_of(struct task_struct *task)
 	return bpf_task_storage_get(&ks_exec_path, task->group_leader, 0, 0);
 }
 
-/* The executable: the exec path ksift saw, else the basename. Call after fill_task(). */
+/* The executable: the exec path ksift saw, else the basename (enrichment adds
+ * the full path from /proc while the process lives). `task` must be a BTF
+ * pointer (see exec_of). Call after fill_task(). */
 static __always_inline void fill_exe(struct ksift_task *out, struct task_struct *task)
 {
 	struct ksift_exec *exec = exec_of(task);
@@ -173,7 +176,7 @@ static __always_inline void fill_exe(struct ksift_task *out, struct task_struct 
 		return;
 	}
 	/* Exec'd before ksift started: the basename is what the kernel keeps handy. */
-	fill_exe_name(out, task);
+	read_exe_name(out->exe, task);
 }
 
 /* A key's state in `map`, created from `init` at its first event; NULL
@@ -221,12 +224,18 @@ static __always_inline __u32 window_add(struct ksift_window *w)
 
 /* The event numbered n in its window went over the threshold: the one call
  * per window that wins the claim (whichever CPU gets there first) gets a
- * reserved record of `type` for the crossing, and *window_start the window
- * it reports; every other call gets NULL. When the ring buffer is full the
- * claim is given back, so the next event of this window tries again. */
+ * reserved record of `type` for the crossing, filled with the subject's
+ * context (fill_task, fill_exe) and the payload's head (struct
+ * ksift_crossing, the first member of every crossing payload); the caller
+ * adds its own fields after the head and submits it. Every other call gets
+ * NULL. When the ring buffer is full the claim is given back, so the next
+ * event of this window tries again. `subject` must be a BTF pointer: a tp_btf
+ * argument, a field read directly from one (task->real_parent), or
+ * bpf_get_current_task_btf(); not a BPF_CORE_READ result. */
 static __always_inline struct ksift_record *window_crossing(struct ksift_window *w, __u32 n, __u32 threshold,
-							    __u32 type, __u64 now, __u64 *window_start)
+							    __u32 type, __u64 now, struct task_struct *subject)
 {
+	struct ksift_crossing *head;
 	struct ksift_record *rec;
 	__u64 start, reported;
 
@@ -244,13 +253,19 @@ static __always_inline struct ksift_record *window_crossing(struct ksift_window 
 		return NULL;
 	}
 	w->flagged = 1;
-	*window_start = start;
+	fill_task(&rec->task, subject);
+	fill_exe(&rec->task, subject);
+	head = KSIFT_PAYLOAD(rec, struct ksift_crossing);
+	head->window_start_ns = start;
+	head->total = w->total;
+	head->window_count = n;
+	head->threshold = threshold;
 	return rec;
 }
 
 /* The exit record of a flagged key whose process is gone: reserved, with the
- * task and the final totals filled in; the caller adds the executable and
- * submits it. NULL when the ring buffer is full (counted). */
+ * task and the final totals filled in; the caller adds the executable
+ * (fill_exe) and submits it. NULL when the ring buffer is full (counted). */
 static __always_inline struct ksift_record *window_exit_record(const struct ksift_window *w, __u32 type,
 							       struct task_struct *task, __u32 exit_code)
 {

@@ -95,9 +95,8 @@ int ks_cpu_sample(struct bpf_perf_event_data *ctx)
 {
 	struct ksift_cpu_state *st, init = {};
 	struct ksift_cpu_crossing *cross;
-	struct task_struct *task;
 	struct ksift_record *rec;
-	__u64 now, window_start, last_start;
+	__u64 now, last_start;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u32 n, last_count, prev;
 
@@ -136,18 +135,11 @@ int ks_cpu_sample(struct bpf_perf_event_data *ctx)
 	/* Hot now, or hot in the window before: where does its time go? */
 	if (n > cpu_threshold || st->prev_window_count > cpu_threshold)
 		count_stack(ctx, tgid);
-	rec = window_crossing(&st->win, n, cpu_threshold, KSIFT_REC_CPU_CROSSING, now, &window_start);
+	rec = window_crossing(&st->win, n, cpu_threshold, KSIFT_REC_CPU_CROSSING, now, bpf_get_current_task_btf());
 	if (!rec)
 		return 0;
 	count(KSIFT_CNT_CPU_CROSSINGS);
-	task = (struct task_struct *)bpf_get_current_task();
-	fill_task(&rec->task, task);
-	fill_exe_name(&rec->task, task);
 	cross = KSIFT_PAYLOAD(rec, struct ksift_cpu_crossing);
-	cross->window_start_ns = window_start;
-	cross->window_count = n;
-	cross->threshold = cpu_threshold;
-	cross->total = st->win.total;
 	cross->run_start_ns = st->run_start_ns;
 	cross->run_samples = st->run_samples;
 	submit_record(rec);
@@ -172,7 +164,7 @@ int BPF_PROG(ks_cpu_exit, struct task_struct *task, bool group_dead)
 		count(KSIFT_CNT_CPU_EXIT_FLAGGED);
 		rec = window_exit_record(&st->win, KSIFT_REC_CPU_EXIT, task, BPF_CORE_READ(task, exit_code));
 		if (rec) {
-			fill_exe_name(&rec->task, task);
+			fill_exe(&rec->task, task);
 			submit_record(rec);
 		}
 	}

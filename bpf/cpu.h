@@ -30,12 +30,9 @@ enum ksift_cpu_counter {
 };
 
 struct ksift_cpu_crossing {
-	__u64 window_start_ns;  /* ktime of the window's first sample */
-	__u64 total;            /* samples of this process since first tracked */
+	struct ksift_crossing head; /* cpu-clock samples of this process */
 	__u64 run_start_ns;     /* start of the current run of hot windows */
 	__u64 run_samples;      /* samples since run_start_ns */
-	__u32 window_count;     /* samples in this window at the crossing */
-	__u32 threshold;        /* samples per window the count went over */
 };
 /* Anchor the payload layout in the BTF of the object that includes this header
  * (only casts reach it) for tests/unit/test_abi.py. Never used. */

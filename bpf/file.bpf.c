@@ -201,8 +201,7 @@ int BPF_PROG(ks_fd_sys_exit, struct pt_regs *regs, long ret)
 	struct ksift_fd_state *st, init = {};
 	struct ksift_fd_crossing *cross;
 	struct ksift_record *rec;
-	struct task_struct *task;
-	__u64 now, window_start;
+	__u64 now;
 	__u32 tgid, n, sockets;
 	bool is_socket;
 	long nr;
@@ -248,20 +247,13 @@ int BPF_PROG(ks_fd_sys_exit, struct pt_regs *regs, long ret)
 		__sync_fetch_and_add(&st->window_sockets, 1);
 	else if (n > fd_threshold / 2 && (n & dir_sample_mask) == 0)
 		sample_dir(tgid, nr, regs, ret); /* close to the threshold: where are the files? */
-	rec = window_crossing(&st->win, n, fd_threshold, KSIFT_REC_FD_CROSSING, now, &window_start);
+	rec = window_crossing(&st->win, n, fd_threshold, KSIFT_REC_FD_CROSSING, now, bpf_get_current_task_btf());
 	if (!rec)
 		return 0;
 	sockets = st->window_sockets;
 	count(KSIFT_CNT_FD_CROSSINGS);
-	task = (struct task_struct *)bpf_get_current_task();
-	fill_task(&rec->task, task);
-	fill_exe_name(&rec->task, task);
 	cross = KSIFT_PAYLOAD(rec, struct ksift_fd_crossing);
-	cross->window_start_ns = window_start;
-	cross->window_count = n;
 	cross->window_sockets = sockets;
-	cross->threshold = fd_threshold;
-	cross->total = st->win.total;
 	submit_record(rec);
 	return 0;
 }
@@ -284,7 +276,7 @@ int BPF_PROG(ks_fd_proc_exit, struct task_struct *task, bool group_dead)
 		count(KSIFT_CNT_FILE_EXIT_FLAGGED);
 		rec = window_exit_record(&st->win, KSIFT_REC_FD_EXIT, task, BPF_CORE_READ(task, exit_code));
 		if (rec) {
-			fill_exe_name(&rec->task, task);
+			fill_exe(&rec->task, task);
 			submit_record(rec);
 		}
 	}

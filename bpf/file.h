@@ -40,10 +40,7 @@ enum ksift_file_counter {
 };
 
 struct ksift_fd_crossing {
-	__u64 window_start_ns;  /* ktime of the window's first new fd */
-	__u64 total;            /* new fds by this process since first tracked */
-	__u32 window_count;     /* new fds in this window at the crossing */
-	__u32 threshold;
+	struct ksift_crossing head; /* new fds of this process */
 	__u32 window_sockets;   /* of which sockets (socket, accept, accept4) */
 	__u32 pad;
 };

@@ -14,6 +14,11 @@
 #define KSIFT_PATH_LEN 128
 #define KSIFT_ANCESTRY_MAX 8
 
+/* Address families (include/linux/socket.h: #defines, so not in vmlinux.h),
+ * as the net and request sensors' keys and records carry them. */
+#define KSIFT_AF_INET  2
+#define KSIFT_AF_INET6 10
+
 /* Total size of one record as submitted to the ring buffer. With the ring
  * buffer's own 8-byte header every record occupies exactly 512 bytes. */
 #define KSIFT_RECORD_SIZE 504
@@ -112,6 +117,16 @@ struct ksift_window {
 	__u64 total;              /* events of this key since first tracked */
 	__u32 window_count;       /* events in this window */
 	__u32 flagged;            /* crossed at least once: report its exit */
+};
+
+/* The head every windowed crossing payload starts with (first member "head"
+ * of each sensor's crossing struct), filled by window_crossing() in
+ * common.bpf.h: which window crossed, and by how much. */
+struct ksift_crossing {
+	__u64 window_start_ns;    /* ktime of the window's first event */
+	__u64 total;              /* events of this key since first tracked */
+	__u32 window_count;       /* events in this window at the crossing */
+	__u32 threshold;          /* events per window the count went over */
 };
 
 /* Payload of a sensor's exit record: the final totals of a flagged key whose

@@ -97,14 +97,11 @@ static __always_inline __u32 wait_status(struct task_struct *task)
 static __always_inline void key_exe(struct ksift_lc_key *key, struct ksift_exec *exec,
 				    struct task_struct *task)
 {
-	const unsigned char *name;
-
 	if (exec) {
 		__builtin_memcpy(key->exe, exec->path, sizeof(key->exe));
 		return;
 	}
-	name = BPF_CORE_READ(task, mm, exe_file, f_path.dentry, d_name.name);
-	if (name && bpf_probe_read_kernel_str(key->exe, sizeof(key->exe), name) > 1)
+	if (read_exe_name(key->exe, task) > 1)
 		return;
 	__builtin_memset(key->exe, 0, sizeof(key->exe));
 	BPF_CORE_READ_STR_INTO(&key->exe, task, group_leader, comm);
@@ -120,7 +117,7 @@ static __always_inline void churn_count(struct task_struct *task, struct task_st
 	struct ksift_lc_key *key;
 	struct ksift_churn_crossing *cross;
 	struct ksift_record *rec;
-	__u64 window_start, parent_start;
+	__u64 parent_start;
 	__u32 n;
 
 	st_init.win.window_start_ns = now;
@@ -148,17 +145,11 @@ static __always_inline void churn_count(struct task_struct *task, struct task_st
 
 	window_roll(&st->win, now, churn_window_ns);
 	n = window_add(&st->win);
-	rec = window_crossing(&st->win, n, churn_threshold, KSIFT_REC_CHURN_CROSSING, now, &window_start);
+	rec = window_crossing(&st->win, n, churn_threshold, KSIFT_REC_CHURN_CROSSING, now, parent);
 	if (!rec)
 		return;
 	count(KSIFT_CNT_CHURN_CROSSINGS);
-	fill_task(&rec->task, parent);
-	fill_exe(&rec->task, parent);
 	cross = KSIFT_PAYLOAD(rec, struct ksift_churn_crossing);
-	cross->window_start_ns = window_start;
-	cross->total = st->win.total;
-	cross->window_count = n;
-	cross->threshold = churn_threshold;
 	cross->max_lifetime_ns = churn_max_lifetime_ns;
 	cross->last_lifetime_ns = lifetime;
 	cross->last_child_tgid = BPF_CORE_READ(task, tgid);
@@ -174,7 +165,6 @@ static __always_inline void crash_count(struct task_struct *task, __u32 ptgid, s
 	struct ksift_crash_crossing *cross;
 	struct ksift_lc_key *key = scratch_key(ptgid);
 	struct ksift_record *rec;
-	__u64 window_start;
 	__u32 n, run;
 
 	if (!key)
@@ -194,20 +184,17 @@ static __always_inline void crash_count(struct task_struct *task, __u32 ptgid, s
 
 	window_roll(&st->win, now, crash_window_ns);
 	n = window_add(&st->win);
-	rec = window_crossing(&st->win, n, crash_threshold, KSIFT_REC_CRASH_CROSSING, now, &window_start);
+	/* The subject is the failing process itself (gone a moment later), so the
+	 * context is taken now; its parent is ancestry[0]. */
+	rec = window_crossing(&st->win, n, crash_threshold, KSIFT_REC_CRASH_CROSSING, now, task);
 	if (!rec)
 		return;
 	count(KSIFT_CNT_CRASH_CROSSINGS);
-	/* The subject is the failing process itself (gone a moment later), so the
-	 * context is taken now; its parent is ancestry[0]. */
-	fill_task(&rec->task, task);
+	/* Its executable as the key names it: at exit its memory is gone, so
+	 * without an exec path the basename is too and the key falls back to comm. */
 	__builtin_memcpy(rec->task.exe, key->exe, sizeof(rec->task.exe));
 	cross = KSIFT_PAYLOAD(rec, struct ksift_crash_crossing);
-	cross->window_start_ns = window_start;
-	cross->total = st->win.total;
 	cross->lifetime_ns = now - BPF_CORE_READ(task, group_leader, start_time);
-	cross->window_count = n;
-	cross->threshold = crash_threshold;
 	cross->exit_code = code;
 	cross->same_code_run = run;
 	cross->parent_tgid = ptgid;

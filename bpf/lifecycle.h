@@ -52,12 +52,9 @@ struct ksift_churn_exe {
 };
 
 struct ksift_churn_crossing {
-	__u64 window_start_ns;     /* ktime of the window's first short-lived child */
-	__u64 total;
+	struct ksift_crossing head; /* short-lived exec'd children of the parent */
 	__u64 max_lifetime_ns;
 	__u64 last_lifetime_ns;    /* the child whose exit crossed: how long it lived */
-	__u32 window_count;
-	__u32 threshold;
 	__u32 last_child_tgid;
 	__u32 pad;
 	char last_child_exe[KSIFT_PATH_LEN - 32]; /* its exec path, truncated to fit the record */
@@ -76,11 +73,8 @@ struct ksift_crash_state {
 };
 
 struct ksift_crash_crossing {
-	__u64 window_start_ns;
-	__u64 total;
+	struct ksift_crossing head; /* failed exits of this executable under this parent */
 	__u64 lifetime_ns;         /* how long the crossing child lived */
-	__u32 window_count;
-	__u32 threshold;
 	__u32 exit_code;           /* wait() status of this failure */
 	__u32 same_code_run;       /* consecutive failures with exit_code, this one included */
 	__u32 parent_tgid;

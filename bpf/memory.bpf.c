@@ -21,12 +21,6 @@
 #include "memory.h"
 #include "common.bpf.h"
 
-/* mm counter indices (the anonymous enum in include/linux/mm_types_task.h). */
-#define KS_MM_FILEPAGES 0
-#define KS_MM_ANONPAGES 1
-#define KS_MM_SWAPENTS 2
-#define KS_MM_SHMEMPAGES 3
-
 /* task_struct.flags (include/linux/sched.h) */
 #define KS_PF_KTHREAD 0x00200000
 
@@ -57,7 +51,9 @@ const struct ksift_rss_step *ksift_rss_step_abi __attribute__((unused));
 /* The kernel's own figure (get_mm_counter, as /proc/PID/status shows it): the
  * counter's global part, which lags the per-CPU deltas by at most a batch (32
  * pages here) per CPU. mm->rss_stat is a percpu_counter array since Linux 6.2;
- * older kernels fail to load this. A direct (CO-RE relocated) load. */
+ * older kernels fail to load this. A direct (CO-RE relocated) load. `member`
+ * is the kernel's mm counter index (MM_FILEPAGES, MM_ANONPAGES...: the
+ * anonymous enum of include/linux/mm_types_task.h, in vmlinux.h). */
 static __always_inline __u64 mm_pages(struct mm_struct *mm, int member)
 {
 	__s64 n = mm->rss_stat[member].count;
@@ -141,7 +137,7 @@ int BPF_PROG(ks_mark_victim, struct task_struct *task, uid_t uid)
 	if (!rec)
 		return 0;
 	fill_task(&rec->task, task);
-	fill_exe_name(&rec->task, task);
+	fill_exe(&rec->task, task);
 	oom = KSIFT_PAYLOAD(rec, struct ksift_oom_kill);
 	oom->uid = uid;
 	oom->trigger_tgid = bpf_get_current_pid_tgid() >> 32;
@@ -152,9 +148,9 @@ int BPF_PROG(ks_mark_victim, struct task_struct *task, uid_t uid)
 		mm = task->signal->oom_mm;
 	if (mm) {
 		oom->total_vm_pages = mm->total_vm;
-		oom->anon_rss_pages = mm_pages(mm, KS_MM_ANONPAGES);
-		oom->file_rss_pages = mm_pages(mm, KS_MM_FILEPAGES);
-		oom->shmem_rss_pages = mm_pages(mm, KS_MM_SHMEMPAGES);
+		oom->anon_rss_pages = mm_pages(mm, MM_ANONPAGES);
+		oom->file_rss_pages = mm_pages(mm, MM_FILEPAGES);
+		oom->shmem_rss_pages = mm_pages(mm, MM_SHMEMPAGES);
 		oom->pgtables_bytes = mm->pgtables_bytes.counter;
 	}
 	find_limit(oom, task);
@@ -188,9 +184,9 @@ int ks_rss_iter(struct bpf_iter__task *ctx)
 	if (!mm)
 		return 0;
 	count(KSIFT_CNT_RSS_PROCS);
-	file = mm_pages(mm, KS_MM_FILEPAGES);
-	anon = mm_pages(mm, KS_MM_ANONPAGES);
-	shmem = mm_pages(mm, KS_MM_SHMEMPAGES);
+	file = mm_pages(mm, MM_FILEPAGES);
+	anon = mm_pages(mm, MM_ANONPAGES);
+	shmem = mm_pages(mm, MM_SHMEMPAGES);
 	rss = file + anon + shmem;
 
 	st = bpf_task_storage_get(&ks_rss_state, task, 0, 0);
@@ -229,7 +225,7 @@ int ks_rss_iter(struct bpf_iter__task *ctx)
 	if (!rec)
 		return 0; /* counted; the next pass tries again from the same level */
 	fill_task(&rec->task, task);
-	fill_exe_name(&rec->task, task);
+	fill_exe(&rec->task, task);
 	step = KSIFT_PAYLOAD(rec, struct ksift_rss_step);
 	step->rss_pages = rss;
 	step->anon_pages = anon;

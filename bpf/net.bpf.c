@@ -64,8 +64,7 @@ int BPF_PROG(ks_connect, const struct sock *sk, const int oldstate, const int ne
 	struct ksift_connect_crossing *cross;
 	struct ksift_connect_key key = {};
 	struct ksift_record *rec;
-	struct task_struct *task;
-	__u64 now, window_start;
+	__u64 now;
 	__u32 n;
 
 	if (newstate != TCP_SYN_SENT || sk->sk_protocol != IPPROTO_TCP)
@@ -89,19 +88,13 @@ int BPF_PROG(ks_connect, const struct sock *sk, const int oldstate, const int ne
 	count(KSIFT_CNT_CONNECT_AGGREGATED);
 	window_roll(&st->win, now, connect_window_ns);
 	n = window_add(&st->win);
-	rec = window_crossing(&st->win, n, connect_threshold, KSIFT_REC_CONNECT_CROSSING, now, &window_start);
+	rec = window_crossing(&st->win, n, connect_threshold, KSIFT_REC_CONNECT_CROSSING, now,
+			      bpf_get_current_task_btf());
 	if (!rec)
 		return 0;
 	count(KSIFT_CNT_CONNECT_CROSSINGS);
-	task = bpf_get_current_task_btf();
-	fill_task(&rec->task, task);
-	fill_exe_name(&rec->task, task);
 	cross = KSIFT_PAYLOAD(rec, struct ksift_connect_crossing);
 	cross->key = key;
-	cross->window_start_ns = window_start;
-	cross->window_count = n;
-	cross->threshold = connect_threshold;
-	cross->total = st->win.total;
 	submit_record(rec);
 	return 0;
 }

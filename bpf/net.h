@@ -9,9 +9,6 @@
 
 #include "ksift.h"
 
-#define KSIFT_AF_INET  2
-#define KSIFT_AF_INET6 10
-
 enum ksift_net_record {
 	KSIFT_REC_CONNECT_CROSSING = KSIFT_REC_NET_BASE + 1, /* a (process, destination) crossed the threshold */
 };
@@ -38,11 +35,8 @@ struct ksift_connect_state {
 };
 
 struct ksift_connect_crossing {
+	struct ksift_crossing head; /* attempts of this key */
 	struct ksift_connect_key key;
-	__u64 window_start_ns;  /* ktime of the window's first attempt */
-	__u64 total;            /* attempts by this key since first tracked */
-	__u32 window_count;     /* attempts in this window at the crossing */
-	__u32 threshold;
 };
 
 #endif /* KSIFT_NET_H */

@@ -32,9 +32,8 @@ SEC("tp_btf/sched_process_fork")
 int BPF_PROG(ks_fork, struct task_struct *parent, struct task_struct *child)
 {
 	struct ksift_fork_state *st, init = {};
-	struct ksift_fork_crossing *fork;
 	struct ksift_record *rec;
-	__u64 now, window_start;
+	__u64 now;
 	__u32 tgid, n;
 
 	count(KSIFT_CNT_FORK_SEEN);
@@ -58,17 +57,11 @@ int BPF_PROG(ks_fork, struct task_struct *parent, struct task_struct *child)
 	count(KSIFT_CNT_FORK_AGGREGATED);
 	window_roll(&st->win, now, fork_window_ns);
 	n = window_add(&st->win);
-	rec = window_crossing(&st->win, n, fork_threshold, KSIFT_REC_FORK_CROSSING, now, &window_start);
+	/* The payload (struct ksift_fork_crossing) is the head window_crossing fills. */
+	rec = window_crossing(&st->win, n, fork_threshold, KSIFT_REC_FORK_CROSSING, now, parent);
 	if (!rec)
 		return 0;
 	count(KSIFT_CNT_FORK_CROSSINGS);
-	fill_task(&rec->task, parent);
-	fill_exe(&rec->task, parent);
-	fork = KSIFT_PAYLOAD(rec, struct ksift_fork_crossing);
-	fork->window_start_ns = window_start;
-	fork->window_count = n;
-	fork->threshold = fork_threshold;
-	fork->total = st->win.total;
 	submit_record_wake(rec, fork_crossing_wakeup);
 	return 0;
 }

@@ -24,10 +24,7 @@ enum ksift_process_counter {
 };
 
 struct ksift_fork_crossing {
-	__u64 window_start_ns;  /* ktime of the window's first fork */
-	__u64 total;            /* forks by this parent since first tracked */
-	__u32 window_count;     /* forks in this window at the crossing */
-	__u32 threshold;
+	struct ksift_crossing head; /* forks: of this window at the crossing, and since first tracked */
 };
 /* Anchor the payload layout in the BTF of the object that includes this header
  * (only casts reach it) for tests/unit/test_abi.py. Never used. */

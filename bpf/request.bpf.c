@@ -24,9 +24,6 @@
 #include "request.h"
 #include "common.bpf.h"
 
-#define KSIFT_AF_INET 2
-#define KSIFT_AF_INET6 10
-#define KSIFT_IPPROTO_TCP 6
 #define KSIFT_MSG_PEEK 2
 
 /* x86-64 syscall numbers of the reads whose buffer we can find in the registers. */
@@ -68,7 +65,7 @@ int BPF_PROG(ks_req_state, const struct sock *sk, const int oldstate, const int 
 	__u64 key = (__u64)sk;
 	struct ksift_req_conn fresh = {};
 
-	if (sk->sk_protocol != KSIFT_IPPROTO_TCP)
+	if (sk->sk_protocol != IPPROTO_TCP)
 		return 0;
 	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
 		/* Runs in softirq: the accepting process is not known yet, the socket is enough. */
@@ -263,7 +260,7 @@ static __always_inline void finish_request(struct sock *sk, struct ksift_req_con
 	}
 	count(KSIFT_CNT_REQ_EMITTED);
 	fill_task(&rec->task, task);
-	fill_exe_name(&rec->task, task);
+	fill_exe(&rec->task, task);
 	req = KSIFT_PAYLOAD(rec, struct ksift_slow_request);
 	req->duration_ns = duration;
 	req->window_start_ns = st->window_start_ns;

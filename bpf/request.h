@@ -32,7 +32,7 @@ enum ksift_request_counter {
 
 /* The two ends of a connection. */
 struct ksift_req_endpoints {
-	__u16 family;           /* AF_INET or AF_INET6 */
+	__u16 family;           /* KSIFT_AF_INET or KSIFT_AF_INET6 */
 	__u16 lport;            /* host byte order */
 	__u16 rport;            /* host byte order */
 	__u16 pad;

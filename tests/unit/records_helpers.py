@@ -13,6 +13,7 @@ import numpy as np
 
 from ksift.config import AgentConfig
 from ksift.rules.model import Rule, RuleSet
+from ksift.sensors.base import CROSSING
 from ksift.transport import records
 
 
@@ -34,6 +35,14 @@ def task_record(rec_type: int, payload: np.ndarray, *, tgid: int, ktime_ns: int 
         task["ancestry"][i]["pid"], task["ancestry"][i]["comm"] = pid, ancestor_comm
     rec[0]["payload"] = payload.tobytes().ljust(records.PAYLOAD_SIZE, b"\0")
     return rec
+
+
+def crossing_head(*, window_start_ns: int, total: int, window_count: int, threshold: int) -> np.ndarray:
+    """The head every crossing payload starts with (struct ksift_crossing): assign it to payload["head"]."""
+    head = np.zeros((), dtype=CROSSING)
+    head["window_start_ns"], head["total"] = window_start_ns, total
+    head["window_count"], head["threshold"] = window_count, threshold
+    return head
 
 
 def tgid_key(tgid: int) -> bytes:

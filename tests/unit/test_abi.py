@@ -207,6 +207,8 @@ def python_record_types(module_name: str) -> dict[str, int]:
     (records.COMM_LEN, "KSIFT_COMM_LEN"),
     (records.PATH_LEN, "KSIFT_PATH_LEN"),
     (records.ANCESTRY_MAX, "KSIFT_ANCESTRY_MAX"),
+    (records.AF_INET, "KSIFT_AF_INET"),
+    (records.AF_INET6, "KSIFT_AF_INET6"),
     (records.RECORD_SIZE, "KSIFT_RECORD_SIZE"),
     (records.SENSOR_SPAN, "KSIFT_REC_SENSOR_SPAN"),
     (records.REC_FLOOD, "KSIFT_REC_FLOOD"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from records_helpers import FakeBpfMap, task_record, tgid_key, unstarted_sensor
+from records_helpers import FakeBpfMap, crossing_head, task_record, tgid_key, unstarted_sensor
 
 from ksift.errors import ConfigError
 from ksift.events import TaskContext
@@ -78,7 +78,10 @@ def record(rec_type, payload: np.ndarray, tgid=4242, ktime=0, comm=b"worker", st
 
 
 def crossing_payload(window_start, run_start, run_samples, total=1000, count=45, threshold=44):
-    return np.array([(window_start, total, run_start, run_samples, count, threshold)], dtype=CPU_CROSSING)
+    p = np.zeros(1, dtype=CPU_CROSSING)
+    p["head"] = crossing_head(window_start_ns=window_start, total=total, window_count=count, threshold=threshold)
+    p["run_start_ns"], p["run_samples"] = run_start, run_samples
+    return p
 
 
 # -- thresholds ---------------------------------------------------------------

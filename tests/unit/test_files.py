@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
-from records_helpers import FakeBpfMap, task_record, tgid_key, unstarted_sensor
+from records_helpers import FakeBpfMap, crossing_head, task_record, tgid_key, unstarted_sensor
 
 from ksift.events import TaskContext
 from ksift.rules.incidents import NS, Incident
@@ -29,8 +29,8 @@ def batch_of(*recs: tuple[int, int, np.ndarray]) -> np.ndarray:
 
 def crossing(window_count=20001, sockets=0, total=25000, start=3 * NS) -> np.ndarray:
     p = np.zeros(1, dtype=files.FD_CROSSING)
-    p["window_start_ns"], p["total"], p["window_count"] = start, total, window_count
-    p["threshold"], p["window_sockets"] = 20000, sockets
+    p["head"] = crossing_head(window_start_ns=start, total=total, window_count=window_count, threshold=20000)
+    p["window_sockets"] = sockets
     return p
 
 

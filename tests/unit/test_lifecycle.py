@@ -7,7 +7,7 @@ from functools import partial
 
 import numpy as np
 import pytest
-from records_helpers import task_record, unstarted_sensor
+from records_helpers import crossing_head, task_record, unstarted_sensor
 
 from ksift.rules.incidents import NS, IncidentEngine
 from ksift.rules.model import Rule, RuleSet, Severity
@@ -35,7 +35,7 @@ def record(rec_type: int, payload: np.ndarray, tgid: int, comm: bytes, exe: byte
 
 def churn_crossing(window_count=41, total=41, start=4 * NS, child_exe=b"/bin/date") -> np.ndarray:
     p = np.zeros(1, dtype=lifecycle.CHURN_CROSSING)
-    p["window_start_ns"], p["total"], p["window_count"], p["threshold"] = start, total, window_count, 40
+    p["head"] = crossing_head(window_start_ns=start, total=total, window_count=window_count, threshold=40)
     p["max_lifetime_ns"], p["last_lifetime_ns"], p["last_child_tgid"] = NS, 3_000_000, 1300
     p["last_child_exe"] = child_exe
     return record(lifecycle.REC_CHURN_CROSSING, p, PARENT, b"make", b"/usr/bin/make")
@@ -44,7 +44,7 @@ def churn_crossing(window_count=41, total=41, start=4 * NS, child_exe=b"/bin/dat
 def crash_crossing(status: int, run=11, window_count=11, total=11, child=1400,
                    exe=b"/usr/bin/worker") -> np.ndarray:
     p = np.zeros(1, dtype=lifecycle.CRASH_CROSSING)
-    p["window_start_ns"], p["total"], p["window_count"], p["threshold"] = 4 * NS, total, window_count, 10
+    p["head"] = crossing_head(window_start_ns=4 * NS, total=total, window_count=window_count, threshold=10)
     p["exit_code"], p["same_code_run"], p["parent_tgid"], p["lifetime_ns"] = status, run, PARENT, 2_000_000
     return record(lifecycle.REC_CRASH_CROSSING, p, child, b"worker", exe, ppid=PARENT,
                   ancestry=((PARENT, b"supervisord"), (1, b"init")), start=9_000)
@@ -231,7 +231,7 @@ def test_crash_alert_after_a_sustain_counts_the_whole_loop():
     engine = IncidentEngine(s.rules())
     for i, start in enumerate((0, 10, 20)):
         p = np.zeros(1, dtype=lifecycle.CRASH_CROSSING)
-        p["window_start_ns"], p["total"], p["window_count"], p["threshold"] = start * NS, 11 * (i + 1), 11, 10
+        p["head"] = crossing_head(window_start_ns=start * NS, total=11 * (i + 1), window_count=11, threshold=10)
         p["exit_code"], p["same_code_run"], p["parent_tgid"] = 3 << 8, 11 * (i + 1), PARENT
         batch = record(lifecycle.REC_CRASH_CROSSING, p, 1400 + i, b"worker", b"/usr/bin/worker", ppid=PARENT,
                        ancestry=((PARENT, b"supervisord"),))

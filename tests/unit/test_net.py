@@ -7,7 +7,7 @@ from functools import partial
 
 import numpy as np
 import pytest
-from records_helpers import task_record, unstarted_sensor
+from records_helpers import crossing_head, task_record, unstarted_sensor
 
 from ksift.events import TaskContext
 from ksift.rules.incidents import NS, Incident
@@ -26,7 +26,7 @@ def crossing(tgid: int, family: int, addr: bytes, port: int, window_count=1500, 
     p = np.zeros(1, dtype=net.CONNECT_CROSSING)
     p["key"]["tgid"], p["key"]["family"], p["key"]["port"] = tgid, family, port
     p["key"]["addr"][0, : len(addr)] = np.frombuffer(addr, dtype=np.uint8)
-    p["window_start_ns"], p["window_count"], p["total"], p["threshold"] = 2 * NS, window_count, total, 500
+    p["head"] = crossing_head(window_start_ns=2 * NS, total=total, window_count=window_count, threshold=500)
     return p
 
 

@@ -29,7 +29,8 @@ from ksift.units import format_duration
 T = TypeVar("T")
 
 # Mirrors of the windowed-counting layouts in bpf/ksift.h, shared by every counting sensor:
-# struct ksift_window is the first member ("win") of each sensor's per-key state.
+# struct ksift_window is the first member ("win") of each sensor's per-key state, and
+# struct ksift_crossing the first member ("head") of each sensor's crossing payload.
 WINDOW = np.dtype(
     [
         ("window_start_ns", "<u8"),
@@ -39,12 +40,16 @@ WINDOW = np.dtype(
         ("flagged", "<u4"),
     ]
 )
+CROSSING = np.dtype(
+    [("window_start_ns", "<u8"), ("total", "<u8"), ("window_count", "<u4"), ("threshold", "<u4")]
+)
 WINDOW_EXIT = np.dtype(
     [("window_start_ns", "<u8"), ("total", "<u8"), ("window_count", "<u4"), ("exit_code", "<u4")]
 )
 # For a counting sensor's `abi`: checked against BTF like its own structs.
 WINDOW_ABI: dict[str, tuple[np.dtype, dict[str, str]]] = {
     "ksift_window": (WINDOW, {}),
+    "ksift_crossing": (CROSSING, {}),
     "ksift_window_exit": (WINDOW_EXIT, {}),
 }
 
@@ -57,13 +62,14 @@ def tgid_key(tgid: int) -> bytes:
 def window_crossing(rule: str, row: np.void, payload: np.void, *, task: TaskContext | None = None,
                     key: Hashable | None = None, details: Mapping[str, Any] | None = None,
                     stack: Any = None) -> Crossing:
-    """The Crossing of a crossing record whose payload carries window_start_ns, window_count
-    and total. The task is decoded from the record unless given; the key is its tgid unless given."""
+    """The Crossing of a crossing record, from its payload's head (CROSSING). The task is
+    decoded from the record unless given; the key is its tgid unless given."""
     if task is None:
         task = records.task_context(row["task"])
+    head = payload["head"]
     return Crossing(rule=rule, key=task.tgid if key is None else key, ktime_ns=int(row["ktime_ns"]),
-                    window_start_ns=int(payload["window_start_ns"]), window_count=int(payload["window_count"]),
-                    total=int(payload["total"]), task=task, details=details or {}, stack=stack)
+                    window_start_ns=int(head["window_start_ns"]), window_count=int(head["window_count"]),
+                    total=int(head["total"]), task=task, details=details or {}, stack=stack)
 
 
 def how_long(inc: Incident) -> str:

@@ -35,7 +35,7 @@ from ksift.loader.bpf_object import BpfMap, BpfObject
 from ksift.loader.libbpf import Libbpf
 from ksift.rules.incidents import NS, Crossing, Incident, KeyState
 from ksift.rules.model import Rule, RuleSet, cpu_samples_threshold
-from ksift.sensors.base import WINDOW, WINDOW_ABI, WINDOW_EXIT, Decoded, Sensor, tgid_key, window_crossing
+from ksift.sensors.base import CROSSING, WINDOW, WINDOW_ABI, WINDOW_EXIT, Decoded, Sensor, tgid_key, window_crossing
 from ksift.transport import records
 from ksift.units import format_duration
 from ksift.worker import BoundedWorker, Job
@@ -56,16 +56,7 @@ MAX_SYMBOL_JOBS = 64
 STACK_DEPTH = 64
 REC_CPU_CROSSING = 51
 REC_CPU_EXIT = 52
-CPU_CROSSING = np.dtype(
-    [
-        ("window_start_ns", "<u8"),
-        ("total", "<u8"),
-        ("run_start_ns", "<u8"),
-        ("run_samples", "<u8"),
-        ("window_count", "<u4"),
-        ("threshold", "<u4"),
-    ]
-)
+CPU_CROSSING = np.dtype([("head", CROSSING), ("run_start_ns", "<u8"), ("run_samples", "<u8")])
 CPU_EXIT = WINDOW_EXIT  # exit_code: task->exit_code
 CPU_STATE = np.dtype(
     [
@@ -263,7 +254,7 @@ class CpuSensor(Sensor):
 
         def track(row: np.void, p: np.void) -> tuple:
             task = records.task_context(row["task"])
-            tracks.append((task.tgid, task.start_boottime_ns, int(p["window_start_ns"]), window_ns))
+            tracks.append((task.tgid, task.start_boottime_ns, int(p["head"]["window_start_ns"]), window_ns))
             return row, p, task
 
         decoded = self.decode_records(batch, REC_CPU_CROSSING, CPU_CROSSING, track, out, "CPU crossing")
@@ -291,7 +282,7 @@ class CpuSensor(Sensor):
             "samples": run_samples,
             "sample_hz": self.sample_hz,
             "threshold_percent": rule.threshold,
-            "window_samples_threshold": int(p["threshold"]),
+            "window_samples_threshold": int(p["head"]["threshold"]),
         }
         return window_crossing(rule.name, row, p, task=task, details=details, stack=stack)
 

@@ -15,7 +15,17 @@ import numpy as np
 
 from ksift.rules.incidents import Crossing, Incident, KeyState
 from ksift.rules.model import Rule
-from ksift.sensors.base import WINDOW, WINDOW_ABI, WINDOW_EXIT, Decoded, Sensor, how_long, tgid_key, window_crossing
+from ksift.sensors.base import (
+    CROSSING,
+    WINDOW,
+    WINDOW_ABI,
+    WINDOW_EXIT,
+    Decoded,
+    Sensor,
+    how_long,
+    tgid_key,
+    window_crossing,
+)
 from ksift.transport import records
 from ksift.units import format_duration
 
@@ -25,16 +35,7 @@ FILE_SIGNAL = "file.open"
 REC_FD_CROSSING = 21
 REC_FD_EXIT = 22
 DIR_SLOTS = 8
-FD_CROSSING = np.dtype(
-    [
-        ("window_start_ns", "<u8"),
-        ("total", "<u8"),
-        ("window_count", "<u4"),
-        ("threshold", "<u4"),
-        ("window_sockets", "<u4"),
-        ("pad", "<u4"),
-    ]
-)
+FD_CROSSING = np.dtype([("head", CROSSING), ("window_sockets", "<u4"), ("pad", "<u4")])
 FD_EXIT = WINDOW_EXIT  # exit_code: task->exit_code
 FD_STATE = np.dtype([("win", WINDOW), ("window_sockets", "<u4"), ("pad", "<u4")])
 DIR_SLOT = np.dtype(
@@ -138,7 +139,7 @@ class FileSensor(Sensor):
         return out
 
     def _crossing(self, rule: str, row: np.void, p: np.void) -> Crossing:
-        count, sockets = int(p["window_count"]), int(p["window_sockets"])
+        count, sockets = int(p["head"]["window_count"]), int(p["window_sockets"])
         return window_crossing(rule, row, p, details={"files_at_crossing": max(count - sockets, 0),
                                                       "sockets_at_crossing": sockets})
 

@@ -18,7 +18,17 @@ import numpy as np
 from ksift.loader.bpf_object import BpfMap
 from ksift.rules.incidents import NS, Crossing, Incident, KeyState
 from ksift.rules.model import Rule
-from ksift.sensors.base import WINDOW, WINDOW_ABI, WINDOW_EXIT, Decoded, Sensor, how_long, tgid_key, window_crossing
+from ksift.sensors.base import (
+    CROSSING,
+    WINDOW,
+    WINDOW_ABI,
+    WINDOW_EXIT,
+    Decoded,
+    Sensor,
+    how_long,
+    tgid_key,
+    window_crossing,
+)
 from ksift.transport import records
 from ksift.units import format_duration
 
@@ -37,12 +47,9 @@ CHURN_STATE = np.dtype([("win", WINDOW)])
 CHURN_EXE = np.dtype([("count", "<u8"), ("parent_start_ns", "<u8")])
 CHURN_CROSSING = np.dtype(
     [
-        ("window_start_ns", "<u8"),
-        ("total", "<u8"),
+        ("head", CROSSING),
         ("max_lifetime_ns", "<u8"),
         ("last_lifetime_ns", "<u8"),
-        ("window_count", "<u4"),
-        ("threshold", "<u4"),
         ("last_child_tgid", "<u4"),
         ("pad", "<u4"),
         ("last_child_exe", f"S{records.PATH_LEN - 32}"),
@@ -54,11 +61,8 @@ CRASH_STATE = np.dtype(
 )
 CRASH_CROSSING = np.dtype(
     [
-        ("window_start_ns", "<u8"),
-        ("total", "<u8"),
+        ("head", CROSSING),
         ("lifetime_ns", "<u8"),
-        ("window_count", "<u4"),
-        ("threshold", "<u4"),
         ("exit_code", "<u4"),
         ("same_code_run", "<u4"),
         ("parent_tgid", "<u4"),
@@ -116,7 +120,7 @@ def crash_crossing(rule: str, row: np.void, p: np.void) -> Crossing:
         "last_pid": task.tgid,
         "last_lifetime_s": round(int(p["lifetime_ns"]) / NS, 6),
         # Every failure of the crossing window was this one (for the sentence).
-        f"{_PRIVATE}uniform": int(p["same_code_run"]) >= int(p["window_count"]),
+        f"{_PRIVATE}uniform": int(p["same_code_run"]) >= int(p["head"]["window_count"]),
     }
     return window_crossing(rule, row, p, task=task, key=(parent, task.exe), details=details)
 

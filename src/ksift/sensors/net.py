@@ -16,27 +16,18 @@ import numpy as np
 
 from ksift.rules.incidents import Crossing, Incident, KeyState
 from ksift.rules.model import Rule
-from ksift.sensors.base import WINDOW, WINDOW_ABI, Decoded, Sensor, how_long, window_crossing
+from ksift.sensors.base import CROSSING, WINDOW, WINDOW_ABI, Decoded, Sensor, how_long, window_crossing
 from ksift.transport import records
+from ksift.transport.records import AF_INET, AF_INET6
 from ksift.units import format_duration
 
 CONNECT_SIGNAL = "net.connect"
 
 # Mirrors of bpf/net.h.
 REC_CONNECT_CROSSING = 31
-AF_INET = 2
-AF_INET6 = 10
 CONNECT_KEY = np.dtype([("tgid", "<u4"), ("family", "<u2"), ("port", "<u2"), ("addr", "u1", (16,))])
 CONNECT_STATE = np.dtype([("win", WINDOW)])
-CONNECT_CROSSING = np.dtype(
-    [
-        ("key", CONNECT_KEY),
-        ("window_start_ns", "<u8"),
-        ("total", "<u8"),
-        ("window_count", "<u4"),
-        ("threshold", "<u4"),
-    ]
-)
+CONNECT_CROSSING = np.dtype([("head", CROSSING), ("key", CONNECT_KEY)])
 
 FAMILY_NAMES = {AF_INET: "ipv4", AF_INET6: "ipv6"}
 

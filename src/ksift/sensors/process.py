@@ -10,7 +10,17 @@ import numpy as np
 
 from ksift.rules.incidents import Incident, KeyState
 from ksift.rules.model import Rule
-from ksift.sensors.base import WINDOW, WINDOW_ABI, WINDOW_EXIT, Decoded, Sensor, how_long, tgid_key, window_crossing
+from ksift.sensors.base import (
+    CROSSING,
+    WINDOW,
+    WINDOW_ABI,
+    WINDOW_EXIT,
+    Decoded,
+    Sensor,
+    how_long,
+    tgid_key,
+    window_crossing,
+)
 from ksift.units import format_duration
 
 FORK_SIGNAL = "process.fork"
@@ -19,9 +29,7 @@ FORK_SIGNAL = "process.fork"
 # Mirrors of bpf/process.h.
 REC_FORK_CROSSING = 1
 REC_FORK_EXIT = 2
-FORK_CROSSING = np.dtype(
-    [("window_start_ns", "<u8"), ("total", "<u8"), ("window_count", "<u4"), ("threshold", "<u4")]
-)
+FORK_CROSSING = np.dtype([("head", CROSSING)])
 FORK_EXIT = WINDOW_EXIT  # exit_code: task->exit_code
 FORK_STATE = np.dtype([("win", WINDOW)])
 

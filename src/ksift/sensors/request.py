@@ -21,6 +21,7 @@ from ksift.rules.incidents import NS, Crossing, Incident, KeyState
 from ksift.rules.model import Rule
 from ksift.sensors.base import Decoded, Sensor, how_long, tgid_key
 from ksift.transport import records
+from ksift.transport.records import AF_INET, AF_INET6
 from ksift.units import format_duration
 
 SLOW_REQUEST_SIGNAL = "net.slow_request"
@@ -29,8 +30,6 @@ SLOW_REQUEST_SIGNAL = "net.slow_request"
 HEAD_LEN = 64
 HIST_SLOTS = 32
 ADDR_LEN = 16
-AF_INET = 2
-AF_INET6 = 10
 REC_SLOW_REQUEST = 41
 ENDPOINTS = np.dtype(
     [("family", "<u2"), ("lport", "<u2"), ("rport", "<u2"), ("pad", "<u2"),

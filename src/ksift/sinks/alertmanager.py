@@ -28,13 +28,12 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from ksift.sinks.console import format_alert_text
+from ksift.sinks.console import CONTAINER_ID_CHARS, format_alert_text
 from ksift.sinks.delivery import DeliverySettings, DeliverySink
 
 logger = logging.getLogger(__name__)
 
 API_PATH = "/api/v2/alerts"
-CONTAINER_ID_CHARS = 12
 MAX_TRACKED_OPEN = 10_000  # open alerts remembered for re-posting; the oldest go first
 
 

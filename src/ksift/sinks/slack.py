@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
+from ksift.sinks.console import CONTAINER_ID_CHARS
 from ksift.sinks.delivery import DeliverySettings, DeliverySink
 
 HEADER_LIMIT = 150  # plain_text in a header block
@@ -19,7 +20,6 @@ SECTION_LIMIT = 3000  # text of a section block
 FIELD_LIMIT = 2000  # each field of a section block
 MAX_FIELDS = 10
 TEXT_LIMIT = 4000  # the fallback text
-CONTAINER_ID_CHARS = 12
 
 
 class SlackSink(DeliverySink):

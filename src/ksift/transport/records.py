@@ -13,6 +13,8 @@ from ksift.events import TaskContext
 COMM_LEN = 16
 PATH_LEN = 128
 ANCESTRY_MAX = 8
+AF_INET = 2  # KSIFT_AF_INET: address families as the net and request records carry them
+AF_INET6 = 10
 RECORD_SIZE = 504
 RINGBUF_HDR_SIZE = 8
 
