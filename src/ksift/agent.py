@@ -280,6 +280,12 @@ class Agent:
     def tick(self) -> None:
         """Housekeeping, at most once per `tick`: loss detection, live totals, resolutions."""
         self.funnel.ticks += 1
+        self._check_loss()
+        self._refresh_open()
+        self._resolve()
+
+    def _check_loss(self) -> None:
+        """Read the one shared transport counter map; any new drop marks open incidents degraded."""
         if self.core is not None:
             self.funnel.kernel_transport = self.core.transport_counters()
         dropped = self.funnel.dropped()
@@ -287,8 +293,6 @@ class Agent:
             log.warning("%d record(s) lost between the kernel and ksift", dropped - self._last_dropped)
             self.engine.note_loss(self.clocks.mono_ns(), dropped - self._last_dropped)
             self._last_dropped = dropped
-        self._refresh_open()
-        self._resolve()
 
     def _resolve(self) -> None:
         self._emit(self.engine.tick(self.clocks.mono_ns()))
@@ -308,6 +312,7 @@ class Agent:
             return
         self.funnel.drains += 1
         ranges = batch["type"] // records.SENSOR_SPAN
+        decoded_any = False
         transitions: list[Transition] = []
         for rng in set(ranges.tolist()):
             part = batch[ranges == rng]
@@ -318,6 +323,10 @@ class Agent:
                 else:
                     self.funnel.records_unknown += len(part)
                 continue
+            if not decoded_any:
+                # Records to judge: first learn of any loss, so an incident they open says it is degraded.
+                self._check_loss()
+                decoded_any = True
             transitions += self._hand_over(sensor, part)
         self._refresh_open()
         self._emit(transitions)
