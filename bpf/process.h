@@ -11,6 +11,7 @@
 enum ksift_process_record {
 	KSIFT_REC_FORK_CROSSING = KSIFT_REC_PROCESS_BASE + 1, /* a parent crossed the fork threshold */
 	KSIFT_REC_FORK_EXIT = KSIFT_REC_PROCESS_BASE + 2,     /* a flagged parent exited: final totals */
+	KSIFT_REC_BOMB_CROSSING = KSIFT_REC_PROCESS_BASE + 3, /* a process tree multiplied: a fork bomb */
 };
 
 enum ksift_process_counter {
@@ -21,6 +22,10 @@ enum ksift_process_counter {
 	KSIFT_CNT_FORK_CROSSINGS,      /* threshold crossings (one per parent per window) */
 	KSIFT_CNT_EXIT_SEEN,           /* thread-group exits */
 	KSIFT_CNT_EXIT_FLAGGED,        /* exits of flagged parents (final record) */
+	KSIFT_CNT_TREE_FORKS,          /* new processes counted in their tree (session) */
+	KSIFT_CNT_TREE_EXITS,          /* exits counted off their tree's live members */
+	KSIFT_CNT_BOMB_CROSSINGS,      /* bomb crossings (one per tree per window) */
+	KSIFT_CNT_FORK_IN_BOMB,        /* fork-storm crossings withheld: the parent's tree is a bomb */
 };
 
 struct ksift_fork_crossing {
@@ -37,5 +42,30 @@ const struct ksift_fork_crossing *ksift_fork_crossing_abi __attribute__((unused)
 struct ksift_fork_state {
 	struct ksift_window win;  /* forks (new processes) of this parent */
 };
+
+/* Fork bombs: the whole, not one parent. A tree is every process of one
+ * session (the kernel's session id, which children inherit and which neither
+ * the root's exit nor reparenting changes): in a bomb no single process forks
+ * much, but the tree's forks and its live members grow together. */
+struct ksift_tree_state {
+	struct ksift_window win;  /* forks by any member of the tree */
+	__s64 live;               /* members born while we watched, minus those gone */
+	__s64 peak_live;          /* most alive at once */
+	__u64 bomb_window_ns;     /* window of its last bomb crossing (0: never): fork storms defer to it */
+};
+
+#define KSIFT_CMDLINE_LEN 96
+
+struct ksift_bomb_crossing {
+	struct ksift_crossing head; /* forks by the tree's members: in this window, and since first tracked */
+	__u32 tree;                 /* the session id that keys the tree */
+	__u32 live;                 /* members alive at the crossing */
+	__u32 peak_live;
+	__u32 min_live;             /* the rule's bar for live members */
+	__u32 cmdline_len;          /* bytes of argv in the forking member's memory (cmdline holds a prefix) */
+	__u32 pad;
+	char cmdline[KSIFT_CMDLINE_LEN]; /* the forking member's argv, NUL-separated, truncated */
+};
+const struct ksift_bomb_crossing *ksift_bomb_crossing_abi __attribute__((unused));
 
 #endif /* KSIFT_PROCESS_H */

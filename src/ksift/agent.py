@@ -295,7 +295,16 @@ class Agent:
             self._last_dropped = dropped
 
     def _resolve(self) -> None:
-        self._emit(self.engine.tick(self.clocks.mono_ns()))
+        self._emit(self.engine.tick(self.clocks.mono_ns(), self._still_there))
+
+    def _still_there(self, rule: str, key) -> bool:
+        """Whether the cause of a quiet incident is still there, as its sensor sees it."""
+        sensor = self._owner.get(rule)
+        try:
+            return sensor is not None and sensor.holds(rule, key)
+        except Exception:
+            log.exception("could not ask %s whether %s key %s still holds", sensor.name, rule, key)
+            return False
 
     def drain(self) -> None:
         """Read every committed record in one batch and hand each sensor its share."""

@@ -51,6 +51,15 @@ def test_no_limit_anywhere_and_a_gone_process(tmp_path):
     assert limits.of(8) is None  # no /proc/8: gone
 
 
+def test_by_path_when_no_member_can_be_asked(tmp_path):
+    v1, v2 = tmp_path / "pids", tmp_path / "v2"
+    cgroup_dir(v2, "/ksift-bomb")  # v2 without the pids controller: no pids files
+    cgroup_dir(v1, "/ksift-bomb", pids_max="300", pids_current="299", pids_events="max 17")
+    limits = PidsLimits(str(tmp_path / "proc"), v1_mount=str(v1), v2_mount=str(v2), discover=False)
+    assert limits.at_path("/ksift-bomb") == PidsLimit(path="/ksift-bomb", max=300, current=299, refused=17)
+    assert limits.at_path("/elsewhere") is None
+
+
 def test_odd_files_are_not_errors(tmp_path):
     v1 = tmp_path / "pids"
     cgroup_dir(v1, "/x", pids_max="64", pids_current="garbage", pids_events="weird line\n")

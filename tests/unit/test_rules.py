@@ -38,7 +38,7 @@ def parse_error(text: str) -> ConfigError:
 # --- the packaged default
 
 
-DEFAULT_RULE_NAMES = ("fork_storm", "exec_churn", "crash_loop", "fd_burst", "connect_storm", "slow_request",
+DEFAULT_RULE_NAMES = ("fork_storm", "fork_bomb", "exec_churn", "crash_loop", "fd_burst", "connect_storm", "slow_request",
                       "cpu_hog", "oom_kill", "memory_growth")
 
 
@@ -50,6 +50,13 @@ def test_default_rules_are_every_detection():
     assert {r.signal for r in rules.rules} == set(SIGNALS)
     # fd_burst is the one that taxes every syscall of the host: opt-in
     assert {r.name for r in rules.rules if not r.enabled} == {"fd_burst"}
+
+
+def test_default_fork_bomb_rule_judges_the_tree():
+    rule = load_rules().by_name("fork_bomb")
+    assert (rule.signal, rule.key, rule.threshold, rule.window_s, rule.severity) == \
+        ("process.bomb", "tree", 100, 1.0, Severity.CRITICAL)
+    assert rule.param("min_live") == 100 and rule.enabled
 
 
 def test_default_fork_storm_rule():
@@ -64,7 +71,7 @@ def test_default_fork_storm_rule():
         sustain_s=0.0,
         cooldown_s=30.0,
         enabled=True,
-        description="One parent created more than 50 processes within one second (fork storm or fork bomb)",
+        description="One parent created more than 50 processes within one second (a fork storm)",
     )
     assert rule.severity == "warning"
 

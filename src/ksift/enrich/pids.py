@@ -62,6 +62,17 @@ class PidsLimits:
             return _nearest_limit(self.v2_mount, paths[""])
         return None
 
+    def at_path(self, v2_path: str) -> PidsLimit | None:
+        """The limit over a cgroup v2 path when no member can be asked (they come and go fast):
+        the v2 pids files there, else the v1 pids cgroup of the same path, as systemd and
+        container runtimes lay the hierarchies out alike."""
+        for mount in (self.v2_mount, self.v1_mount):
+            if mount:
+                found = _nearest_limit(mount, v2_path)
+                if found is not None:
+                    return found
+        return None
+
 
 def _hierarchy_paths(lines: list[str]) -> Mapping[str, str]:
     """controller -> cgroup path from /proc/<pid>/cgroup lines ("" is the v2 hierarchy)."""

@@ -36,6 +36,7 @@ class ProcStat:
     ppid: int
     start_ticks: int  # field 22: start time after boot, in clock ticks
     flags: int = 0  # field 9: PF_* task flags
+    session: int = 0  # field 6: session id
 
 
 def parse_stat(raw: bytes) -> ProcStat:
@@ -61,6 +62,7 @@ def parse_stat(raw: bytes) -> ProcStat:
         ppid=int(rest[1]),
         start_ticks=int(rest[19]),
         flags=int(rest[6]),
+        session=int(rest[3]),
     )
 
 
@@ -128,6 +130,25 @@ class ProcFS:
             if line.startswith("0::"):
                 return _strip_deleted(line[3:])
         return None
+
+    def session_members(self, session: int, limit: int = 100_000) -> list[int]:
+        """Pids of the live processes of a session (at most `limit`), by a pass over /proc."""
+        out = []
+        try:
+            entries = os.listdir(self.root)
+        except OSError:
+            return out
+        for name in entries:
+            if not name.isdigit():
+                continue
+            try:
+                if self.stat(int(name)).session == session:
+                    out.append(int(name))
+            except (ProcessGone, AccessDenied, ValueError):
+                continue  # gone mid-read, or not ours to read: not a member we can name
+            if len(out) >= limit:
+                break
+        return out
 
     def is_kernel_thread(self, pid: int) -> bool:
         return bool(self.stat(pid).flags & PF_KTHREAD)

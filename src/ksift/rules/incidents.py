@@ -78,6 +78,7 @@ class Incident:
     key_exited: bool = False
     exit_code: int | None = None
     records_lost: int = 0
+    held_until_ns: int = 0  # its sensor said the cause is still there: not judged again before this
     context: dict = field(default_factory=dict)  # enrichment captured when it opened
     details: dict = field(default_factory=dict)  # the signal's own figures, first crossing then updates
     stack: Any = None
@@ -205,11 +206,21 @@ class IncidentEngine:
 
     # -- time ----------------------------------------------------------------
 
-    def tick(self, now_ns: int) -> list[Transition]:
-        """Resolve incidents whose key stayed under the threshold for a whole window."""
+    def tick(self, now_ns: int, holds: Callable[[str, Hashable], bool] | None = None) -> list[Transition]:
+        """Resolve incidents whose key stayed under the threshold for a whole window.
+
+        holds(rule, key), when given, may keep a quiet incident open: its cause is
+        still there though its events stopped (a fork bomb pinned at its pids
+        limit forks little, but all its members live). It is asked again one window later.
+        """
         out = []
         for ident, inc in list(self.open.items()):
+            if now_ns < inc.held_until_ns:
+                continue
             if not self.windows[inc.rule.name].quiet_since(inc.key, now_ns - self.grace_ns):
+                continue
+            if holds is not None and holds(inc.rule.name, inc.key):
+                inc.held_until_ns = now_ns + self.windows[inc.rule.name].window_ns
                 continue
             inc.status = "resolved"
             inc.resolved_ns = now_ns
@@ -238,7 +249,7 @@ class IncidentEngine:
             window_ns = self.windows[inc.rule.name].window_ns
             last = self.windows[inc.rule.name].last(inc.key)
             start = last.start_ns if last is not None else inc.last_window_ns
-            when = start + 2 * window_ns + self.grace_ns
+            when = max(start + 2 * window_ns + self.grace_ns, inc.held_until_ns)
             due = when if due is None else min(due, when)
         return due
 

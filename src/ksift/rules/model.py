@@ -77,6 +77,16 @@ SIGNALS: Mapping[str, SignalSpec] = _registry(
         description="new processes (not threads) created by one parent, counted in the kernel",
     ),
     SignalSpec(
+        name="process.bomb",
+        keys=("tree",),
+        unit="forks",
+        description="new processes created by the members of one process tree (every descendant of the "
+                    "session it started in, followed through setsid and reparenting), counted in the kernel "
+                    "while the tree has at least min_live members alive: a fork bomb, not a busy build",
+        params=(ParamSpec("min_live", "int", 100, 2, 1_000_000,
+                          "members of the tree alive at once before its forks count as a bomb"),),
+    ),
+    SignalSpec(
         name="process.short_lived",
         keys=("tgid",),
         unit="short-lived children",

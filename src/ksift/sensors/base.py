@@ -161,6 +161,11 @@ class Sensor:
         """The key's live counters from the kernel, for incidents still open."""
         return None
 
+    def holds(self, rule: str, key: Hashable) -> bool:
+        """Whether a quiet incident's cause is still there (keeps it open); by default no:
+        an incident resolves once its key stayed under the threshold for a whole window."""
+        return False
+
     def summarize(self, incident: Incident, status: str) -> str | None:
         """One sentence for the alert; None means the generic wording."""
         return None

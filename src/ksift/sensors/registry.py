@@ -19,6 +19,7 @@ from ksift.sensors.base import Sensor
 # signal -> (module, class) of the sensor that feeds it.
 SENSORS: dict[str, tuple[str, str]] = {
     "process.fork": ("ksift.sensors.process", "ProcessSensor"),
+    "process.bomb": ("ksift.sensors.process", "ProcessSensor"),
     "process.short_lived": ("ksift.sensors.lifecycle", "LifecycleSensor"),
     "process.crash": ("ksift.sensors.lifecycle", "LifecycleSensor"),
     "file.open": ("ksift.sensors.files", "FileSensor"),
