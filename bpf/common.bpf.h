@@ -37,6 +37,14 @@ struct {
 	__type(value, struct ksift_exec);
 } ks_exec_path SEC(".maps");
 
+/* Process marks (enum ksift_mark): shared like ks_exec_path. */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ksift_marks);
+} ks_marks SEC(".maps");
+
 /* This object's own per-CPU counters: what its programs saw, filtered,
  * aggregated and emitted (read on demand: /metrics, the API, --stats). */
 struct {
@@ -195,6 +203,39 @@ static __always_inline void *lookup_or_init(void *map, const void *key, const vo
 	val = bpf_map_lookup_elem(map, key);
 	if (!val)
 		count(KSIFT_CNT_MAP_FULL);
+	return val;
+}
+
+/* Mark `task`'s process (a BTF pointer: see exec_of) with `bit`. */
+static __always_inline void mark_process(struct task_struct *task, __u32 bit)
+{
+	struct ksift_marks *m = bpf_task_storage_get(&ks_marks, task->group_leader, 0,
+						     BPF_LOCAL_STORAGE_GET_F_CREATE);
+
+	if (m && !(m->bits & bit))
+		__sync_fetch_and_or(&m->bits, bit);
+}
+
+/* Whether `task`'s process carries `bit`: an exit hook's cheap first question. */
+static __always_inline bool process_marked(struct task_struct *task, __u32 bit)
+{
+	struct ksift_marks *m = bpf_task_storage_get(&ks_marks, task->group_leader, 0, 0);
+
+	return m && (m->bits & bit);
+}
+
+/* lookup_or_init() for state kept per process: the process (`task`) is marked
+ * with `bit` when its entry is made, so its exit hook knows to look. */
+static __always_inline void *process_state(void *map, const void *key, const void *init,
+					   struct task_struct *task, __u32 bit)
+{
+	void *val = bpf_map_lookup_elem(map, key);
+
+	if (val)
+		return val;
+	val = lookup_or_init(map, key, init);
+	if (val)
+		mark_process(task, bit);
 	return val;
 }
 

@@ -113,7 +113,7 @@ int ks_cpu_sample(struct bpf_perf_event_data *ctx)
 	now = bpf_ktime_get_ns();
 	init.win.window_start_ns = now;
 	init.run_start_ns = now;
-	st = lookup_or_init(&ks_cpu_state, &tgid, &init);
+	st = process_state(&ks_cpu_state, &tgid, &init, bpf_get_current_task_btf(), KSIFT_MARK_CPU);
 	if (!st)
 		return 0;
 	count(KSIFT_CNT_CPU_AGGREGATED);
@@ -155,9 +155,12 @@ int BPF_PROG(ks_cpu_exit, struct task_struct *task, bool group_dead)
 
 	if (!group_dead) /* other threads still run: the process lives on */
 		return 0;
-	tgid = task->tgid; /* a direct (BTF) load: this runs at every exit */
+	/* Most exits: never sampled, so never marked, and no lookup. */
+	if (!process_marked(task, KSIFT_MARK_CPU))
+		return 0;
+	tgid = task->tgid; /* a direct (BTF) load */
 	st = bpf_map_lookup_elem(&ks_cpu_state, &tgid);
-	if (!st) /* most exits: never sampled, or evicted */
+	if (!st) /* evicted */
 		return 0;
 	if (st->win.flagged) {
 		/* A flagged process is gone: ship its final totals before forgetting it. */

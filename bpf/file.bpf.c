@@ -115,7 +115,7 @@ static __always_inline void sample_dir(__u32 tgid, long nr, struct pt_regs *regs
 	__u64 h;
 	long n;
 
-	d = lookup_or_init(&ks_fd_dirs, &tgid, &ks_zero_dirs);
+	d = process_state(&ks_fd_dirs, &tgid, &ks_zero_dirs, bpf_get_current_task_btf(), KSIFT_MARK_FILE);
 	if (!d)
 		return;
 	s = bpf_map_lookup_elem(&ks_path_scratch, &zero);
@@ -236,7 +236,7 @@ int BPF_PROG(ks_fd_sys_exit, struct pt_regs *regs, long ret)
 
 	now = bpf_ktime_get_ns();
 	init.win.window_start_ns = now;
-	st = lookup_or_init(&ks_fd_state, &tgid, &init);
+	st = process_state(&ks_fd_state, &tgid, &init, bpf_get_current_task_btf(), KSIFT_MARK_FILE);
 	if (!st)
 		return 0;
 	count(KSIFT_CNT_FD_AGGREGATED);
@@ -267,10 +267,12 @@ int BPF_PROG(ks_fd_proc_exit, struct task_struct *task, bool group_dead)
 
 	if (!group_dead) /* other threads still run: the process lives on */
 		return 0;
-	tgid = BPF_CORE_READ(task, tgid);
+	if (!process_marked(task, KSIFT_MARK_FILE)) /* never opened a file we counted: nothing to forget */
+		return 0;
+	tgid = task->tgid;
 	st = bpf_map_lookup_elem(&ks_fd_state, &tgid);
 	if (!st)
-		return 0;
+		goto dirs;
 	if (st->win.flagged) {
 		/* A flagged process is gone: ship its final totals before forgetting it. */
 		count(KSIFT_CNT_FILE_EXIT_FLAGGED);
@@ -282,6 +284,7 @@ int BPF_PROG(ks_fd_proc_exit, struct task_struct *task, bool group_dead)
 	}
 	/* Forget it, so a recycled pid starts from zero. */
 	bpf_map_delete_elem(&ks_fd_state, &tgid);
+dirs:
 	if (bpf_map_lookup_elem(&ks_fd_dirs, &tgid))
 		bpf_map_delete_elem(&ks_fd_dirs, &tgid);
 	return 0;

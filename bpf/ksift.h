@@ -69,6 +69,23 @@ struct ksift_transport {
 	__u64 v[KSIFT_TR_MAX];
 };
 
+/* Marks on a process (task storage on its group leader, shared by every object
+ * through the core object): a sensor marks a process when it makes per-process
+ * state for it, so the exit hooks look their maps up only for marked
+ * processes: most processes that exit never had any state, and a task-storage
+ * miss costs far less than a hash lookup at every exit. */
+enum ksift_mark {
+	KSIFT_MARK_FORK_PARENT = 1 << 0,  /* process: an entry in ks_fork_state */
+	KSIFT_MARK_CHURN_PARENT = 1 << 1, /* lifecycle: an entry in ks_churn_state */
+	KSIFT_MARK_CPU = 1 << 2,          /* cpu: an entry in ks_cpu_state */
+	KSIFT_MARK_FILE = 1 << 3,         /* file: entries in ks_fd_state / ks_fd_dirs */
+};
+
+struct ksift_marks {
+	__u32 bits; /* enum ksift_mark */
+	__u32 pad;
+};
+
 /* The last exec of a process (task storage on its group leader, shared by every
  * object through the core object): which executable a record names, even when
  * the process is gone by the time user space reads it. */

@@ -121,7 +121,7 @@ static __always_inline void churn_count(struct task_struct *task, struct task_st
 	__u32 n;
 
 	st_init.win.window_start_ns = now;
-	st = lookup_or_init(&ks_churn_state, &ptgid, &st_init);
+	st = process_state(&ks_churn_state, &ptgid, &st_init, parent, KSIFT_MARK_CHURN_PARENT);
 	if (!st)
 		return;
 	count(KSIFT_CNT_CHURN_AGGREGATED);
@@ -204,9 +204,12 @@ static __always_inline void crash_count(struct task_struct *task, __u32 ptgid, s
 /* A flagged churn parent is gone: ship its final totals, then forget it. */
 static __always_inline void churn_parent_exit(struct task_struct *task, __u32 tgid)
 {
-	struct ksift_churn_state *st = bpf_map_lookup_elem(&ks_churn_state, &tgid);
+	struct ksift_churn_state *st;
 	struct ksift_record *rec;
 
+	if (!process_marked(task, KSIFT_MARK_CHURN_PARENT)) /* most exits: never a churn parent */
+		return;
+	st = bpf_map_lookup_elem(&ks_churn_state, &tgid);
 	if (!st)
 		return;
 	if (st->win.flagged) {

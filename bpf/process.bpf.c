@@ -143,7 +143,7 @@ int BPF_PROG(ks_fork, struct task_struct *parent, struct task_struct *child)
 	if (!fork_enabled)
 		return 0;
 	init.win.window_start_ns = now;
-	st = lookup_or_init(&ks_fork_state, &tgid, &init);
+	st = process_state(&ks_fork_state, &tgid, &init, parent, KSIFT_MARK_FORK_PARENT);
 	if (!st)
 		return 0;
 	count(KSIFT_CNT_FORK_AGGREGATED);
@@ -178,6 +178,9 @@ int BPF_PROG(ks_exit, struct task_struct *task, bool group_dead)
 		tree_exit(task);
 	if (!fork_enabled)
 		return 0;
+	/* Most exiting processes never forked while we watched: no mark, no lookup. */
+	if (!process_marked(task, KSIFT_MARK_FORK_PARENT))
+		return 0;
 	tgid = task->tgid; /* a direct (BTF) load: this runs at every exit */
 
 	st = bpf_map_lookup_elem(&ks_fork_state, &tgid);
@@ -190,8 +193,6 @@ int BPF_PROG(ks_exit, struct task_struct *task, bool group_dead)
 			submit_record(rec);
 		}
 	}
-	/* Most exiting processes never forked while we watched: the lock-free
-	 * lookup above spares them the bucket lock a delete takes. */
 	if (st)
 		bpf_map_delete_elem(&ks_fork_state, &tgid);
 	return 0;

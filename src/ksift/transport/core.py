@@ -18,7 +18,7 @@ from ksift.loader.libbpf import Libbpf
 from ksift.transport import records
 from ksift.transport.ringbuf import RingBufferReader
 
-SHARED_MAPS = ("ks_events", "ks_transport", "ks_exec_path")
+SHARED_MAPS = ("ks_events", "ks_transport", "ks_exec_path", "ks_marks")
 # enum ksift_core_counter (bpf/core.bpf.c), from records.SENSOR_COUNTER_BASE on.
 CORE_COUNTER_NAMES = ("exec_seen", "exec_stored")
 
