@@ -17,6 +17,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from ksift.loader.libbpf import Libbpf
 from ksift.rules.incidents import NS, Incident, IncidentEngine, KeyState, Transition
 from ksift.rules.model import RuleSet
 from ksift.sensors.base import Sensor
+from ksift.sensors.registry import start_kernel_side
 from ksift.sinks.base import Sink
 from ksift.transport import records
 from ksift.transport.core import CoreObject
@@ -42,6 +44,9 @@ TRANSIT_GRACE_S = 0.2
 # Wake-ups closer together than this are merged into one drain, unless the ring
 # buffer is past its watermark: a trickle of records costs at most 100 drains/s.
 MIN_DRAIN_INTERVAL_S = 0.01
+# Incidents whose last alert (and remediation decision) the agent keeps, to send that alert again
+# when its decision changes: the newest ones, a decision comes within seconds or minutes (ask mode).
+MAX_TRACKED_INCIDENTS = 4096
 
 
 @dataclass
@@ -57,6 +62,7 @@ class Funnel:
     records_synthetic: int = 0  # bench flood records: counted, never decoded
     records_failed: int = 0  # decoded but could not be handled (logged, never fatal)
     alerts: dict[str, int] = field(default_factory=lambda: {"open": 0, "resolved": 0})
+    alert_updates: int = 0  # alerts sent again because their incident's remediation decision changed
     ticks: int = 0  # housekeeping runs
     drains: int = 0  # ring-buffer drains that found records
 
@@ -75,6 +81,7 @@ class Funnel:
                           "drains": self.drains},
             "rules": dict(engine.stats, open_incidents=len(engine.open)),
             "alerts": dict(self.alerts),
+            "alert_updates": self.alert_updates,
             # Network sinks also report retried, gave_up, dropped_queue_full... (sinks/delivery.py).
             "sinks": {s.name: (s.counters() if callable(getattr(s, "counters", None))
                                else {"delivered": s.delivered, "failed": s.failed}) for s in sinks},
@@ -112,6 +119,11 @@ class Agent:
         self._owner = {rule.name: sensor for sensor in sensors for rule in sensor.rules()}
         self._by_range = {sensor.record_base // records.SENSOR_SPAN: sensor for sensor in sensors}
         self.ready = False  # every sensor attached and the loop running (readiness)
+        # Remediation's decision on an incident (its brief), and the last alert of each incident the
+        # sinks got: every alert leaving the agent carries its incident's decision, and a decision that
+        # changes sends that alert again (same id) to every sink.
+        self._remediation: OrderedDict[str, dict] = OrderedDict()
+        self._last_sent: OrderedDict[str, dict] = OrderedDict()
         self.view = AgentView(self)
         for sink in sinks:
             if hasattr(sink, "bind"):  # sinks that read the agent (the API, remediation), through its view
@@ -120,21 +132,11 @@ class Agent:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
-        """Load the core object, then attach every sensor to its shared maps; all or nothing."""
-        started: list[Sensor] = []
-        try:
-            if self.core is not None:
-                self.core.start()
-            for sensor in self.sensors:
-                sensor.start(self.core.shared_fds if self.core is not None else None)
-                started.append(sensor)
-                log.info("sensor %s attached: %s", sensor.name, ", ".join(sensor.obj.attached) or "nothing")
-        except BaseException:
-            for sensor in reversed(started):
-                sensor.close()
-            if self.core is not None:
-                self.core.close()
-            raise
+        """Load the core object, then attach every sensor to its shared maps; all or nothing.
+        Nothing to do when the composition already started them (it loads BPF first: see compose.py)."""
+        if self.core is not None and self.core.obj is not None:
+            return
+        start_kernel_side(self.core, self.sensors)
 
     def __enter__(self) -> "Agent":
         self.start()
@@ -385,12 +387,31 @@ class Agent:
             self.funnel.alerts[tr.kind] = self.funnel.alerts.get(tr.kind, 0) + 1
             self.stack_gate.submit(alert, tr.incident, owner.summarize if owner else None)
 
-    def _to_sinks(self, alert: dict) -> None:
+    def _to_sinks(self, alert: dict, skip: object = None) -> None:
+        incident = alert.get("incident_id")
+        if incident is not None:
+            brief = self._remediation.get(incident)
+            if brief is not None:
+                alert["remediation"] = brief  # a decision exists: every alert of the incident carries it
+            _remember(self._last_sent, incident, alert)
         for sink in self.sinks:
+            if sink is skip:
+                continue
             try:
                 sink.emit(alert)
             except Exception:  # a sink must not raise; if one does, the others still get the alert
                 log.exception("sink %s failed", sink.name)
+
+    def remediation_changed(self, incident_id: str, brief: dict, source: object = None) -> None:
+        """Remediation decided on an incident, or its decision changed (done, an outcome): alerts of
+        the incident built from now on carry it, and the incident's last alert is sent again (same
+        id, the new `remediation`) to every sink but `source` (remediation itself). Loop only."""
+        _remember(self._remediation, incident_id, brief)
+        last = self._last_sent.get(incident_id)
+        if last is None or last.get("remediation") == brief:
+            return  # its alert has not left the agent yet (it will carry this), or says it already
+        self.funnel.alert_updates += 1
+        self._to_sinks(dict(last), skip=source)
 
     def owner(self, rule_name: str) -> Sensor | None:
         """The sensor that feeds a rule (for the API and remediation)."""
@@ -416,6 +437,13 @@ class Agent:
         report = self.funnel.as_dict(self.engine, self.sinks)
         report["stacks"] = dict(self.stack_gate.stats)  # alerts that waited for symbolization; of them, late
         return report
+
+
+def _remember(table: OrderedDict, key: str, value: dict) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > MAX_TRACKED_INCIDENTS:
+        table.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -505,6 +533,11 @@ class AgentView:
 
     def engine_stats(self) -> dict[str, int]:
         return dict(self._agent.engine.stats)
+
+    def remediation_changed(self, incident_id: str, brief: dict, source: object = None) -> None:
+        """A decision on an incident was made or changed: its alerts carry it from now on, and its
+        last alert goes again to every sink but `source` (see Agent.remediation_changed). Loop only."""
+        self._agent.remediation_changed(incident_id, brief, source)
 
     def shared_map_fds(self) -> dict[str, int]:
         """The core object's shared maps (ring buffer, transport counters, exec paths), for an

@@ -5,9 +5,11 @@ is made, so whatever fails half-way (a store that will not open, a sink's bad
 address, a BPF object the kernel refuses) releases exactly what was already
 made, in reverse order, and a normal exit does the same.
 
-Modules of sinks and interfaces are imported only when configured, and the heap
-libbpf freed after loading (it parses the kernel's BTF, ~10 MiB, per object) is
-handed back to the system.
+The kernel side is loaded first, before asyncio, the alert store and the
+interfaces' libraries are imported: libbpf parses the kernel's BTF (~10 MiB for
+a moment) for each object, and that moment is the process's peak memory unless
+it comes while the process is still small. What libbpf freed is handed back to
+the system, and modules of sinks and interfaces are imported only when configured.
 """
 
 from __future__ import annotations
@@ -36,13 +38,9 @@ def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lin
 
     At exit (normal or not) the funnel report is logged, and written to stats_path when given.
     """
-    from ksift.agent import Agent
-    from ksift.enrich.cgroup import CgroupResolver, find_cgroup2_mount
-    from ksift.enrich.context import Enricher
-    from ksift.enrich.procfs import ProcFS
     from ksift.loader.libbpf import Libbpf
     from ksift.sensors.base import default_objects_dir
-    from ksift.sensors.registry import build_sensors
+    from ksift.sensors.registry import build_sensors, start_kernel_side
     from ksift.transport.core import CoreObject
 
     with ExitStack() as stack:
@@ -53,6 +51,15 @@ def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lin
         objects = default_objects_dir()
         core = CoreObject(lib, objects, config, os.getpid())
         sensors = build_sensors(lib, objects, config, rules, urgent_rules=_urgent_rules(config, rules))
+        start_kernel_side(core, sensors)  # all or nothing
+        stack.callback(_close_kernel_side, core, sensors)
+        _release_free_heap()
+
+        from ksift.agent import Agent
+        from ksift.enrich.cgroup import CgroupResolver, find_cgroup2_mount
+        from ksift.enrich.context import Enricher
+        from ksift.enrich.procfs import ProcFS
+
         store = _open_store(db_path)
         stack.callback(store.close)
         sinks = _build_sinks(config, rules, store, json_lines, stdout)
@@ -69,9 +76,7 @@ def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lin
             stack.callback(lambda: log.info("kubernetes: %s", json.dumps(pods.stats(), sort_keys=True)))
         enricher = Enricher(ProcFS(), CgroupResolver(find_cgroup2_mount()), pods=pods)
         agent = Agent(config, rules, sensors, enricher, sinks, core=core)
-        agent.start()  # the kernel side: all or nothing
         stack.callback(agent.close)
-        _release_free_heap()
         stack.callback(_report, agent, stats_path)
         yield agent
 
@@ -102,6 +107,16 @@ def _build_sinks(config: AgentConfig, rules: RuleSet, store, json_lines: bool, s
 
     sinks = [ConsoleSink(stdout, json_lines=json_lines or config.json_output), StoreSink(store)]
     return sinks + configured_sinks(config, rules, store)
+
+
+def _close_kernel_side(core, sensors) -> None:
+    """After a failed start-up (Agent.close() does this once the agent exists; closing twice is harmless)."""
+    for sensor in reversed(sensors):
+        try:
+            sensor.close()
+        except Exception:
+            log.exception("closing sensor %s failed", sensor.name)
+    core.close()
 
 
 def _closer(sink):

@@ -7,7 +7,6 @@ Exit status: 0 ok, 1 runtime failure (BPF, store, privileges), 2 bad input
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -119,6 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Everything it builds (kernel side, store, sinks) is released on every way out.
         with running_agent(config, rules, db_path=args.db or config.db_path or default_db_path(),
                            json_lines=args.json, stats_path=args.stats) as agent:
+            import asyncio  # after the kernel side is loaded (see ksift.compose)
+
             asyncio.run(agent.run(args.duration))
     except BpfError as exc:
         raise BpfError(f"{exc}\n(run `ksift doctor` to see what this host supports)") from exc

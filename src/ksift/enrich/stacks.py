@@ -19,7 +19,6 @@ alert goes straight to the sinks.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import copy
 import logging
@@ -28,9 +27,12 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ksift.rules.incidents import Incident
+
+if TYPE_CHECKING:  # asyncio itself is imported where a loop runs: the agent loads BPF before it
+    import asyncio
 
 log = logging.getLogger("ksift.enrich.stacks")
 
@@ -131,6 +133,8 @@ class StackGate:
                    if isinstance(h.alert.get("stack"), PendingStack) and h.alert["stack"].future is not None]
         if pending:
             wait_s = max(0.0, max(h.deadline for h in self._held) - self.clock())
+            import asyncio
+
             await asyncio.to_thread(concurrent.futures.wait, pending, wait_s)
         self.flush()
 
@@ -206,6 +210,8 @@ class StackGate:
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
+    import asyncio
+
     try:
         return asyncio.get_running_loop()
     except RuntimeError:

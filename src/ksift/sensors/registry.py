@@ -7,6 +7,7 @@ so a host that watches only forks never loads (or even imports) the others.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Collection
 from pathlib import Path
@@ -15,6 +16,8 @@ from ksift.config import AgentConfig
 from ksift.loader.libbpf import Libbpf
 from ksift.rules.model import SIGNALS, RuleSet
 from ksift.sensors.base import Sensor
+
+log = logging.getLogger("ksift.agent")
 
 # signal -> (module, class) of the sensor that feeds it.
 SENSORS: dict[str, tuple[str, str]] = {
@@ -64,3 +67,22 @@ def build_sensors(lib: Libbpf, objects_dir: Path, config: AgentConfig, rules: Ru
     for sensor in sensors:
         sensor.urgent_rules = frozenset(urgent_rules)
     return sensors
+
+
+def start_kernel_side(core, sensors: list[Sensor]) -> None:
+    """Load the core object (the shared ring buffer and maps), then attach every sensor to
+    them; all or nothing: on any failure what was started is closed again."""
+    started: list[Sensor] = []
+    try:
+        if core is not None:
+            core.start()
+        for sensor in sensors:
+            sensor.start(core.shared_fds if core is not None else None)
+            started.append(sensor)
+            log.info("sensor %s attached: %s", sensor.name, ", ".join(sensor.obj.attached) or "nothing")
+    except BaseException:
+        for sensor in reversed(started):
+            sensor.close()
+        if core is not None:
+            core.close()
+        raise
