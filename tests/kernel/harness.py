@@ -300,6 +300,111 @@ class ScratchCgroup:
         remove_cgroup(self.path, CGROUP2_ROOT)
 
 
+PIDS_V1_ROOT = Path("/sys/fs/cgroup/pids")
+
+
+class BombCgroups:
+    """A v1 pids cgroup (pids.max = pids_max) and a v2 scratch cgroup of the same name, for one bomb.
+
+    The workload joins both (bombs.py and forkbomb.c take them as --cgroup). kill() kills
+    everything in them (cgroup.kill, then SIGKILL to whatever is left) and waits until
+    they are empty; on exit that is done and both are removed, even when the test failed
+    half-way: a bomb must never outlive its test. With deadline_s, a watchdog kills them
+    that many seconds after entry whatever the test is doing (a test stuck waiting).
+    """
+
+    def __init__(self, pids_max: int, deadline_s: float | None = None):
+        name = f"ksift-bomb-{uuid.uuid4().hex[:8]}"
+        self.pids = PIDS_V1_ROOT / name
+        self.v2 = CGROUP2_ROOT / name
+        self.pids_max = pids_max
+        self.deadline_s = deadline_s
+        self._watchdog: threading.Timer | None = None
+
+    def __enter__(self) -> "BombCgroups":
+        if not (PIDS_V1_ROOT / "cgroup.procs").exists():
+            raise RuntimeError(f"no cgroup v1 pids controller at {PIDS_V1_ROOT}: the bomb cannot be bounded")
+        self.pids.mkdir()
+        try:
+            (self.pids / "pids.max").write_text(str(self.pids_max))
+            self.v2.mkdir()
+        except BaseException:
+            self.pids.rmdir()
+            raise
+        if self.deadline_s is not None:
+            self._watchdog = threading.Timer(self.deadline_s, self.kill)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+        return self
+
+    @property
+    def rel(self) -> str:
+        """The v2 cgroup's path, as alerts name it (subject.cgroup)."""
+        return "/" + self.v2.name
+
+    @property
+    def join_args(self) -> list[str]:
+        """--cgroup arguments that put a workload (bombs.py, forkbomb.c) in both cgroups."""
+        return ["--cgroup", str(self.pids), "--cgroup", str(self.v2)]
+
+    def peak(self) -> int:
+        return int((self.pids / "pids.peak").read_text())
+
+    def current(self) -> int:
+        return int((self.pids / "pids.current").read_text())
+
+    def refused(self) -> int:
+        """Forks the pids limit refused so far (pids.events "max")."""
+        for line in (self.pids / "pids.events").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "max":
+                return int(value)
+        return 0
+
+    def procs(self) -> set[int]:
+        out: set[int] = set()
+        for d in (self.pids, self.v2):
+            try:
+                out |= {int(p) for p in (d / "cgroup.procs").read_text().split()}
+            except OSError:
+                pass
+        return out
+
+    def kill(self, timeout: float = 30.0) -> bool:
+        """Kill everything in both cgroups and wait until they are empty; whether they are."""
+        # cgroup.kill (v2) kills the whole cgroup at once, bombs included; then sweep what is left.
+        try:
+            (self.v2 / "cgroup.kill").write_text("1")
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            left = self.procs()
+            if not left:
+                return True
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        return not self.procs()
+
+    def __exit__(self, *exc) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self.kill()
+        for d in (self.v2, self.pids):
+            for _ in range(100):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
 MEMCG_V1_ROOT = Path("/sys/fs/cgroup/memory")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
 import subprocess
 import time
@@ -29,8 +28,8 @@ from pathlib import Path
 
 import pytest
 from harness import (
-    CGROUP2_ROOT,
     WORKLOADS,
+    BombCgroups,
     assert_released,
     owned_bpf_ids,
     packaged_rule,
@@ -38,7 +37,6 @@ from harness import (
     write_rules,
 )
 
-PIDS_V1_ROOT = Path("/sys/fs/cgroup/pids")
 PIDS_MAX = 200  # the bomb's hard bound: the kernel refuses its 201st process
 
 
@@ -47,78 +45,6 @@ def compile_forkbomb(out_dir: Path) -> Path:
     subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(binary), str(WORKLOADS / "forkbomb.c")],
                    check=True, capture_output=True, text=True)
     return binary
-
-
-class BombCgroups:
-    """A v1 pids cgroup (pids.max = PIDS_MAX) and a v2 scratch cgroup for one bomb.
-
-    On exit everything in them is killed and both are removed, even when the
-    test failed half-way: a bomb must never outlive its test.
-    """
-
-    def __init__(self, pids_max: int = PIDS_MAX):
-        name = f"ksift-bomb-{uuid.uuid4().hex[:8]}"
-        self.pids = PIDS_V1_ROOT / name
-        self.v2 = CGROUP2_ROOT / name
-        self.pids_max = pids_max
-
-    def __enter__(self) -> "BombCgroups":
-        if not (PIDS_V1_ROOT / "cgroup.procs").exists():
-            raise RuntimeError(f"no cgroup v1 pids controller at {PIDS_V1_ROOT}: the bomb cannot be bounded")
-        self.pids.mkdir()
-        try:
-            (self.pids / "pids.max").write_text(str(self.pids_max))
-            self.v2.mkdir()
-        except BaseException:
-            self.pids.rmdir()
-            raise
-        return self
-
-    @property
-    def rel(self) -> str:
-        return "/" + self.v2.name
-
-    def peak(self) -> int:
-        return int((self.pids / "pids.peak").read_text())
-
-    def current(self) -> int:
-        return int((self.pids / "pids.current").read_text())
-
-    def procs(self) -> set[int]:
-        out: set[int] = set()
-        for d in (self.pids, self.v2):
-            try:
-                out |= {int(p) for p in (d / "cgroup.procs").read_text().split()}
-            except OSError:
-                pass
-        return out
-
-    def __exit__(self, *exc) -> None:
-        # cgroup.kill (v2) kills the whole cgroup at once, bombs included; then sweep what is left.
-        try:
-            (self.v2 / "cgroup.kill").write_text("1")
-        except OSError:
-            pass
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            left = self.procs()
-            if not left:
-                break
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        for d in (self.v2, self.pids):
-            for _ in range(100):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
 
 
 def fork_rules(path: Path, scope: str, mode: str = "enforce", fast_path: bool = False, **policy) -> Path:
@@ -228,7 +154,7 @@ def run_storm(tmp_path: Path, bomb: Path, mode: str, fast_path: bool = False, co
               seconds: float = BOMB_SECONDS, **policy) -> dict:
     """One bomb under one agent; returns what happened, for the assertions."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    with BombCgroups() as cg:
+    with BombCgroups(PIDS_MAX) as cg:
         rules = fork_rules(tmp_path / "rules.toml", cg.rel, mode=mode, fast_path=fast_path, **policy)
         config = agent_config(tmp_path / "agent.toml", config_extra)
         agent = start_agent(tmp_path / "agent", "--config", str(config), "--rules", str(rules))
