@@ -61,6 +61,9 @@ BOMB_CROSSING = np.dtype(
     ]
 )
 TREE_STATE = np.dtype([("win", WINDOW), ("live", "<i8"), ("peak_live", "<i8"), ("bomb_window_ns", "<u8")])
+# Control characters of an argv (a script's newlines, tabs) written as escapes: the summary stays one line.
+ONE_LINE = {**{c: f"\\x{c:02x}" for c in (*range(32), 127)}, ord("\n"): "\\n", ord("\t"): "\\t",
+            ord("\r"): "\\r"}
 
 
 def decode_cmdline(raw: bytes, length: int) -> list[str]:
@@ -174,11 +177,16 @@ class ProcessSensor(Sensor):
             return None
         return dict(inc.details)
 
-    def _refresh_bomb(self, inc: Incident) -> None:
-        """The tree's figures now, for the alert being built: live members, peak, rate, pids limit."""
+    def _refresh_bomb(self, inc: Incident, status: str) -> None:
+        """The tree's figures for the alert being built: peak, rate and pids limit now; live members
+        now once it is over, but while it opens the count the kernel judged it by (its crossing's, at
+        least min_live): a bomb whose members fork and exit may be under that bar again a few ms
+        later, and an open alert must not contradict its own rule (peak_live keeps any growth)."""
         live = self.tree_live(int(inc.key))
         if live is not None:
-            inc.details["live"], peak = live
+            now, peak = live
+            if status != "open":
+                inc.details["live"] = now
             inc.details["peak_live"] = max(peak, int(inc.details.get("peak_live", 0)))
         inc.details["forks_per_s"] = round(inc.peak_window_count / inc.rule.window_s)
         limit = self._pids_limit_of(inc)
@@ -219,7 +227,7 @@ class ProcessSensor(Sensor):
 
     def summarize(self, inc: Incident, status: str) -> str:
         if self.bomb_rule is not None and inc.rule.name == self.bomb_rule.name:
-            self._refresh_bomb(inc)  # summarize comes first when an alert is built; details() reuses it
+            self._refresh_bomb(inc, status)  # summarize comes first when an alert is built; details() reuses it
             return self._bomb_summary(inc, status)
         who = f"PID {inc.task.tgid} ({inc.task.comm})"
         window = format_duration(inc.rule.window_s)
@@ -237,7 +245,7 @@ class ProcessSensor(Sensor):
         exe = subject.get("exe") or inc.task.exe or inc.task.comm
         if "/" not in exe and args and args[0].startswith("/"):
             exe = args[0]  # the member is gone and the kernel kept only a basename: argv[0] says more
-        program = " ".join(filter(None, [exe, shlex.join(args[1:]) if len(args) > 1 else ""]))
+        program = " ".join(filter(None, [exe, shlex.join(args[1:]) if len(args) > 1 else ""])).translate(ONE_LINE)
         if len(program) > PROGRAM_TEXT_MAX:
             program = program[: PROGRAM_TEXT_MAX - 1] + "\u2026"
         cgroup = subject.get("cgroup")
