@@ -150,8 +150,8 @@ int BPF_PROG(ks_fork, struct task_struct *parent, struct task_struct *child)
 	window_roll(&st->win, now, fork_window_ns);
 	n = window_add(&st->win);
 	if (in_bomb) {
-		/* One bomb is one incident, not one fork storm per member. */
-		if (n > fork_threshold)
+		/* One bomb is one incident, not one fork storm per member (counted once per window). */
+		if (n == fork_threshold + 1)
 			count(KSIFT_CNT_FORK_IN_BOMB);
 		return 0;
 	}

@@ -358,7 +358,8 @@ class Agent:
                 log.exception("could not handle a crossing of %s for key %s", c.rule, c.key)
                 self.funnel.records_failed += 1
         for gone in decoded.exits:
-            self.engine.key_exited(gone.rule, gone.key, gone.total, gone.exit_code)
+            self.engine.key_exited(gone.rule, gone.key, gone.total, gone.exit_code, gone.window_start_ns,
+                                   gone.window_count)
         return transitions
 
     def _refresh_open(self) -> None:

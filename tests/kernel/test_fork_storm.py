@@ -10,9 +10,11 @@ from harness import (
     assert_released,
     bpf_ids_in_kernel,
     owned_bpf_ids,
+    packaged_rule,
     program_names,
     run_forker,
     start_agent,
+    write_rules,
 )
 
 
@@ -129,8 +131,10 @@ def test_context_survives_a_parent_that_is_gone_before_the_alert(tmp_path):
     # tick the agent usually builds the alert after the process is gone.
     config = tmp_path / "agent.toml"
     config.write_text('[agent]\ntick = "1s"\n')
+    # A burst this short is under the packaged rule's sustain (1 s): this rule alerts at once.
+    rules = write_rules(tmp_path / "rules.toml", packaged_rule("fork_storm", sustain="0s"))
     # Resolution comes two windows plus two ticks of grace after the burst: ~5 s.
-    agent = start_agent(tmp_path, "--config", str(config), duration=9)
+    agent = start_agent(tmp_path, "--config", str(config), "--rules", str(rules), duration=9)
     agent.wait_ready()
     work = run_forker(rate=2000, seconds=0.25, comm="ks-burst")
     assert agent.wait(timeout=60) == 0, agent.stderr()

@@ -38,8 +38,8 @@ def parse_error(text: str) -> ConfigError:
 # --- the packaged default
 
 
-DEFAULT_RULE_NAMES = ("fork_storm", "fork_bomb", "exec_churn", "crash_loop", "fd_burst", "connect_storm", "slow_request",
-                      "cpu_hog", "oom_kill", "memory_growth")
+DEFAULT_RULE_NAMES = ("fork_storm", "fork_bomb", "exec_churn", "crash_loop", "fd_burst", "connect_storm",
+                      "slow_request", "cpu_hog", "oom_kill", "memory_growth")
 
 
 def test_default_rules_are_every_detection():
@@ -68,10 +68,10 @@ def test_default_fork_storm_rule():
         key="tgid",
         threshold=50,
         window_s=1.0,
-        sustain_s=0.0,
+        sustain_s=1.0,
         cooldown_s=30.0,
         enabled=True,
-        description="One parent created more than 50 processes within one second (a fork storm)",
+        description="One parent created more than 50 processes a second for over a second (a fork storm)",
     )
     assert rule.severity == "warning"
 
@@ -338,7 +338,7 @@ def cpu_toml(threshold=90, window="1s", hz=49, enabled="true", policy=""):
     (cpu_toml(threshold=10**9, window="1h", hz=1000), "rule[0] (cpu_hog).threshold",
      "more than the kernel counts in a window"),
     (cpu_toml(policy='[rule.policy]\naction = "kill_tree"\nfast_path = true\n'),
-     "rule[0] (cpu_hog).policy.fast_path", "fast_path works only for process.fork rules"),
+     "rule[0] (cpu_hog).policy.fast_path", "fast_path works only for process.fork and process.bomb rules"),
 ])
 def test_checks_of_the_whole_rule_name_the_file_rule_and_field(text, field, detail):
     error = parse_error(text)

@@ -48,6 +48,8 @@ class KeyExit:
     key: Hashable
     total: int
     exit_code: int | None = None
+    window_start_ns: int = 0  # the key's last window, and its count then
+    window_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -184,12 +186,15 @@ class IncidentEngine:
         if window_start_ns == inc.last_window_ns:
             inc.peak_window_count = max(inc.peak_window_count, window_count)
 
-    def key_exited(self, rule: str, key: Hashable, total: int, exit_code: int | None = None) -> None:
+    def key_exited(self, rule: str, key: Hashable, total: int, exit_code: int | None = None,
+                   window_start_ns: int = 0, window_count: int = 0) -> None:
         """The key's process is gone; its last totals came with the exit record."""
         inc = self.open.get((rule, key))
         if inc is None:
             return
         inc.latest_total = max(inc.latest_total, total)
+        if window_start_ns == inc.last_window_ns:  # its hot window went on after the last crossing
+            inc.peak_window_count = max(inc.peak_window_count, window_count)
         inc.key_exited = True
         inc.exit_code = exit_code
 

@@ -246,7 +246,8 @@ class Sensor:
     def window_exits(batch: np.ndarray, rec_type: int, rule: str) -> list[KeyExit]:
         """The final totals of the exit records (struct ksift_window_exit) of one type in a batch."""
         rows, pay = records.payloads(batch, rec_type, WINDOW_EXIT)
-        return [KeyExit(rule, int(row["task"]["tgid"]), int(p["total"]), int(p["exit_code"]))
+        return [KeyExit(rule, int(row["task"]["tgid"]), int(p["total"]), int(p["exit_code"]),
+                        int(p["window_start_ns"]), int(p["window_count"]))
                 for row, p in zip(rows, pay)]
 
     @staticmethod
