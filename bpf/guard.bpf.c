@@ -5,9 +5,10 @@
  * policy asks for the fast path; it reuses the core object's shared maps, so
  * it makes no ring buffer of its own, and it emits no records.
  *
- * Once user space has judged a process tree and flagged it in ks_tree_flags,
- * a fork anywhere in that tree is answered with SIGKILL in the kernel, so a
- * fork bomb stops growing without waiting for user space.
+ * Once user space has judged a process tree and flagged it (ks_tree_flags: its
+ * processes by tgid; ks_bomb_flags: a fork bomb by session and cgroup, or a
+ * whole cgroup), a fork anywhere in it is answered with SIGKILL in the
+ * kernel, so a fork bomb stops growing without waiting for user space.
  *
  * Hook: tp_btf/sched_process_fork, one of two programs (the kfunc form, or
  * the fallback for kernels without it; user space attaches one).
@@ -30,6 +31,16 @@ struct {
 	__type(key, __u32); /* tgid */
 	__type(value, struct ksift_tree_flag);
 } ks_tree_flags SEC(".maps");
+
+/* Judged fork bombs (session + cgroup) and cgroup-scoped kill_tree (cgroup,
+ * session 0): a new process of a flagged one is killed at fork, within the
+ * flag's own budget. Written by user space only after every guard passed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct ksift_bomb_key);
+	__type(value, struct ksift_bomb_flag);
+} ks_bomb_flags SEC(".maps");
 
 /* Kills left per judged tree (root tgid -> remaining): the blast-radius limit
  * of the fast path. User space sets it; at 0 the kernel stops killing. */
@@ -80,24 +91,38 @@ static __always_inline __u32 flagged_root(struct task_struct *task)
 	return 0;
 }
 
-/* Is this fork (a new process, not a thread, not ksift's) one the guard
- * must answer, within its tree's kill budget? */
-static __always_inline bool fork_in_flagged_tree(struct task_struct *parent, struct task_struct *child)
+/* The session a task belongs to (its id in the initial pid namespace), or 0
+ * (as process.bpf.c keys its trees). */
+static __always_inline __u32 session_of(struct task_struct *task)
 {
-	__u32 zero = 0, *armed, root;
-	__s64 *budget;
+	struct pid *sid = BPF_CORE_READ(task, signal, pids[PIDTYPE_SID]);
 
-	armed = bpf_map_lookup_elem(&ks_tree_armed, &zero);
-	if (!armed || !*armed)
-		return false;
-	if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid))
-		return false;
-	if (BPF_CORE_READ(parent, tgid) == ksift_tgid)
-		return false;
-	root = flagged_root(parent);
-	if (!root)
-		return false;
-	budget = bpf_map_lookup_elem(&ks_tree_budget, &root);
+	return sid ? BPF_CORE_READ(sid, numbers[0].nr) : 0;
+}
+
+/* The flag of the judged bomb (session in cgroup) or cgroup `member` belongs
+ * to, or NULL. `member` is the new child (the kfunc form) or the forking
+ * parent (the fallback, which kills the parent): either way a member of a
+ * flagged whole, by the cgroup and session it is in now. */
+static __always_inline struct ksift_bomb_flag *bomb_flag_of(struct task_struct *member)
+{
+	struct ksift_bomb_key key = {};
+	struct ksift_bomb_flag *flag;
+
+	key.cgroup_id = BPF_CORE_READ(member, cgroups, dfl_cgrp, kn, id);
+	key.session = session_of(member);
+	if (key.session) {
+		flag = bpf_map_lookup_elem(&ks_bomb_flags, &key);
+		if (flag)
+			return flag;
+	}
+	key.session = 0;
+	return bpf_map_lookup_elem(&ks_bomb_flags, &key);
+}
+
+/* Spend one kill of a budget; false (and counted) once it is spent. */
+static __always_inline bool spend(__s64 *budget)
+{
 	if (!budget || __sync_fetch_and_sub(budget, 1) <= 0) {
 		count(KSIFT_CNT_TREE_BUDGET_SPENT);
 		return false;
@@ -105,12 +130,42 @@ static __always_inline bool fork_in_flagged_tree(struct task_struct *parent, str
 	return true;
 }
 
+/* Is this fork (a new process, not a thread, not ksift's) one the guard
+ * must answer, within its tree's kill budget? `member` is the task whose
+ * cgroup and session say whether it belongs to a flagged bomb (see
+ * bomb_flag_of). */
+static __always_inline bool fork_in_flagged_tree(struct task_struct *parent, struct task_struct *child,
+						 struct task_struct *member)
+{
+	struct ksift_bomb_flag *bomb;
+	__u32 zero = 0, *armed, root, tgid;
+
+	armed = bpf_map_lookup_elem(&ks_tree_armed, &zero);
+	if (!armed || !*armed)
+		return false;
+	if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid))
+		return false;
+	tgid = BPF_CORE_READ(parent, tgid);
+	if (tgid == ksift_tgid)
+		return false;
+	bomb = bomb_flag_of(member);
+	if (bomb) {
+		if (bomb->spare_tgid && bomb->spare_tgid == tgid)
+			return false; /* the session's leader: not a member of the bomb */
+		return spend(&bomb->budget);
+	}
+	root = flagged_root(parent);
+	if (!root)
+		return false;
+	return spend(bpf_map_lookup_elem(&ks_tree_budget, &root));
+}
+
 /* The new child gets SIGKILL before it ever runs: sched_process_fork fires
  * before the child is first woken, so it dies on its way to user space. */
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(ks_tree_guard, struct task_struct *parent, struct task_struct *child)
 {
-	if (!fork_in_flagged_tree(parent, child))
+	if (!fork_in_flagged_tree(parent, child, child))
 		return 0;
 	if (bpf_send_signal_task(child, KSIFT_SIGKILL, PIDTYPE_TGID, 0))
 		count(KSIFT_CNT_TREE_KILL_FAILED);
@@ -125,7 +180,7 @@ int BPF_PROG(ks_tree_guard, struct task_struct *parent, struct task_struct *chil
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(ks_tree_guard_parent, struct task_struct *parent, struct task_struct *child)
 {
-	if (!fork_in_flagged_tree(parent, child))
+	if (!fork_in_flagged_tree(parent, child, parent))
 		return 0;
 	if (bpf_send_signal(KSIFT_SIGKILL))
 		count(KSIFT_CNT_TREE_KILL_FAILED);

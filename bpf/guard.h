@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
  * guard.h: remediation's in-kernel fork-bomb guard (guard.bpf.c): the tree
- * flags user space writes, and the guard's counters. Not a sensor: it emits
+ * and bomb flags user space writes, and the guard's counters. Not a sensor: it emits
  * no records. Python mirror: src/ksift/remediation/guard.py, checked by
  * tests/unit/test_abi.py.
  */
@@ -28,6 +28,22 @@ struct ksift_tree_flag {
 	__u64 start_ticks;       /* group leader's start_boottime / clock_tick_ns */
 	__u32 root_tgid;         /* the judged tree's root: its kill budget's key */
 	__u32 scope;             /* enum ksift_tree_scope */
+};
+
+/* Fork bombs (and cgroup-scoped kill_tree): the judged whole is keyed by what
+ * the kernel gives every member and every newborn of it: its cgroup and its
+ * session. Keyed by both, a same-numbered session in another cgroup is never
+ * hit; session 0 flags every process of the cgroup. */
+struct ksift_bomb_key {
+	__u64 cgroup_id;         /* cgroup v2 id (kernfs id: the directory's inode) */
+	__u32 session;           /* session id in the initial pid namespace; 0: the whole cgroup */
+	__u32 pad;
+};
+
+struct ksift_bomb_flag {
+	__s64 budget;            /* kills left (the fast path's blast radius); at 0 the kernel stops killing */
+	__u32 spare_tgid;        /* never answer a fork of this process (the session's leader, older than the bomb); 0: none */
+	__u32 pad;
 };
 
 /* How many ancestors of a forking process the guard looks at. */

@@ -138,8 +138,9 @@ class Alert(_Model):
     duration_s: float | None = _field("the incident's span, in seconds (`null` while open)")
     subject_exited: bool = _field("the process had exited when the incident resolved")
     remediation: dict[str, Any] | None = _field(
-        "stored alerts only, once remediation decided on the incident: `{decision_id, action, mode, status, "
-        "guard, reason, summary, outcome}` (docs/safety.md)", omit_if_none=True, default=None)
+        "remediation's decision on the incident, once one exists (absent before): `{decision_id, action, mode, "
+        "status, guard, reason, summary, outcome}` (docs/safety.md); when the decision changes, the incident's "
+        "last alert is sent again to every sink, same `id`, with the new value", omit_if_none=True, default=None)
 
 
 # -- the store's alerts table (store/sqlite.py, migration 1) ----------------------------------

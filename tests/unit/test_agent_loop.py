@@ -78,3 +78,36 @@ def test_an_open_incident_resolves_at_its_deadline_not_at_the_next_tick():
     kinds = [a["status"] for a in sink.alerts]
     assert kinds == ["open", "resolved"], kinds
     assert agent.funnel.ticks <= 2  # the first housekeeping and the one at stop: the resolution had its own wake-up
+
+
+def test_alerts_carry_the_remediation_decision_and_its_changes_reach_every_sink():
+    """Once remediation decided on an incident, every alert of it carries the decision, and each change
+    of the decision sends the incident's last alert again (same id) to every sink but remediation."""
+    sink, remediation = Collect(), Collect()
+    remediation.name = "remediation"
+    agent = Agent(AgentConfig(), fork_storm_rules(), [], plain_enricher(), [sink, remediation])
+    crossing = fork_storm_crossing(4242, 80)
+    agent._emit(agent.engine.observe(crossing))
+    [opened] = sink.alerts
+    assert "remediation" not in opened and remediation.alerts == [opened]  # no decision yet
+    incident = opened["incident_id"]
+    done = {"decision_id": "d1", "status": "done", "summary": "done: kill_tree", "outcome": None}
+    agent.view.remediation_changed(incident, done, source=remediation)
+    assert [a["id"] for a in sink.alerts] == [opened["id"]] * 2 and sink.alerts[1]["remediation"] == done
+    assert sink.alerts[1]["status"] == "open" and "remediation" not in opened  # a new dict, the first untouched
+    assert len(remediation.alerts) == 1  # never told of its own decision as an alert
+    agent.view.remediation_changed(incident, done, source=remediation)
+    assert len(sink.alerts) == 2  # nothing changed: nothing sent
+    # The resolved alert, built after the decision, carries it.
+    agent._emit(agent.engine.tick(crossing.window_start_ns + 10 * NS))
+    resolved = sink.alerts[2]
+    assert resolved["status"] == "resolved" and resolved["remediation"] == done
+    assert remediation.alerts[-1]["remediation"] == done
+    # The outcome arrives after the incident resolved: its last alert (the resolved one) goes again.
+    helped = dict(done, outcome={"resolved": True, "text": "resolved 0.1s after the action"})
+    agent.view.remediation_changed(incident, helped, source=remediation)
+    assert sink.alerts[3]["id"] == resolved["id"] and sink.alerts[3]["remediation"] == helped
+    assert agent.funnel.alert_updates == 2 and len(remediation.alerts) == 2
+    # An incident whose alert has not left the agent yet only remembers the decision.
+    agent.view.remediation_changed("unknown-incident", done, source=remediation)
+    assert len(sink.alerts) == 4

@@ -23,7 +23,19 @@ from ksift.store.sqlite import AlertStore
 KILL = 9
 
 
-def rules(policy: str):
+def rules(policy: str, bomb: bool = False):
+    if bomb:
+        return parse_rules(f"""
+[[rule]]
+name = "fork_bomb"
+severity = "critical"
+signal = "process.bomb"
+key = "tree"
+threshold = 100
+window = "1s"
+[rule.policy]
+{policy}
+""", "rules.toml")
     return parse_rules(f"""
 [[rule]]
 name = "fork_storm"
@@ -47,6 +59,10 @@ class FakeView:
         self.open: dict = {}   # (rule, key) -> incident
         self.states: dict = {}  # key -> KeyState, the kernel's live counters
         self.shared = {"ks_events": 7, "ks_transport": 8, "ks_exec_path": 9}
+        self.changes: list = []  # (incident id, decision brief, source) as remediation reported them
+
+    def remediation_changed(self, incident_id, brief, source=None):
+        self.changes.append((incident_id, brief, source))
 
     def incident_key(self, rule, incident_id):
         return next((key for (name, key), inc in self.open.items() if name == rule and inc.id == incident_id), None)
@@ -86,14 +102,14 @@ def alert(subject, incident_id="inc1", alert_id="a1", status="open"):
 
 
 class Harness:
-    def __init__(self, tmp_path, policy: str, guard_factory=None, **settings):
+    def __init__(self, tmp_path, policy: str, guard_factory=None, bomb: bool = False, **settings):
         self.proc = FakeProc(tmp_path)
         self.db = tmp_path / "alerts.db"
         self.alerts = AlertStore(self.db)
         self.view = FakeView()
         self.events: list[dict] = []
         self.engine = RemediationEngine(RemediationSettings(nice=None, poll_interval_s=0.05, **settings),
-                                        rules(policy), str(self.db), host=self.proc.host(),
+                                        rules(policy, bomb), str(self.db), host=self.proc.host(),
                                         guard_factory=guard_factory)
         self.engine.listeners.append(lambda kind, data: self.events.append(dict(data, kind=kind)))
         self.engine.bind(self.view)
@@ -417,6 +433,13 @@ class FakeGuard:
         for tgid in tgids:
             self.flagged.pop(tgid, None)
 
+    def flag_bomb(self, cgroup_id, session, budget, spare_tgid):
+        self.calls.append(("flag_bomb", session, budget, spare_tgid))
+        return True
+
+    def unflag_bomb(self, cgroup_id, session):
+        self.calls.append(("unflag_bomb", session))
+
     def counters(self):
         return {"tree_fork_killed": 3, "tree_kill_failed": 0, "tree_budget_spent": 0}
 
@@ -530,3 +553,71 @@ def test_housekeeping_sleeps_while_nothing_is_watched_or_pending(tmp_path):
         await h.engine.stop()
 
     run(main())
+
+
+def test_a_fork_bomb_alert_stops_its_tree_and_its_alerts_are_told(tmp_path):
+    """A fork_bomb alert: its subject (the member that forked at the crossing) is gone already; the
+    decision judges the tree (the alert's session inside the alert's cgroup), the fast path is armed
+    on it after the guards and disarmed once no member is left, and each change of the decision
+    reaches the agent for the incident's alerts."""
+    guards: list[FakeGuard] = []
+
+    def factory(view):
+        guards.append(FakeGuard())
+        return guards[-1]
+
+    h = Harness(tmp_path, FAST, guard_factory=factory, bomb=True)
+    h.proc.add(700, SELF_PARENT, "bash", exe="/usr/bin/bash", cgroup="/bomb", session=700, start_ticks=100)
+    for pid in (701, 702, 703):
+        h.proc.add(pid, 1, "bash", exe="/usr/bin/bash", cgroup="/bomb", session=700)
+    procs = h.proc.cgroup("/bomb", {}, procs=(700, 701, 702, 703))
+    real_send = h.proc.pidfds.send
+
+    def send(fd, sig, pid):
+        real_send(fd, sig, pid)
+        if sig == KILL:
+            h.proc.pidfds.exited_pids.add(pid)
+            left = [p for p in (procs / "cgroup.procs").read_text().split() if p != str(pid)]
+            (procs / "cgroup.procs").write_text("".join(f"{p}\n" for p in left))
+
+    h.proc.pidfds.send = send
+    from ksift.timeparse import rfc3339
+
+    bomb_alert = make_alert(id="b1", incident_id="incb", rule="fork_bomb", severity="critical",
+                            started_at=rfc3339(time.time() - 1), details={"tree": 700, "live": 3},
+                            subject=make_subject(pid=799, start_boottime_ns=5000 * 10_000_000, comm="bash",
+                                                 cgroup="/bomb", cgroup_id=0))
+
+    async def main():
+        await h.engine.start()
+        h.alerts.add(bomb_alert)
+        h.view.open[("fork_bomb", 700)] = SimpleNamespace(id="incb", last_window_ns=0)
+        h.view.states[700] = KeyState(total=500, window_start_ns=0, window_count=300)
+        h.engine.emit(bomb_alert)
+        await h.until(lambda: h.engine.stats["done"])
+        h.view.open.clear()  # the bomb is over: its incident resolved
+        await h.until(lambda: h.engine.stats["resolved"])
+        await h.engine.stop()
+
+    run(main())
+    [d] = h.decisions()
+    assert d.status == "done" and d.plan["tree"]["session"] == 700 and d.plan["tree"]["spared_leader"] == 700
+    assert sorted(p for p, s in h.proc.pidfds.signals() if s == KILL) == [701, 702, 703]
+    assert d.result["killed"] == 3 and d.result["left"] == 0 and d.result["fast_path"] is True
+    assert guards[0].calls == [("flag_bomb", 700, 47, 700), ("unflag_bomb", 700)]
+    assert d.summary().startswith("done: kill_tree the fork bomb of session 700 in /bomb (3 processes); killed 3 "
+                                  "processes in ")
+    # Every change reached the agent (for the alerts), from remediation itself.
+    assert [(i, b["status"], b["outcome"] is not None) for i, b, _ in h.view.changes] == [
+        ("incb", "done", False), ("incb", "done", True)]
+    assert all(src is h.engine for _, _, src in h.view.changes)
+    assert h.alerts.get("b1")["remediation"]["decision_id"] == d.id
+
+
+def test_one_process_is_one_process():
+    from ksift.remediation.decisions import Decision
+
+    d = Decision(id="x", rule="fork_storm", incident_id="i", alert_id="a", action="kill_tree", mode="dry-run",
+                 status="dry-run", created_unix=0, updated_unix=0, subject={"pid": 5, "comm": "sh"}, policy={},
+                 plan={"scope": "tree", "processes": 1, "steps": ["SIGSTOP 1"]})
+    assert "(1 process)" in d.summary() and "(1 processes)" not in d.summary()

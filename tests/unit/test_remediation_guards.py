@@ -72,10 +72,10 @@ class FakeProc:
 
     def add(self, pid: int, ppid: int, comm: str = "work", start_ticks: int = 5000, flags: int = 0, uid: int = 0,
             exe: str | None = "/usr/bin/work", cgroup: str = "/work.slice", v1: dict | None = None,
-            state: str = "S", threads: tuple[int, ...] = ()) -> Subject:
+            state: str = "S", threads: tuple[int, ...] = (), session: int = 0) -> Subject:
         d = self.root / str(pid)
         d.mkdir()
-        rest = [state, ppid, 0, 0, 0, -1, flags, 0, 0, 0, 0, 0, 0, 0, 0, 20, 0, 1, 0, start_ticks, 0, 0]
+        rest = [state, ppid, 0, session, 0, -1, flags, 0, 0, 0, 0, 0, 0, 0, 0, 20, 0, 1, 0, start_ticks, 0, 0]
         (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(str(x) for x in rest) + "\n")
         (d / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
         if exe is not None:

@@ -62,6 +62,9 @@ def test_a_policy_without_mode_only_shows_what_it_would_do():
     ({"action": "kill_tree", "fast_path": "yes"}, "p.fast_path", "must be true or false"),
     ({"action": "terminate", "only_cgroups": ["/"]}, "p.only_cgroups[0]", "below the root"),
     ({"action": "terminate", "only_cgroups": "/x"}, "p.only_cgroups", "non-empty list"),
+    ({"action": "kill_tree", "scope": "session"}, "p.scope", "invalid scope 'session' (expected one of: tree, cgroup"),
+    ({"action": "kill_tree", "scope": 1}, "p.scope", "invalid scope 1"),
+    ({"action": "freeze", "scope": "cgroup"}, "p.scope", "scope applies only to action 'kill_tree'"),
 ])
 def test_bad_policies_name_the_field_and_value(table, field, message):
     with pytest.raises(ConfigError) as info:
@@ -76,9 +79,44 @@ def test_a_bad_policy_in_a_rules_file_names_the_rule():
 
 def test_fast_path_needs_a_fork_rule():
     with pytest.raises(ConfigError, match=r"rules.toml: rule\[0\] \(fork_storm\).policy.fast_path: fast_path works "
-                                          r"only for process.fork rules"):
+                                          r"only for process.fork and process.bomb rules \(it acts at fork time\), "
+                                          r"not for 'cpu.usage'"):
         parse_rules(RULE.replace("process.fork", "cpu.usage") +
                     '[rule.policy]\naction = "kill_tree"\nfast_path = true\n', "rules.toml")
+
+
+BOMB_RULE = """
+[[rule]]
+name = "fork_bomb"
+severity = "critical"
+signal = "process.bomb"
+key = "tree"
+threshold = 100
+window = "1s"
+params = { min_live = 100 }
+"""
+
+
+def test_a_fork_bomb_policy_may_ask_for_the_fast_path_and_the_cgroup_scope():
+    rules = parse_rules(BOMB_RULE + '[rule.policy]\naction = "kill_tree"\nmode = "enforce"\nfast_path = true\n'
+                                    'scope = "cgroup"\nonly_cgroups = ["/batch.slice"]\n', "rules.toml")
+    policy = rules.rules[0].policy
+    assert policy.fast_path and policy.kill_scope == "cgroup" and policy.scope == "cgroup"
+    assert policy.as_dict()["scope"] == "cgroup" and "kill every process of the cgroup" in policy.describe()
+    tree = parse_rules(BOMB_RULE + '[rule.policy]\naction = "kill_tree"\nfast_path = true\n', "rules.toml")
+    assert tree.rules[0].policy.scope == "tree" and tree.rules[0].policy.as_dict()["scope"] == "tree"
+
+
+@pytest.mark.parametrize("policy,field,message", [
+    ('action = "terminate"', "policy.action", "action 'terminate' acts on one process; a fork bomb is stopped as a "
+                                              "whole: use kill_tree"),
+    ('action = "renice"', "policy.action", "acts on one process"),
+    ('action = "kill_tree"\nscope = "bomb"', "policy.scope", "invalid scope 'bomb'"),
+])
+def test_bad_fork_bomb_policies_name_the_file_rule_and_field(policy, field, message):
+    with pytest.raises(ConfigError) as info:
+        parse_rules(BOMB_RULE + f"[rule.policy]\n{policy}\n", "rules.toml")
+    assert str(info.value).startswith(f"rules.toml: rule[0] (fork_bomb).{field}: ") and message in str(info.value)
 
 
 def test_settings_defaults_and_protected_lists_only_grow():

@@ -218,3 +218,15 @@ def test_text_shows_the_hottest_stacks_and_scalar_details():
 def test_text_escapes_details_from_the_traced_process():
     text = format_alert_text(make_alert(details={"path": "/x\nFAKE ALERT"}, stack=["a\nb"]))
     assert "\nFAKE ALERT" not in text and "\nb" not in text
+
+
+def test_text_and_slack_show_the_remediation_decision():
+    from ksift.sinks.slack import slack_message
+
+    decision = {"decision_id": "d1", "action": "kill_tree", "mode": "enforce", "status": "done", "guard": None,
+                "reason": None, "summary": "done: kill_tree pid 1234 (bash) and its tree (1 process)", "outcome": None}
+    text = format_alert_text(make_alert(remediation=decision))
+    assert "  action:  done: kill_tree pid 1234 (bash) and its tree (1 process)\n" in text
+    assert "action:" not in format_alert_text(make_alert())
+    blocks = slack_message(make_alert(remediation=decision))["blocks"]
+    assert any("*Remediation*\ndone: kill_tree" in (b.get("text") or {}).get("text", "") for b in blocks)

@@ -97,8 +97,14 @@ class Decision:
         who = f"pid {self.subject.get('pid')} ({self.subject.get('comm') or '?'})"
         plan = self.plan or {}
         what = f"{self.action} {who}"
-        if plan.get("scope") == "tree":
-            what = f"{self.action} {who} and its tree ({plan.get('processes')} processes)"
+        count = _processes(plan.get("processes"))
+        tree = plan.get("tree")
+        if plan.get("scope") == "tree" and tree:
+            what = f"{self.action} the fork bomb of session {tree.get('session')} in {tree.get('cgroup')} ({count})"
+        elif plan.get("scope") == "tree":
+            what = f"{self.action} {who} and its tree ({count})"
+        elif plan.get("scope") == "cgroup" and plan.get("cgroup") and self.action == "kill_tree":
+            what = f"{self.action} cgroup {plan['cgroup'].get('path')} ({count})"
         elif plan.get("scope") == "cgroup" and plan.get("cgroup"):
             what = f"{self.action} cgroup {plan['cgroup'].get('path')} of {who}"
         if self.status == "dry-run":
@@ -116,6 +122,11 @@ class Decision:
         if self.status == "failed":
             return f"failed: {what}: {self.reason}"
         text = f"done: {what}"
+        result = self.result or {}
+        if isinstance(result.get("killed"), int) and isinstance(result.get("took_s"), (int, float)):
+            text += f"; killed {_processes(result['killed'])} in {result['took_s']:g}s"
+            if result.get("left"):
+                text += f", {_processes(result['left'])} still left"
         if self.outcome:
             text += f"; {self.outcome.get('text')}"
         return text
@@ -133,6 +144,13 @@ class Decision:
     def from_dict(cls, data: dict[str, Any]) -> Decision:
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _processes(n: object) -> str:
+    """"1 process", "3 processes" (and "? processes" when the plan does not say)."""
+    if not isinstance(n, int):
+        return "? processes"
+    return f"{n:,} process" + ("" if n == 1 else "es")
 
 
 class DecisionStore:

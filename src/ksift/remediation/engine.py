@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ksift.errors import BpfError, KsiftError, StoreError
-from ksift.remediation.actions import ActionFailed, Actuator, Subject
+from ksift.remediation.actions import BOMB_SIGNAL, ActionFailed, Actuator, Subject
 from ksift.remediation.decisions import Decision, DecisionError, DecisionStore, new_id
 from ksift.remediation.guards import Cooldowns, RateLimiter, Refusal
 from ksift.remediation.host import Host
@@ -73,6 +73,7 @@ class Case:
     subject_key: Hashable       # what cooldown is keyed by
     real: bool                  # ask/enforce (real budget) or dry-run (a simulated one)
     flagged: list[int] = field(default_factory=list)  # fast-path flags to remove afterwards
+    flagged_bombs: list[tuple[int, int]] = field(default_factory=list)  # (cgroup id, session) flagged
     acted_ns: int | None = None
     watch_until_ns: int | None = None
 
@@ -249,15 +250,18 @@ class RemediationEngine:
                             created_unix=now, updated_unix=now, subject=dict(alert.get("subject") or {}),
                             policy=policy.as_dict())
         try:
-            subject = Subject.from_alert(alert)
+            subject = Subject.from_alert(alert, bomb=rule.signal == BOMB_SIGNAL)
         except ValueError as exc:
             decision.reason = str(exc)
             decision.set("failed", now, note=str(exc))
             self._record(decision)
             return
         real = mode in ("ask", "enforce")
-        subject_key: Hashable = ("cgroup", subject.cgroup) if policy.scope == "cgroup" else \
-            ("process", subject.pid, subject.start_boottime_ns)
+        subject_key: Hashable = ("process", subject.pid, subject.start_boottime_ns)
+        if policy.scope == "cgroup":
+            subject_key = ("cgroup", subject.cgroup)
+        elif subject.tree is not None:
+            subject_key = ("tree", subject.tree, subject.cgroup_id or subject.cgroup)
         case = Case(decision, rule, policy, subject, key, subject_key, real)
         if mode == "enforce":
             # Acting runs every guard itself, at once: judging twice would only give the storm time.
@@ -366,12 +370,16 @@ class RemediationEngine:
         return _Flagger(guard, case)
 
     def _unflag(self, case: Case) -> None:
-        if case.flagged and self.guard is not None:
+        if (case.flagged or case.flagged_bombs) and self.guard is not None:
             try:
-                self.guard.unflag_tree(case.flagged)
+                if case.flagged:
+                    self.guard.unflag_tree(case.flagged)
+                for cgroup_id, session in case.flagged_bombs:
+                    self.guard.unflag_bomb(cgroup_id, session)
             except Exception:
                 log.exception("remediation: could not clear the fast-path flags of %s", case.decision.id)
         case.flagged = []
+        case.flagged_bombs = []
 
     def _refuse(self, case: Case, refusal: Refusal) -> None:
         case.decision.guard = refusal.guard
@@ -402,7 +410,20 @@ class RemediationEngine:
             self._wake.set()  # a decision changed: housekeeping sees whether it has something to watch
         snapshot = Decision.from_dict(decision.as_dict())  # the I/O thread gets its own copy
         self._publish(snapshot)
+        self._to_alerts(snapshot)
         self._spawn(self._in_io(self._annotate if stored else self._persist, snapshot))
+
+    def _to_alerts(self, decision: Decision) -> None:
+        """The incident's alerts carry the decision: the agent puts it on every alert it builds from
+        now on and sends the incident's last alert again to the other sinks (stdout, the store,
+        webhooks...), as the API streams it as an "action" event."""
+        changed = getattr(self.view, "remediation_changed", None)
+        if changed is None or not decision.incident_id:
+            return
+        try:
+            changed(decision.incident_id, decision.brief(), self)
+        except Exception:
+            log.exception("remediation: could not put decision %s on its alerts", decision.id)
 
     def _persist(self, decision: Decision) -> None:
         if self.store is None:
@@ -616,6 +637,15 @@ class _Flagger:
         count = self.guard.flag_tree(root, members, whole_tree, budget)
         self.case.flagged.extend(pid for pid, _ in members)
         return count
+
+    def flag_bomb(self, cgroup_id: int, session: int, budget: int, spare_tgid: int) -> bool:
+        self.case.flagged_bombs.append((cgroup_id, session))  # before: a failure half-way is still cleared
+        return self.guard.flag_bomb(cgroup_id, session, budget, spare_tgid)
+
+    def unflag_bomb(self, cgroup_id: int, session: int) -> None:
+        self.guard.unflag_bomb(cgroup_id, session)
+        if (cgroup_id, session) in self.case.flagged_bombs:
+            self.case.flagged_bombs.remove((cgroup_id, session))
 
 
 def _default_guard(view: AgentView | None) -> TreeGuard:

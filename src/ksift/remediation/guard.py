@@ -4,12 +4,14 @@ Not part of any sensor: remediation loads it only when a policy asks for the
 fast path (kill_tree with fast_path = true, in ask or enforce mode), when it
 starts, and closes it when it stops. It is a BPF object of its own that reuses
 the core object's shared maps (it makes no ring buffer, and emits no records),
-attaches one program on tp_btf/sched_process_fork, and keeps three maps that
+attaches one program on tp_btf/sched_process_fork, and keeps four maps that
 only user space writes:
 
     ks_tree_flags   tgid -> (start time in clock ticks, root tgid, scope) of judged processes
     ks_tree_budget  root tgid -> kills left for that tree (the fast path's blast radius)
-    ks_tree_armed   how many processes are flagged: while 0, a fork costs one array lookup
+    ks_bomb_flags   (cgroup id, session) -> (kills left, spared tgid): a judged fork bomb, the
+                    members of one session in one cgroup; session 0: every process of the cgroup
+    ks_tree_armed   how many flags are set: while 0, a fork costs one array lookup
 
 Which program: ks_tree_guard kills the new child itself with the kfunc
 bpf_send_signal_task (Linux 6.13+; looked up in /proc/kallsyms); on kernels
@@ -40,6 +42,8 @@ NS = 1_000_000_000
 # Mirrors of bpf/guard.h.
 TREE_FLAG = np.dtype([("start_ticks", "<u8"), ("root_tgid", "<u4"), ("scope", "<u4")])
 TREE_CHILDREN, TREE_WHOLE = 1, 2  # enum ksift_tree_scope
+BOMB_KEY = np.dtype([("cgroup_id", "<u8"), ("session", "<u4"), ("pad", "<u4")])
+BOMB_FLAG = np.dtype([("budget", "<i8"), ("spare_tgid", "<u4"), ("pad", "<u4")])
 # The kfunc that lets the guard kill the new child itself (Linux 6.13+);
 # without it the fallback program kills the forking member of the tree.
 SIGNAL_TASK_KFUNC = "bpf_send_signal_task"
@@ -58,7 +62,7 @@ class TreeGuard:
     counter_enum = "ksift_guard_counter"
     counter_names = ("tree_fork_killed", "tree_kill_failed", "tree_budget_spent")
     # C struct name -> (numpy dtype, renames): checked against the object's BTF by tests/unit/test_abi.py.
-    abi = {"ksift_tree_flag": (TREE_FLAG, {})}
+    abi = {"ksift_tree_flag": (TREE_FLAG, {}), "ksift_bomb_key": (BOMB_KEY, {}), "ksift_bomb_flag": (BOMB_FLAG, {})}
 
     def __init__(self, lib: Libbpf, objects_dir: Path, *, self_tgid: int | None = None,
                  kallsyms: str = "/proc/kallsyms", clock_tick_ns: int | None = None):
@@ -71,10 +75,12 @@ class TreeGuard:
         self.program: str | None = None  # the attached program, once started
         self._flags: BpfMap | None = None
         self._budget: BpfMap | None = None
+        self._bombs: BpfMap | None = None
         self._armed: BpfMap | None = None
         self._counters: BpfMap | None = None
         self._last_counters = {name: 0 for name in self.counter_names}
         self._flagged: dict[int, int] = {}  # tgid -> root tgid, what user space flagged
+        self._bomb_flagged: set[tuple[int, int]] = set()  # (cgroup id, session) flagged
         self._lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------
@@ -103,6 +109,7 @@ class TreeGuard:
             with self._lock:
                 self._flags = obj.map("ks_tree_flags")
                 self._budget = obj.map("ks_tree_budget")
+                self._bombs = obj.map("ks_bomb_flags")
                 self._armed = obj.map("ks_tree_armed")
                 self._counters = obj.map("ks_counters")
                 self.program = program
@@ -120,8 +127,9 @@ class TreeGuard:
                     self._last_counters = self._read_counters()
                 except Exception:
                     log.exception("could not read the guard's counters at shutdown")
-            self._flags = self._budget = self._armed = self._counters = None
+            self._flags = self._budget = self._bombs = self._armed = self._counters = None
             self._flagged.clear()
+            self._bomb_flagged.clear()
             self.program = None
             obj, self.obj = self.obj, None
         if obj is not None:
@@ -164,7 +172,7 @@ class TreeGuard:
                 if self._update(self._flags, struct.pack("<I", tgid), value):
                     self._flagged[tgid] = root_tgid
                     flagged += 1
-            self._update(self._armed, b"\0\0\0\0", struct.pack("<I", len(self._flagged)))
+            self._set_armed()
             return flagged
 
     def unflag_tree(self, tgids: list[int]) -> None:
@@ -180,7 +188,38 @@ class TreeGuard:
                     self._flags.delete(struct.pack("<I", tgid))
             for root in roots - set(self._flagged.values()):
                 self._budget.delete(struct.pack("<I", root))
-            self._update(self._armed, b"\0\0\0\0", struct.pack("<I", len(self._flagged)))
+            self._set_armed()
+
+    def flag_bomb(self, cgroup_id: int, session: int, budget: int, spare_tgid: int = 0) -> bool:
+        """Flag a judged fork bomb: the processes of `session` in the cgroup `cgroup_id` (session 0:
+        every process of that cgroup). From then on the kernel kills every new process of it at fork
+        (never one forked by `spare_tgid`), at most `budget` of them. Returns whether it is flagged.
+
+        Call only after the guards passed for every member. Thread-safe.
+        """
+        with self._lock:
+            if self._bombs is None or self._armed is None or cgroup_id <= 0:
+                return False
+            key = np.array([(cgroup_id, session, 0)], dtype=BOMB_KEY).tobytes()
+            value = np.array([(max(budget, 0), spare_tgid, 0)], dtype=BOMB_FLAG).tobytes()
+            if not self._update(self._bombs, key, value):
+                return False
+            self._bomb_flagged.add((cgroup_id, session))
+            self._set_armed()
+            return True
+
+    def unflag_bomb(self, cgroup_id: int, session: int) -> None:
+        """Forget a flagged bomb (it is stopped, or the action failed). Thread-safe."""
+        with self._lock:
+            if self._bombs is None or self._armed is None or (cgroup_id, session) not in self._bomb_flagged:
+                return
+            self._bomb_flagged.discard((cgroup_id, session))
+            self._bombs.delete(np.array([(cgroup_id, session, 0)], dtype=BOMB_KEY).tobytes())
+            self._set_armed()
+
+    def _set_armed(self) -> None:
+        assert self._armed is not None
+        self._update(self._armed, b"\0\0\0\0", struct.pack("<I", len(self._flagged) + len(self._bomb_flagged)))
 
     def _update(self, bpf_map: BpfMap, key: bytes, value: bytes) -> bool:
         if not bpf_map.update(key, value):

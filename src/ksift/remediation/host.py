@@ -12,6 +12,7 @@ import errno
 import os
 import select
 import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -78,7 +79,10 @@ class Host:
     def __init__(self, proc_root: str = "/proc", clock_ticks: int | None = None, self_pid: int | None = None,
                  self_uid: int | None = None, cgroup2_root: str | None = None,
                  cgroup1_roots: dict[str, str] | None = None, pidfds: Pidfds | None = None,
-                 setpriority: Callable[[int, int, int], None] = os.setpriority, discover: bool = True):
+                 setpriority: Callable[[int, int, int], None] = os.setpriority, discover: bool = True,
+                 wall: Callable[[], float] = time.time,
+                 boottime_ns: Callable[[], int] = lambda: time.clock_gettime_ns(time.CLOCK_BOOTTIME),
+                 sleep: Callable[[float], None] = time.sleep):
         self.procfs = ProcFS(proc_root, clock_ticks)
         self.proc_root = proc_root
         self.self_pid = os.getpid() if self_pid is None else self_pid
@@ -91,6 +95,9 @@ class Host:
         self.cgroup1_roots = dict(cgroup1_roots or {})
         self.pidfds = pidfds or Pidfds()
         self._setpriority = setpriority
+        self.wall = wall  # time.time(): alerts carry wall times
+        self.boottime_ns = boottime_ns  # CLOCK_BOOTTIME: the clock of process start times
+        self.sleep = sleep  # between looks at processes that were killed and are not gone yet
 
     # -- processes -------------------------------------------------------------
 

@@ -9,7 +9,8 @@ Written in the rules file as a table under the rule:
     action = "kill_tree"      # terminate, stop, continue, kill_tree, freeze, throttle, limit_pids, renice
     mode = "enforce"          # off, dry-run (default), ask, enforce
     max_processes = 500       # blast radius: at most this many processes per action
-    fast_path = true          # fork storms only: the kernel kills new children of the judged tree
+    scope = "tree"            # kill_tree: "tree" (default) or "cgroup" (every process of the subject's cgroup)
+    fast_path = true          # fork storms and fork bombs: the kernel kills new members of the judged tree
     only_cgroups = ["/batch.slice"]  # optional scope: act only on subjects in (or below) these cgroups
 
 A rule without a policy, or with mode "off", is monitor-only: nothing is
@@ -43,10 +44,13 @@ ACTION_SCOPE = {
 ACTIONS = tuple(ACTION_SCOPE)
 
 _FIELDS = ("action", "mode", "grace", "cpu_percent", "pids_max", "nice", "max_processes", "rate_per_minute",
-           "cooldown", "ask_timeout", "verify_for", "fast_path", "only_cgroups")
+           "cooldown", "ask_timeout", "verify_for", "fast_path", "only_cgroups", "scope")
 # Options that only mean something for one action: refused elsewhere rather than silently ignored.
 _ACTION_ONLY = {"grace": "terminate", "cpu_percent": "throttle", "pids_max": "limit_pids", "nice": "renice",
-                "fast_path": "kill_tree"}
+                "fast_path": "kill_tree", "scope": "kill_tree"}
+# kill_tree's reach: "tree" = the judged tree (a process and its descendants; for a fork bomb, the
+# members of its session inside its cgroup), "cgroup" = every process of the subject's cgroup.
+KILL_SCOPES = ("tree", "cgroup")
 
 MAX_PROCESSES_LIMIT = 100_000
 MAX_GRACE_S = 300.0
@@ -70,11 +74,15 @@ class Policy:
     cooldown_s: float = 60.0         # after acting on a subject, leave it alone this long
     ask_timeout_s: float | None = None  # ask mode: pending approvals expire; None = [remediation] ask_timeout
     verify_for_s: float | None = None   # outcome watch; None = a few of the rule's windows
-    fast_path: bool = False          # kill_tree on fork storms: the kernel kills new children of the tree
+    fast_path: bool = False          # kill_tree on fork storms and bombs: the kernel kills new members at fork
     only_cgroups: tuple[str, ...] = ()  # scope: subjects outside these cgroups are left alone (empty = all)
+    kill_scope: str = "tree"         # kill_tree: "tree" or "cgroup" (written `scope` in the rules file)
 
     @property
     def scope(self) -> str:
+        """What the action acts on: "process", "tree" or "cgroup" (kill_tree with scope = "cgroup")."""
+        if self.action == "kill_tree" and self.kill_scope == "cgroup":
+            return "cgroup"
         return ACTION_SCOPE[self.action]
 
     def covers(self, cgroup: str | None) -> bool:
@@ -101,7 +109,8 @@ class Policy:
         if self.action == "renice":
             return f"renice every thread to {self.nice}"
         if self.action == "kill_tree":
-            text = "SIGSTOP every process of the tree, then SIGKILL them all"
+            text = ("kill every process of the cgroup" if self.kill_scope == "cgroup"
+                    else "SIGSTOP every process of the tree, then SIGKILL them all")
             return text + (" (in-kernel fast path: new children killed at fork)" if self.fast_path else "")
         if self.action == "freeze":
             return "freeze the cgroup"
@@ -117,6 +126,8 @@ class Policy:
                  "kill_tree": ("fast_path", self.fast_path)}.get(self.action)
         if extra:
             out[extra[0]] = extra[1]
+        if self.action == "kill_tree":
+            out["scope"] = self.kill_scope
         if self.only_cgroups:
             out["only_cgroups"] = list(self.only_cgroups)
         return out
@@ -177,6 +188,13 @@ def parse_policy(table: object, source: str, field: str) -> Policy:
         values["fast_path"] = boolean(table["fast_path"], source, where("fast_path"))
     if "only_cgroups" in table:
         values["only_cgroups"] = _cgroups(table["only_cgroups"], source, where("only_cgroups"))
+    if "scope" in table:
+        scope = table["scope"]
+        if not isinstance(scope, str) or scope not in KILL_SCOPES:
+            raise ConfigError(source, f"invalid scope {scope!r} (expected one of: {', '.join(KILL_SCOPES)}: "
+                                      '"tree" kills the judged tree, "cgroup" every process of its cgroup)',
+                              field=where("scope"))
+        values["kill_scope"] = scope
     return Policy(**values)
 
 

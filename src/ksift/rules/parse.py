@@ -38,6 +38,8 @@ _ALLOWED = ", ".join(sorted(_REQUIRED + _OPTIONAL))
 
 # The kernel stores thresholds as u32 and fires on "count > threshold".
 _THRESHOLD_LIMIT = 2**32
+# Signals whose policies may ask for the in-kernel fast path (remediation's guard acts at fork time).
+FAST_PATH_SIGNALS = ("process.fork", "process.bomb")
 _MAX_WINDOW_S = 3600.0
 _THRESHOLD_HELP = (
     f"must be an integer >= 0 and < {_THRESHOLD_LIMIT} "
@@ -201,9 +203,14 @@ def _check_combination(rule: Rule, source: str, label: str) -> None:
                                       f"samples, more than the kernel counts in a window (< {_THRESHOLD_LIMIT}); "
                                       "100 is one busy core", field=f"{label}.threshold")
     policy = rule.policy
-    if policy is not None and policy.fast_path and rule.signal != "process.fork":
-        raise ConfigError(source, "fast_path works only for process.fork rules (it acts at fork time)",
-                          field=f"{label}.policy.fast_path")
+    if policy is not None and policy.fast_path and rule.signal not in FAST_PATH_SIGNALS:
+        raise ConfigError(source, f"fast_path works only for {' and '.join(FAST_PATH_SIGNALS)} rules (it acts at "
+                                  f"fork time), not for {rule.signal!r}", field=f"{label}.policy.fast_path")
+    if policy is not None and rule.signal == "process.bomb" and policy.scope == "process":
+        # A bomb's subject is one member of hundreds, gone a moment later: acting on it alone stops nothing.
+        raise ConfigError(source, f"action {policy.action!r} acts on one process; a fork bomb is stopped as a "
+                                  "whole: use kill_tree (its tree, or scope = \"cgroup\"), freeze or limit_pids",
+                          field=f"{label}.policy.action")
 
 
 def _parse_params(table: object, spec: SignalSpec, source: str, field: str) -> dict[str, float | int]:

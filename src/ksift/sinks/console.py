@@ -69,6 +69,7 @@ def format_alert_text(alert: dict[str, Any]) -> str:
         ("cgroup", _placement(subject)),
         ("incident", _incident(alert)),
         ("details", _details(alert.get("details"))),
+        ("action", _remediation(alert.get("remediation"))),
     ):
         if value:
             lines.append(f"  {label + ':':<8} {value}")
@@ -84,6 +85,14 @@ def format_alert_text(alert: dict[str, Any]) -> str:
         lines.append("  " + _resolution(alert))
     lines.extend(_stack(alert.get("stack")))
     return "\n".join(lines) + "\n"
+
+
+def _remediation(remediation: Any) -> str:
+    """Remediation's decision on the incident, in its own words (docs/safety.md)."""
+    if not isinstance(remediation, dict):
+        return ""
+    text = remediation.get("summary") or remediation.get("status") or ""
+    return _truncate(_clean(text), 300) if text else ""
 
 
 def _details(details: Any) -> str:

@@ -63,6 +63,10 @@ def slack_message(alert: dict[str, Any], host: str = "") -> dict[str, Any]:
     ][:MAX_FIELDS]
     if shown:
         blocks.append({"type": "section", "fields": shown})
+    remediation = alert.get("remediation") if isinstance(alert.get("remediation"), dict) else {}
+    if remediation.get("summary"):
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _cut(
+            f"*Remediation*\n{_escape(remediation['summary'])}", SECTION_LIMIT)}})
     context = [f"incident {alert.get('incident_id') or '-'}", str(alert.get("ts") or "")]
     if resolved and isinstance(alert.get("duration_s"), (int, float)):
         context.append(f"lasted {alert['duration_s']:g}s")
