@@ -49,10 +49,11 @@ def compile_forkbomb(out_dir: Path) -> Path:
 
 def fork_rules(path: Path, scope: str, mode: str = "enforce", fast_path: bool = False, **policy) -> Path:
     """The packaged fork_storm rule's defaults, with a kill_tree policy confined to one cgroup
-    (other tests' fork storms on the host must never be touched)."""
+    (other tests' fork storms on the host must never be touched), acting on the first hot window
+    (sustain 0 s: this bomb's root forks fast only until the pids limit stops it)."""
     table = {"action": "kill_tree", "mode": mode, "max_processes": 500, "only_cgroups": [scope],
              **({"fast_path": True} if fast_path else {}), **policy}
-    return write_rules(path, packaged_rule("fork_storm", severity="critical", policy=table))
+    return write_rules(path, packaged_rule("fork_storm", severity="critical", sustain="0s", policy=table))
 
 
 def agent_config(path: Path, extra: str = "") -> Path:
