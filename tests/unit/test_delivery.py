@@ -404,7 +404,7 @@ queue_size = 10
 @pytest.mark.parametrize(
     ("table", "field", "detail"),
     [
-        ({"email": {}}, "sinks.email", "unknown sink kind (allowed: alertmanager, webhook, slack)"),
+        ({"email": {}}, "sinks.email", "unknown sink kind (allowed: alertmanager, webhook, slack, otlp)"),
         ({"alertmanager": {}}, "sinks.alertmanager.url", "missing"),
         ({"alertmanager": {"url": "ftp://x"}}, "sinks.alertmanager.url", "scheme 'ftp'"),
         ({"alertmanager": {"url": "http://"}}, "sinks.alertmanager.url", "host 'missing'"),
@@ -430,6 +430,13 @@ queue_size = 10
         ({"webhook": [{"url": "http://x", "name": "ops"}, {"url": "http://y", "name": "ops"}]},
          "sinks.webhook[1].name", "duplicate sink name 'ops'"),
         ({"slack": "https://hooks.slack.com/x"}, "sinks.slack", "must be a table"),
+        ({"alertmanager": {"url": "http://a", "urls": ["http://b"]}}, "sinks.alertmanager.urls", "not both"),
+        ({"alertmanager": {"urls": []}}, "sinks.alertmanager.urls", "non-empty list of URLs"),
+        ({"alertmanager": {"urls": "http://a"}}, "sinks.alertmanager.urls", "non-empty list of URLs"),
+        ({"alertmanager": {"urls": ["http://a", "ftp://b"]}}, "sinks.alertmanager.urls[1]", "scheme 'ftp'"),
+        ({"alertmanager": {"urls": ["http://a:9093", "https://a:9093/x"]}}, "sinks.alertmanager.urls[1]",
+         "two replicas at the same address ('alertmanager@a:9093')"),
+        ({"webhook": {"urls": ["http://a"]}}, "sinks.webhook.urls", "unknown field"),
         ({"slack": {"url": "http://x", "max_retries": True}}, "sinks.slack.max_retries", "must be an integer"),
     ],
 )
@@ -454,3 +461,67 @@ def test_config_file_reaches_the_sinks_section():
     assert config.section("sinks").of_kind("webhook")[0].url == "http://127.0.0.1:8080/x"
     assert parse_config("", SOURCE).section("sinks").sinks == ()
     assert json.dumps([s.kind for s in config.section("sinks").sinks]) == '["webhook"]'
+
+
+# -- Alertmanager in high availability: every replica on its own ------------------------------
+
+
+def test_a_cluster_gives_one_sink_per_replica():
+    text = {"alertmanager": [{"urls": ["http://127.0.0.1:9093", "http://am-1.monitoring:9093/", "http://[::1]"],
+                              "labels": {"cluster": "prod"}, "queue_size": 7},
+                             {"url": "http://127.0.0.1:9094", "name": "other"}]}
+    parsed = parse_sinks(text, SOURCE)
+    sinks = build_sinks(parsed, env={"NODE_NAME": "node-7"})
+    assert [(type(s).__name__, s.name, s.settings.url) for s in sinks] == [
+        ("AlertmanagerSink", "alertmanager@127.0.0.1:9093", "http://127.0.0.1:9093/api/v2/alerts"),
+        ("AlertmanagerSink", "alertmanager@am-1.monitoring:9093", "http://am-1.monitoring:9093/api/v2/alerts"),
+        ("AlertmanagerSink", "alertmanager@[::1]", "http://[::1]/api/v2/alerts"),
+        ("AlertmanagerSink", "other", "http://127.0.0.1:9094/api/v2/alerts")]
+    # Same labels, instance and limits for every replica; a queue each.
+    assert {(s.instance, s.static_labels["cluster"], s.settings.queue_size) for s in sinks[:3]} == {
+        ("node-7", "prod", 7)}
+    assert len({id(s._queue) for s in sinks}) == 4
+    # A replica's name can never be a configured one ('@' is not allowed in names).
+    with pytest.raises(ConfigError):
+        parse_sinks({"webhook": {"url": "http://x", "name": "alertmanager@127.0.0.1:9093"}}, SOURCE)
+
+
+def test_a_dead_replica_delays_no_other_and_each_counts_its_own(tmp_path: Path):
+    async def main():
+        async with Receiver(hang=True) as dead, Receiver() as alive:
+            table = {"alertmanager": {"urls": [dead.url, alive.url], "timeout": "60s", "queue_size": 5,
+                                      "drain_timeout": "200ms", "resend_interval": "0s"}}
+            sinks = build_sinks(parse_sinks(table, SOURCE), env={"NODE_NAME": "n"})
+            for sink in sinks:
+                await sink.start()
+            first = make_alert(0)
+            for sink in sinks:
+                sink.emit(first)
+            await asyncio.wait_for(dead.arrived.wait(), 20)  # that replica's worker is stuck now
+            stuck, healthy = sinks
+            emitting = 0.0
+            for n in range(1, 21):
+                alert = make_alert(n)
+                started = time.monotonic()
+                for sink in sinks:  # the agent's loop: every sink gets every alert
+                    sink.emit(alert)
+                emitting += time.monotonic() - started
+                # Alerts come one after another: the healthy replica keeps up, the other never will.
+                await until(lambda n=n: healthy.delivered == n + 1)
+            report = Funnel().as_dict(Engine(), sinks)
+            for sink in sinks:
+                await sink.stop()
+            return stuck, healthy, alive, emitting, report
+
+    class Engine:
+        stats: dict = {}
+        open: dict = {}
+
+    stuck, healthy, alive, emitting, report = asyncio.run(main())
+    assert emitting < 2.0, emitting
+    assert [body[0]["annotations"]["incident_id"] for body in alive.bodies()] == [f"inc-{n}" for n in range(21)]
+    assert healthy.failed == 0
+    assert stuck.delivered == 0 and stuck.dropped_queue_full == 15 and stuck.failed == 21
+    # The funnel (and so /metrics) shows each replica under its own name.
+    assert report["sinks"][healthy.name]["delivered"] == 21
+    assert report["sinks"][stuck.name]["dropped_queue_full"] == 15

@@ -184,3 +184,19 @@ def test_other_sink_counters_are_exported_by_event():
     assert ("ksift_sink_events_total", frozenset({"sink": "alertmanager", "event": "delivered"}.items())) \
         not in samples
     assert not any(labels and ("event", "note") in labels for _, labels in samples)
+
+
+def test_degraded_alerts_and_attached_programs():
+    agent, api = build(obj=FakeProgramStats({"ks_fork": (0, 0), "ks_exit": (0, 0)}))
+    s = scrape(api)
+    # Every enabled rule starts at 0, so increase() works from the first degraded alert on.
+    assert value(s, "ksift_alerts_degraded_total", rule="fork_storm", severity="warning") == 0
+    assert value(s, "ksift_bpf_programs_attached", sensor="process") == 2
+    api.emit(dict(alert("open"), degraded={"records_lost": 3, "reason": "ring buffer full"}))
+    api.emit(dict(alert("resolved"), degraded={"records_lost": 3, "reason": "ring buffer full"}))
+    api.emit(dict(alert("open"), degraded=None))
+    s = scrape(api)
+    assert value(s, "ksift_alerts_degraded_total", rule="fork_storm", severity="warning") == 2
+    assert value(s, "ksift_alerts_opened_total", rule="fork_storm", severity="warning") == 2
+    agent.sensors[0].obj = None  # e.g. closed: nothing attached any more
+    assert value(scrape(api), "ksift_bpf_programs_attached", sensor="process") == 0

@@ -181,6 +181,8 @@ class ApiServer:
     def emit(self, alert: dict[str, Any]) -> None:
         try:
             self.alert_counts[(str(alert.get("status")), str(alert.get("rule")), str(alert.get("severity")))] += 1
+            if alert.get("degraded"):  # /metrics: ksift_alerts_degraded_total
+                self.alert_counts[("degraded", str(alert.get("rule")), str(alert.get("severity")))] += 1
             self.publish("alert", alert)
         except Exception:
             self.failed += 1

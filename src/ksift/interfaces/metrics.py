@@ -122,9 +122,11 @@ class AgentCollector(Collector):
         # Every enabled rule (and any rule seen) shows in both families from the start, at 0,
         # so rate() and increase() work from the first alert on.
         labels = set(severities.items()) | {(rule, sev) for (_, rule, sev) in counts}
-        for kind, metric_name in (("open", "ksift_alerts_opened"), ("resolved", "ksift_alerts_resolved")):
-            family = CounterMetricFamily(metric_name, f"alerts with status {kind}, by rule",
-                                         labels=["rule", "severity"])
+        for kind, metric_name, what in (("open", "ksift_alerts_opened", "alerts with status open"),
+                                        ("resolved", "ksift_alerts_resolved", "alerts with status resolved"),
+                                        ("degraded", "ksift_alerts_degraded",
+                                         "alerts sent with records lost while their incident was open")):
+            family = CounterMetricFamily(metric_name, f"{what}, by rule", labels=["rule", "severity"])
             per_label = dict.fromkeys(labels, 0)
             for (k, rule, sev), n in counts.items():
                 if k == kind:
@@ -174,6 +176,11 @@ class AgentCollector(Collector):
                                   value=stats["lost"])
 
     def _bpf_programs(self) -> Iterator[Metric]:
+        attached = GaugeMetricFamily("ksift_bpf_programs_attached", "BPF programs the sensor has attached now",
+                                     labels=["sensor"])
+        for sensor in self.agent.sensors():
+            attached.add_metric([sensor.name], len(sensor.attached))
+        yield attached
         enabled = self.bpf_stats_enabled()
         yield GaugeMetricFamily("ksift_bpf_stats_enabled",
                                 "1 when kernel.bpf_stats_enabled is on (BPF program run time is counted)",

@@ -1,4 +1,4 @@
-"""The delivery core every network sink shares (Alertmanager, webhooks, Slack).
+"""The delivery core every network sink shares (Alertmanager, webhooks, Slack, OTLP).
 
 The agent calls `emit` on its event path, so emit only filters, renders and
 queues: it never touches the network and never waits. A worker task (started by
@@ -13,7 +13,9 @@ Failures:
     agents do not retry in lockstep. A 429/503 Retry-After is honoured up to
     max_backoff_s. An alert still undelivered then is counted in `gave_up`;
   * any other status (400, 401, 404, redirects...) will not get better by
-    repeating it: the alert is counted in `rejected` at once;
+    repeating it: the alert is counted in `rejected` at once (a subclass may
+    narrow what is retried: `retryable`), and so is a 2xx whose body says the
+    receiver refused the payload (`refused`: OTLP's partial success);
   * a full queue drops the OLDEST queued payload to make room (counted in
     `dropped_queue_full`): when a receiver is down the newest alerts describe
     the current state, and receivers like Alertmanager expire a lost open alert
@@ -30,6 +32,7 @@ import email.utils
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 # How much of an error response body goes into the log line.
 _ERROR_BODY_CHARS = 200
+# How much of a success body a sink that reads it (read_success_body) looks at.
+_SUCCESS_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class DeliverySettings:
     max_backoff_s: float = 30.0
     drain_timeout_s: float = 5.0  # how long stop() lets the queue empty
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    ca_file: str | None = None  # PEM bundle that verifies the receiver's TLS certificate (None: the system's)
 
 
 class DeliverySink:
@@ -72,6 +78,8 @@ class DeliverySink:
     """
 
     kind = "webhook"
+    content_type = "application/json"
+    read_success_body = False  # True: 2xx bodies go through refused() (at most _SUCCESS_BODY_BYTES)
 
     def __init__(
         self,
@@ -134,9 +142,14 @@ class DeliverySink:
     async def start(self) -> None:
         if self._worker is not None:
             return
+        connector = None
+        if self.settings.ca_file:
+            connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=self.settings.ca_file))
         self._session = aiohttp.ClientSession(
+            connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
-            headers={"Content-Type": "application/json", "User-Agent": "ksift", **self.settings.headers},
+            headers={"Content-Type": self.content_type, "User-Agent": "ksift", **self.request_headers(),
+                     **self.settings.headers},
         )
         self._worker = asyncio.create_task(self._run(), name=f"ksift-sink-{self.name}")
 
@@ -185,6 +198,18 @@ class DeliverySink:
     def on_queued(self, alert: dict[str, Any], payload: Any) -> None:
         """Hook after an alert passed the filters (the Alertmanager sink tracks open alerts)."""
 
+    def request_headers(self) -> dict[str, str]:
+        """Headers of every request beyond Content-Type and the configured ones (e.g. Content-Encoding)."""
+        return {}
+
+    def retryable(self, status: int) -> bool:
+        """Whether an HTTP status may succeed if the same request is sent again."""
+        return _retryable(status)
+
+    def refused(self, body: bytes) -> str | None:
+        """With read_success_body: why a 2xx answer still refused the payload, or None if it did not."""
+        return None
+
     # -- the worker ----------------------------------------------------------
 
     def _wanted(self, alert: dict[str, Any]) -> bool:
@@ -216,9 +241,14 @@ class DeliverySink:
                 await self._sleep(self.backoff(attempt, retry_after))
             status, retry_after, detail = await self._post(body)
             if status is not None and 200 <= status < 300:
+                if detail:  # answered 2xx, but its body says the payload was refused
+                    self._lose("rejected")
+                    logger.warning("%s sink %s: alert %s refused by the receiver: %s", self.kind, self.name,
+                                   alert_id, detail)
+                    return
                 self.delivered += 1
                 return
-            if status is not None and not _retryable(status):
+            if status is not None and not self.retryable(status):
                 self._lose("rejected")
                 logger.warning("%s sink %s: alert %s rejected with HTTP %d: %s", self.kind, self.name,
                                alert_id, status, detail)
@@ -240,6 +270,8 @@ class DeliverySink:
                 if response.status >= 300:
                     text = await response.content.read(_ERROR_BODY_CHARS)
                     detail = text.decode("utf-8", "replace").strip()
+                elif response.status >= 200 and self.read_success_body:
+                    detail = self.refused(await response.content.read(_SUCCESS_BODY_BYTES)) or ""
                 return response.status, _retry_after(response.headers.get("Retry-After")), detail
         except asyncio.TimeoutError:
             return None, None, f"no answer within {time.monotonic() - started:.1f}s"

@@ -26,6 +26,17 @@ receivers of the same kind):
     [sinks.slack]                   # Slack incoming webhook
     url = "https://hooks.slack.com/services/..."
 
+    [sinks.otlp]                    # OpenTelemetry log records over OTLP/HTTP (protobuf)
+    endpoint = "http://otel-collector:4318"   # /v1/logs is appended unless the path already ends so
+    compression = "gzip"            # or "none" (the default)
+    resource_attributes = { "deployment.environment.name" = "prod" }
+
+Every kind also takes ca_file = "/etc/ksift/ca.pem" (PEM certificates that verify
+the receiver's TLS certificate instead of the system's). An Alertmanager cluster
+is written `urls = ["http://am-0:9093", "http://am-1:9093"]` instead of `url`:
+each replica gets the alerts from a sink of its own, named <name>@<host:port>,
+with its own queue, worker and counters, so a dead replica delays no other.
+
 Errors name the field: sinks.alertmanager.url, sinks.webhook[1].timeout.
 """
 
@@ -34,6 +45,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -42,18 +54,27 @@ from urllib.parse import urlsplit
 
 from ksift.errors import ConfigError
 from ksift.rules.model import SEVERITIES
-from ksift.settings_fields import FROM_TO, choice, duration_between, integer_between, string
+from ksift.settings_fields import FROM_TO, choice, duration_between, integer_between, non_empty_path, string
 from ksift.units import format_duration, parse_duration
 
-KINDS = ("alertmanager", "webhook", "slack")
+KINDS = ("alertmanager", "webhook", "slack", "otlp")
 _COMMON = ("url", "name", "min_severity", "queue_size", "timeout", "max_retries", "backoff", "max_backoff",
-           "drain_timeout", "headers")
-_ALERTMANAGER_ONLY = ("instance", "labels", "generator_url", "resend_interval")
+           "drain_timeout", "headers", "ca_file")
+_ALERTMANAGER_ONLY = ("urls", "instance", "labels", "generator_url", "resend_interval")
+# OTLP names its receiver `endpoint`, as OpenTelemetry's own configuration does.
+_OTLP_FIELDS = ("endpoint", *_COMMON[1:], "compression", "resource_attributes")
+COMPRESSIONS = ("none", "gzip")
+OTLP_LOGS_PATH = "/v1/logs"
+# Separates a cluster's sink name from a replica's address; never part of a configured name.
+REPLICA_SEPARATOR = "@"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 # Labels the sink sets itself; a static label may not replace them.
 _RESERVED_LABELS = ("alertname", "severity", "instance", "pid", "comm", "container", "namespace", "pod")
 _HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
+_ATTRIBUTE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,254}")
+# Resource attributes the OTLP sink sets itself (ksift.sinks.otlp.host_resource).
+_OTLP_RESERVED_RESOURCE = ("service.name", "service.version", "host.name", "host.id", "k8s.node.name")
 
 
 @dataclass(frozen=True)
@@ -71,11 +92,16 @@ class SinkSettings:
     max_backoff_s: float = 30.0
     drain_timeout_s: float = 5.0
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    ca_file: str | None = None
     # Alertmanager only
+    replicas: tuple[str, ...] = ()  # `urls`: every replica of one cluster (then url is the first)
     instance: str = ""
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     generator_url: str | None = None
     resend_interval_s: float = 60.0
+    # OTLP only (url holds the endpoint, /v1/logs included)
+    compression: str = "none"
+    resource_attributes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -112,17 +138,42 @@ def parse_sinks(table: dict, source: str) -> SinksSettings:
             raise ConfigError(source, f"duplicate sink name {settings.name!r} (also used by {seen[settings.name]}): "
                                       "set a distinct name", field=f"{where}.name")
         seen[settings.name] = where
+        for i, url in enumerate(settings.replicas):
+            replica = replica_name(settings.name, url)
+            if replica in seen:
+                raise ConfigError(source, f"two replicas at the same address ({replica!r}): list each Alertmanager "
+                                          "once", field=f"{where}.urls[{i}]")
+            seen[replica] = f"{where}.urls[{i}]"
     return SinksSettings(tuple(settings for _, settings in parsed))
 
 
 def _parse_one(kind: str, entry: dict, source: str, where: str, default_name: str) -> SinkSettings:
-    allowed = _COMMON + (_ALERTMANAGER_ONLY if kind == "alertmanager" else ())
+    allowed = _OTLP_FIELDS if kind == "otlp" else _COMMON + (_ALERTMANAGER_ONLY if kind == "alertmanager" else ())
     for name in entry:
         if name not in allowed:
             raise ConfigError(source, f"unknown field (allowed: {', '.join(allowed)})", field=f"{where}.{name}")
-    if "url" not in entry:
-        raise ConfigError(source, "missing: the receiver's http:// or https:// URL", field=f"{where}.url")
-    values: dict[str, Any] = {"kind": kind, "url": _url(entry["url"], source, f"{where}.url")}
+    values: dict[str, Any] = {"kind": kind}
+    if kind == "otlp":
+        if "endpoint" not in entry:
+            raise ConfigError(source, "missing: the collector's OTLP/HTTP http:// or https:// URL (port 4318)",
+                              field=f"{where}.endpoint")
+        values["url"] = otlp_logs_url(_url(entry["endpoint"], source, f"{where}.endpoint"))
+    elif kind == "alertmanager" and "urls" in entry:
+        if "url" in entry:
+            raise ConfigError(source, "set url (one Alertmanager) or urls (every replica of a cluster), not both",
+                              field=f"{where}.urls")
+        replicas = entry["urls"]
+        if not isinstance(replicas, list) or not replicas:
+            raise ConfigError(source, f"invalid value {replicas!r}: must be a non-empty list of URLs, one per "
+                                      "replica", field=f"{where}.urls")
+        values["replicas"] = tuple(_url(u, source, f"{where}.urls[{i}]") for i, u in enumerate(replicas))
+        values["url"] = values["replicas"][0]
+    elif "url" not in entry:
+        missing = "url (or urls, every replica of a cluster)" if kind == "alertmanager" else "url"
+        raise ConfigError(source, f"missing: {missing}, the receiver's http:// or https:// URL",
+                          field=f"{where}.url")
+    else:
+        values["url"] = _url(entry["url"], source, f"{where}.url")
     values["name"] = _name(entry.get("name", default_name), source, f"{where}.name")
     if "min_severity" in entry:
         values["min_severity"] = choice(entry["min_severity"], source, f"{where}.min_severity", SEVERITIES,
@@ -137,6 +188,15 @@ def _parse_one(kind: str, entry: dict, source: str, where: str, default_name: st
             values[attr] = duration_between(entry[key], source, f"{where}.{key}", low, high)
     if "headers" in entry:
         values["headers"] = _headers(entry["headers"], source, f"{where}.headers")
+    if "ca_file" in entry:
+        values["ca_file"] = _ca_file(entry["ca_file"], source, f"{where}.ca_file")
+    if kind == "otlp":
+        if "compression" in entry:
+            values["compression"] = choice(entry["compression"], source, f"{where}.compression", COMPRESSIONS,
+                                           fold_case=True)
+        if "resource_attributes" in entry:
+            values["resource_attributes"] = _attributes(entry["resource_attributes"], source,
+                                                        f"{where}.resource_attributes")
     if kind == "alertmanager":
         if "instance" in entry:
             values["instance"] = string(entry["instance"], source, f"{where}.instance")
@@ -161,8 +221,12 @@ def _parse_one(kind: str, entry: dict, source: str, where: str, default_name: st
 
 
 def build_sinks(settings: SinksSettings, env: Mapping[str, str] | None = None,
-                hostname: Callable[[], str] = socket.gethostname) -> list:
-    """The configured network sinks, not started yet (the agent awaits their start())."""
+                hostname: Callable[[], str] = socket.gethostname, machine_id_path: str = "/etc/machine-id") -> list:
+    """The configured network sinks, not started yet (the agent awaits their start()).
+
+    An Alertmanager cluster (`urls`) gives one sink per replica. The OpenTelemetry
+    SDK is imported only when an [sinks.otlp] is configured (ksift.sinks.otlp).
+    """
     if not settings.sinks:
         return []  # nothing configured: do not even import the HTTP client
     from ksift.sinks.alertmanager import AlertmanagerSink, alerts_url
@@ -175,19 +239,49 @@ def build_sinks(settings: SinksSettings, env: Mapping[str, str] | None = None,
     host = env.get("NODE_NAME") or hostname()
     sinks: list = []
     for s in settings.sinks:
-        url = alerts_url(s.url) if s.kind == "alertmanager" else s.url
-        delivery = DeliverySettings(url=url, name=s.name, min_severity=s.min_severity, queue_size=s.queue_size,
+        def delivery(url: str, name: str, s: SinkSettings = s) -> DeliverySettings:
+            return DeliverySettings(url=url, name=name, min_severity=s.min_severity, queue_size=s.queue_size,
                                     timeout_s=s.timeout_s, max_retries=s.max_retries, backoff_s=s.backoff_s,
                                     max_backoff_s=s.max_backoff_s, drain_timeout_s=s.drain_timeout_s,
-                                    headers=s.headers)
+                                    headers=s.headers, ca_file=s.ca_file)
+
         if s.kind == "alertmanager":
-            sinks.append(AlertmanagerSink(delivery, instance=s.instance or host, static_labels=s.labels,
-                                          generator_url=s.generator_url, resend_interval_s=s.resend_interval_s))
+            # Alertmanager asks clients to send every alert to every replica of a cluster, not through a
+            # load balancer: each replica gets its own sink (queue, worker, retries, counters).
+            targets = [(replica_name(s.name, u), u) for u in s.replicas] or [(s.name, s.url)]
+            for name, url in targets:
+                sinks.append(AlertmanagerSink(delivery(alerts_url(url), name), instance=s.instance or host,
+                                              static_labels=s.labels, generator_url=s.generator_url,
+                                              resend_interval_s=s.resend_interval_s))
+        elif s.kind == "otlp":
+            from ksift.sinks.otlp import OtlpLogSink, host_resource
+
+            resource = host_resource(env, hostname, machine_id_path, s.resource_attributes)
+            sinks.append(OtlpLogSink(delivery(s.url, s.name), resource, compression=s.compression))
         elif s.kind == "slack":
-            sinks.append(SlackSink(delivery, host=host))
+            sinks.append(SlackSink(delivery(s.url, s.name), host=host))
         else:
-            sinks.append(WebhookSink(delivery))
+            sinks.append(WebhookSink(delivery(s.url, s.name)))
     return sinks
+
+
+def replica_name(cluster: str, url: str) -> str:
+    """The sink name of one Alertmanager replica: the cluster's name, '@', the replica's host[:port]."""
+    parts = urlsplit(url)
+    address = parts.hostname or ""
+    if ":" in address:
+        address = f"[{address}]"  # IPv6
+    return f"{cluster}{REPLICA_SEPARATOR}{address}{f':{parts.port}' if parts.port else ''}"
+
+
+def otlp_logs_url(endpoint: str) -> str:
+    """The OTLP/HTTP logs URL for a configured endpoint: a base URL gets /v1/logs appended (as
+    OTEL_EXPORTER_OTLP_ENDPOINT does); one whose path already ends in /v1/logs is used as is."""
+    parts = urlsplit(endpoint)
+    path = parts.path.rstrip("/")
+    if not path.endswith(OTLP_LOGS_PATH):
+        path += OTLP_LOGS_PATH
+    return parts._replace(path=path).geturl()
 
 
 # -- field converters ------------------------------------------------------------
@@ -229,6 +323,35 @@ def _headers(value: object, source: str, field_name: str) -> Mapping[str, str]:
                               field=f"{field_name}.{name}")
         headers[name] = text
     return MappingProxyType(headers)
+
+
+def _ca_file(value: object, source: str, field_name: str) -> str:
+    """A PEM file of CA certificates, loaded once now so a bad one stops the agent at start."""
+    path = non_empty_path(value, source, field_name, "path to a PEM file of CA certificates")
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(source, f"cannot load CA certificates from {path!r}: {exc}", field=field_name) from None
+    return path
+
+
+def _attributes(value: object, source: str, field_name: str) -> Mapping[str, str]:
+    """OpenTelemetry resource attributes: dotted names to non-empty strings."""
+    if not isinstance(value, dict):
+        raise ConfigError(source, 'must be a table of "attribute.name" = "value"', field=field_name)
+    attributes = {}
+    for name, text in value.items():
+        if not _ATTRIBUTE_RE.fullmatch(name):
+            raise ConfigError(source, f"invalid attribute name {name!r}: letters, digits, '.', '_', '-'",
+                              field=f"{field_name}.{name}")
+        if name in _OTLP_RESERVED_RESOURCE:
+            raise ConfigError(source, f"attribute {name!r} is set by ksift (reserved: "
+                                      f"{', '.join(_OTLP_RESERVED_RESOURCE)})", field=f"{field_name}.{name}")
+        if not isinstance(text, str) or not text:
+            raise ConfigError(source, f"invalid value {text!r}: must be a non-empty string",
+                              field=f"{field_name}.{name}")
+        attributes[name] = text
+    return MappingProxyType(attributes)
 
 
 def _labels(value: object, source: str, field_name: str) -> Mapping[str, str]:
