@@ -238,10 +238,7 @@ class TreeGuard:
             return dict(self._last_counters)
 
     def _read_counters(self) -> dict[str, int]:
-        assert self._counters is not None
-        raw = self._counters.lookup(b"\0\0\0\0")
-        if raw is None:
+        every = records.read_counters(self._counters, records.COMMON_COUNTER_NAMES + self.counter_names)
+        if every is None:
             return dict(self._last_counters)
-        every = records.sum_counters(raw, self._counters.ncpus, self._counters.slot_size,
-                                     records.COMMON_COUNTER_NAMES + self.counter_names)
         return {name: every.get(name, 0) for name in self.counter_names}

@@ -264,12 +264,7 @@ class Sensor:
         return KeyState(int(win["total"]), int(win["window_start_ns"]), int(win["window_count"]))
 
     def counters(self) -> dict[str, int]:
-        if self._counters is None:
-            return {}
-        raw = self._counters.lookup(b"\0\0\0\0")
-        if raw is None:
-            return {}
-        return records.sum_counters(raw, self._counters.ncpus, self._counters.slot_size, self.all_counter_names())
+        return records.read_counters(self._counters, self.all_counter_names()) or {}
 
     def close(self) -> None:
         self._counters = None

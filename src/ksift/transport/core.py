@@ -66,23 +66,11 @@ class CoreObject:
 
     def transport_counters(self) -> dict[str, int]:
         """Records emitted, dropped (ring buffer full) and wake-ups, by every object together."""
-        if self._transport is None:
-            return {}
-        raw = self._transport.lookup(b"\0\0\0\0")
-        if raw is None:
-            return {}
-        return records.sum_counters(raw, self._transport.ncpus, self._transport.slot_size,
-                                    records.TRANSPORT_COUNTER_NAMES)
+        return records.read_counters(self._transport, records.TRANSPORT_COUNTER_NAMES) or {}
 
     def counters(self) -> dict[str, int]:
         """The core object's own counters (exec paths seen and kept)."""
-        if self._counters is None:
-            return {}
-        raw = self._counters.lookup(b"\0\0\0\0")
-        if raw is None:
-            return {}
-        return records.sum_counters(raw, self._counters.ncpus, self._counters.slot_size,
-                                    records.COMMON_COUNTER_NAMES + CORE_COUNTER_NAMES)
+        return records.read_counters(self._counters, records.COMMON_COUNTER_NAMES + CORE_COUNTER_NAMES) or {}
 
     def close(self) -> None:
         if self.reader is not None:

@@ -104,3 +104,14 @@ def sum_counters(raw: bytes, ncpus: int, slot_size: int, names: tuple[str, ...])
     per_cpu = np.frombuffer(raw, dtype="<u8").reshape(ncpus, slot_size // 8)[:, :COUNTER_SLOTS]
     totals = per_cpu.sum(axis=0)
     return {name: int(totals[i]) for i, name in enumerate(names)}
+
+
+def read_counters(counter_map, names: tuple[str, ...]) -> dict[str, int] | None:
+    """The counters in a one-slot per-CPU array map (a BpfMap), summed over CPUs; None when there
+    is no map (not started) or no slot to read."""
+    if counter_map is None:
+        return None
+    raw = counter_map.lookup(b"\0\0\0\0")
+    if raw is None:
+        return None
+    return sum_counters(raw, counter_map.ncpus, counter_map.slot_size, names)
