@@ -12,30 +12,13 @@ from __future__ import annotations
 import ctypes
 import os
 
+from ksift.loader.bpf_object import BpfProgInfoHead
+
 BPF_STATS_RUN_TIME = 0
 
 
-class BpfProgInfo(ctypes.Structure):
-    """struct bpf_prog_info (uapi/linux/bpf.h) up to run_cnt; the kernel accepts a shorter info_len.
-
-    Every pointer/length pair stays zero, so the kernel copies no arrays back."""
-
-    _fields_ = [
-        ("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
-        ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
-        ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
-        ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32), ("nr_map_ids", ctypes.c_uint32),
-        ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16), ("ifindex", ctypes.c_uint32),
-        ("gpl_compatible", ctypes.c_uint32), ("netns_dev", ctypes.c_uint64), ("netns_ino", ctypes.c_uint64),
-        ("nr_jited_ksyms", ctypes.c_uint32), ("nr_jited_func_lens", ctypes.c_uint32),
-        ("jited_ksyms", ctypes.c_uint64), ("jited_func_lens", ctypes.c_uint64),
-        ("btf_id", ctypes.c_uint32), ("func_info_rec_size", ctypes.c_uint32), ("func_info", ctypes.c_uint64),
-        ("nr_func_info", ctypes.c_uint32), ("nr_line_info", ctypes.c_uint32), ("line_info", ctypes.c_uint64),
-        ("jited_line_info", ctypes.c_uint64), ("nr_jited_line_info", ctypes.c_uint32),
-        ("line_info_rec_size", ctypes.c_uint32), ("jited_line_info_rec_size", ctypes.c_uint32),
-        ("nr_prog_tags", ctypes.c_uint32), ("prog_tags", ctypes.c_uint64),
-        ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64),
-    ]
+# struct bpf_prog_info up to run_cnt: the agent's loader declares it once.
+BpfProgInfo = BpfProgInfoHead
 
 
 class BpfMapInfo(ctypes.Structure):

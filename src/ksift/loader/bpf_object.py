@@ -366,7 +366,7 @@ class BpfObject:
             fd = self.lib.so.bpf_program__fd(prog)
             if fd < 0:
                 continue  # not loaded (autoload off): no rule needs it
-            info = _BpfProgInfoHead()
+            info = BpfProgInfoHead()
             size = ctypes.c_uint32(ctypes.sizeof(info))
             self.lib.check_int(self.lib.so.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
                                "read program info")
@@ -381,7 +381,7 @@ class BpfObject:
                       so.bpf_map__value_size(m), so.bpf_map__max_entries(m))
 
 
-class _BpfProgInfoHead(ctypes.Structure):
+class BpfProgInfoHead(ctypes.Structure):
     """struct bpf_prog_info (uapi/linux/bpf.h) up to run_cnt; a shorter info_len is allowed.
 
     Every pointer/length pair stays zero, so the kernel copies no arrays back.
