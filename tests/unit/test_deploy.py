@@ -253,7 +253,8 @@ def test_daemonset_mounts(k8s):
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert {m["name"] for m in c["volumeMounts"]} <= set(volumes)  # every mount has its volume
-    for path, read_only in (("/sys/kernel/btf", True), ("/sys/fs/cgroup", True), ("/var/lib/ksift", False)):
+    for path, read_only in (("/sys/kernel/btf", True), ("/sys/fs/cgroup", True), ("/var/lib/ksift", False),
+                            ("/etc/machine-id", True)):
         volume = volumes[mounts[path]["name"]]
         assert volume["hostPath"]["path"] == path, path
         assert mounts[path].get("readOnly", False) is read_only, path
@@ -384,5 +385,6 @@ def test_every_privilege_is_explained_in_the_docs(k8s):
     for cap in CAPS | REMEDIATION_CAPS:
         assert f"`{cap}`" in text, cap
     for setting in ("ProtectKernelTunables", "ProtectKernelLogs", "MemoryDenyWriteExecute", "hostPID", "/sys/fs/cgroup",
-                    "/sys/kernel/btf", "NODE_NAME", "ksift-api-token", "appArmorProfile", "seccompProfile"):
+                    "/sys/kernel/btf", "NODE_NAME", "ksift-api-token", "appArmorProfile", "seccompProfile",
+                    "/etc/machine-id"):
         assert setting in text, setting

@@ -385,6 +385,17 @@ def test_otlp_settings_errors_name_the_field(table, field, detail):
     assert str(err.value).startswith(f"{SOURCE}: {field}: ")
 
 
+def test_missing_sdk_is_a_config_error_that_says_what_to_install(monkeypatch):
+    import ksift.sinks.settings as settings
+
+    monkeypatch.setattr(settings, "installed", lambda name: name != "opentelemetry-sdk")
+    with pytest.raises(ConfigError) as err:
+        parse_sinks({"otlp": {"endpoint": "http://c:4318"}}, SOURCE)
+    assert err.value.field == "sinks.otlp"
+    assert "opentelemetry-sdk" in err.value.message and "pip install 'ksift[otlp]'" in err.value.message
+    assert settings.installed("opentelemetry-sdk") is False and parse_sinks({}, SOURCE).sinks == ()
+
+
 def test_a_bad_ca_file_is_a_config_error(tmp_path: Path):
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate\n")

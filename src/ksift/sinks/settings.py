@@ -48,6 +48,7 @@ import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import metadata
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,6 +65,8 @@ _ALERTMANAGER_ONLY = ("urls", "instance", "labels", "generator_url", "resend_int
 # OTLP names its receiver `endpoint`, as OpenTelemetry's own configuration does.
 _OTLP_FIELDS = ("endpoint", *_COMMON[1:], "compression", "resource_attributes")
 COMPRESSIONS = ("none", "gzip")
+# What the OTLP sink imports (the `otlp` extra of pyproject.toml).
+OTLP_DISTRIBUTIONS = ("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-common")
 OTLP_LOGS_PATH = "/v1/logs"
 # Separates a cluster's sink name from a replica's address; never part of a configured name.
 REPLICA_SEPARATOR = "@"
@@ -154,6 +157,10 @@ def _parse_one(kind: str, entry: dict, source: str, where: str, default_name: st
             raise ConfigError(source, f"unknown field (allowed: {', '.join(allowed)})", field=f"{where}.{name}")
     values: dict[str, Any] = {"kind": kind}
     if kind == "otlp":
+        missing = [name for name in OTLP_DISTRIBUTIONS if not installed(name)]
+        if missing:
+            raise ConfigError(source, f"needs the OpenTelemetry packages {', '.join(missing)}, not installed here: "
+                                      "pip install 'ksift[otlp]'", field=where)
         if "endpoint" not in entry:
             raise ConfigError(source, "missing: the collector's OTLP/HTTP http:// or https:// URL (port 4318)",
                               field=f"{where}.endpoint")
@@ -263,6 +270,15 @@ def build_sinks(settings: SinksSettings, env: Mapping[str, str] | None = None,
         else:
             sinks.append(WebhookSink(delivery(s.url, s.name)))
     return sinks
+
+
+def installed(distribution: str) -> bool:
+    """Whether a Python distribution is installed (its metadata only: nothing is imported)."""
+    try:
+        metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def replica_name(cluster: str, url: str) -> str:
