@@ -21,7 +21,7 @@ from harness import (
     ServerProcess,
     free_port,
     packaged_rule,
-    run_forker,
+    run_forker_retried,
     start_agent,
     stop_process,
     wait_for,
@@ -115,7 +115,7 @@ def test_two_replicas_one_notification_and_a_dead_replica_loses_nothing(tmp_path
         names = [f"alertmanager@127.0.0.1:{am.port}" for am in replicas]
 
         # 1. Both replicas up: each gets the alert, the receiver one notification (and one resolution).
-        first = run_forker(rate=200, seconds=4, comm="ks-amha-1")
+        first = run_forker_retried(rate=200, seconds=4, comm="ks-amha-1")
         for am in replicas:
             wait_for(f"the alert in {am.name}", lambda am=am: am.alerts(alertname="fork_storm",
                                                                          pid=str(first["pid"])),
@@ -124,7 +124,7 @@ def test_two_replicas_one_notification_and_a_dead_replica_loses_nothing(tmp_path
 
         # 2. The replica that notified dies while the next incident is open: the survivor resolves it.
         sent_before = [am.notifications_sent() for am in replicas]
-        storm = subprocess.Popen(workload_command("forker.py", "--rate", 200, "--seconds", 6, "--comm", "ks-amha-2"),
+        storm = subprocess.Popen(workload_command("forker.py", "--rate", 200, "--seconds", 8, "--comm", "ks-amha-2"),
                                  stdout=subprocess.PIPE, text=True)
         wait_for("the second storm's firing notification", lambda: "firing" in statuses(notifications, storm.pid))
         notified = [i for i, am in enumerate(replicas) if am.notifications_sent() > sent_before[i]]
@@ -140,7 +140,7 @@ def test_two_replicas_one_notification_and_a_dead_replica_loses_nothing(tmp_path
         assert not alive.alerts(alertname="fork_storm", pid=str(storm.pid))  # resolved there too
 
         # 3. One replica left: the next storm still reaches the receiver, once.
-        third = run_forker(rate=200, seconds=4, comm="ks-amha-3")
+        third = run_forker_retried(rate=200, seconds=4, comm="ks-amha-3")
         assert settle(notifications, third["pid"]) == ["firing", "resolved"]
 
         assert agent.terminate() == 0, agent.stderr()
