@@ -91,8 +91,10 @@ def test_shipped_rules_on_a_real_agent(tmp_path: Path):
         # A few evaluations of a healthy agent: nothing about it is pending or firing.
         wait_for("a few rule evaluations", lambda: len(prom.query("ksift_sink_alerts_failed_total[5s]")[0]["values"])
                  >= 3, proc=prom.proc, log=prom.log)
-        assert not {name for name, _ in prom.alert_states()} & {"KsiftAgentNotReady", "KsiftBpfProgramsDetached",
-                                                               "KsiftSinkFailing", "KsiftSinkDown"}
+        quiet = {"KsiftAgentNotReady", "KsiftBpfProgramsDetached"}
+        if not agent.alerts():  # nothing else on the host alerted yet: the webhook has lost nothing either
+            quiet |= {"KsiftSinkFailing", "KsiftSinkDown"}
+        assert not {name for name, _ in prom.alert_states()} & quiet
 
         # 2. A storm's alert the webhook cannot deliver: that sink fails, and is down.
         work = run_forker(rate=200, seconds=3, comm="ks-rules")
