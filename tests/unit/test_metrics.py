@@ -200,3 +200,15 @@ def test_degraded_alerts_and_attached_programs():
     assert value(s, "ksift_alerts_opened_total", rule="fork_storm", severity="warning") == 2
     agent.sensors[0].obj = None  # e.g. closed: nothing attached any more
     assert value(scrape(api), "ksift_bpf_programs_attached", sensor="process") == 0
+
+
+def test_an_alert_sent_again_is_not_counted_twice():
+    from alert_factory import make_alert
+
+    config, rules = AgentConfig(), fork_storm_rules()
+    api = ApiServer(ApiSettings(), None, version="9.9.9", bpf_stats_enabled=lambda: False)
+    Agent(config, rules, [], plain_enricher(), [api])
+    alert = make_alert(rule="fork_storm", status="open", severity="warning")
+    api.emit(alert)
+    api.emit(dict(alert, remediation={"status": "done"}))  # the same alert, its decision changed
+    assert api.alert_counts[("open", "fork_storm", "warning")] == 1

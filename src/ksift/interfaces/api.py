@@ -27,7 +27,7 @@ import socket
 import stat
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -155,6 +155,8 @@ class ApiServer:
         self.registry = None  # prometheus registry, built in bind()
         # (status, rule, severity) -> alerts seen by emit(); the metrics read it.
         self.alert_counts: Counter[tuple[str, str, str]] = Counter()
+        # Ids already counted: an alert sent again (its remediation decision changed) is streamed, not recounted.
+        self._counted: OrderedDict[str, None] = OrderedDict()
         self.published = 0  # SSE events published
         self.lost = 0  # SSE events dropped for slow clients, all clients together
         self.addresses: list[str] = []  # where the server listens, once started
@@ -180,15 +182,25 @@ class ApiServer:
 
     def emit(self, alert: dict[str, Any]) -> None:
         try:
-            self.alert_counts[(str(alert.get("status")), str(alert.get("rule")), str(alert.get("severity")))] += 1
-            if alert.get("degraded"):  # /metrics: ksift_alerts_degraded_total
-                self.alert_counts[("degraded", str(alert.get("rule")), str(alert.get("severity")))] += 1
+            if self._first_time(str(alert.get("id"))):
+                self.alert_counts[(str(alert.get("status")), str(alert.get("rule")), str(alert.get("severity")))] += 1
+                if alert.get("degraded"):  # /metrics: ksift_alerts_degraded_total
+                    self.alert_counts[("degraded", str(alert.get("rule")), str(alert.get("severity")))] += 1
             self.publish("alert", alert)
         except Exception:
             self.failed += 1
             log.exception("api: could not publish alert %s", alert.get("id") if isinstance(alert, dict) else "?")
         else:
             self.delivered += 1
+
+    def _first_time(self, alert_id: str, remember: int = 4096) -> bool:
+        """Whether this alert id is new here (the newest `remember` ids are kept)."""
+        if alert_id in self._counted:
+            return False
+        self._counted[alert_id] = None
+        if len(self._counted) > remember:
+            self._counted.popitem(last=False)
+        return True
 
     def publish(self, event_type: str, data: Any) -> None:
         """Stream one event to every SSE client; never blocks, never raises for a slow client.
