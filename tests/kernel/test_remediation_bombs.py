@@ -10,7 +10,9 @@ the test is doing, and they are emptied and removed on the way out.
 Each bomb starts in a session of its own whose leader first starts a sleeper
 in a sibling v2 cgroup, then becomes the bomb (tests/workloads/bombs.py): the
 sleeper shares the bomb's session but not its cgroup, so it is outside the
-bomb and must be left untouched.
+bomb and must be left untouched. The session's orphans are reaped at once by
+a subreaper outside the bomb (REAPER), as systemd would: the bomb keeps
+renewing its members at its pids limit instead of freezing on zombies.
 
 What the tests report (run with -s to see it): per run, the time from the
 bomb's start (the launcher's CLOCK_MONOTONIC) to the moment the action saw no
@@ -82,6 +84,24 @@ def decisions(db: Path) -> list[dict]:
         store.close()
 
 
+# The bomb's launcher: a child subreaper (as systemd is for a session's orphans) that starts the
+# bomb's session and reaps every orphan of it at once. This host's pid 1 reaps orphans late, and a
+# zombie holds its pid: without a prompt reaper a bomb freezes at its pids limit, which a host with
+# systemd never sees. The reaper is not part of the bomb (another session, the test's cgroup).
+REAPER = """
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+if os.fork() == 0:
+    os.setsid()
+    os.execvp(sys.argv[1], sys.argv[1:])
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+"""
+
+
 class Launched:
     """A bomb in a session of its own, with a sleeper of that session in a sibling cgroup."""
 
@@ -89,10 +109,10 @@ class Launched:
         bomb = workload_command("bombs.py", shape, *cg.join_args, "--treebomb", treebomb)
         script = (f"(echo $BASHPID > {shlex.quote(str(sibling.path / 'cgroup.procs'))} && exec sleep 600) & "
                   f"echo $!; exec {shlex.join(bomb)}")
-        self.proc = subprocess.Popen(["bash", "-c", script], start_new_session=True, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(["python3", "-c", REAPER, "bash", "-c", script], stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True)
-        self.session = self.proc.pid  # the leader, which becomes the bomb
         self.sleeper = int(self.proc.stdout.readline())
+        self.session = ProcFS().stat(self.sleeper).session  # the leader's, which becomes the bomb
         report = json.loads(self.proc.stdout.readline())  # bombs.py: {"launcher", "started_ns"}
         self.started_ns = report["started_ns"]
         self.sleeper_start = wait_for("the sleeper in its sibling cgroup", lambda: self._sleeper_joined(sibling),
@@ -117,7 +137,8 @@ class Launched:
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            pass
+            self.proc.kill()
+            self.proc.wait()
 
 
 def run_bomb(tmp_path: Path, shape: str, treebomb: Path, mode: str = "enforce", **policy) -> dict:

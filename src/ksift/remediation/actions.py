@@ -502,7 +502,10 @@ class Actuator:
 
     def _stop_and_kill(self, policy: Policy, whole: Whole, shielded: set[int], limit: int) -> dict[str, Any]:
         """Stop every member (a stopped process cannot fork), round after round until a look finds no
-        new one, then kill them all; look again, and repeat while members were born meanwhile.
+        new one, then kill them all (a pass); then look again until no member is left, with another
+        pass for any member born meanwhile (a process stopped in the middle of fork() still brings
+        its child into the world). Bounded: MAX_SWEEP_ROUNDS rounds, MAX_KILL_PASSES passes, and
+        GONE_TIMEOUT_S for the killed to be gone.
 
         Any refusal (a protected process among the members, the blast radius) continues every process
         stopped so far and kills none of them; members already killed in an earlier pass stay dead
@@ -513,37 +516,43 @@ class Actuator:
         killed: list[int] = []
         rounds = passes = 0
         began = time.monotonic()
+        gone_by: float | None = None
+        alive: list[ProcStat] = []
         try:
             while True:
-                fresh: dict[tuple[int, int], Handle] = {}
-                while True:  # stop
-                    rounds += 1
-                    if rounds > MAX_SWEEP_ROUNDS:
-                        raise ActionFailed(f"{self._what(whole)} was still growing after {MAX_SWEEP_ROUNDS} rounds "
-                                           "of stopping it")
-                    new = [st for st in self._members(whole) if (st.pid, st.start_ticks) not in held]
-                    if not new:
-                        break
-                    if len(held) + len(new) > limit:
-                        raise Refusal("blast_radius", f"{self._what(whole)} grew past {limit} processes while it "
-                                                      f"was being stopped ({len(held) + len(new)} seen)")
-                    for st in new:
-                        handle = self._stop_member(policy, st, shielded)
-                        if handle is not None:
-                            held[(st.pid, st.start_ticks)] = fresh[(st.pid, st.start_ticks)] = handle
-                if not fresh:
-                    break  # a look found no member alive that was not killed already
-                passes += 1
-                for (pid, _), handle in fresh.items():
-                    try:
-                        self.host.pidfds.send(handle.fd, signal.SIGKILL, pid)
-                        killed.append(pid)
-                    except (ProcessGone, AccessDenied):
-                        continue
-                if passes >= MAX_KILL_PASSES:
+                alive = self._members(whole)
+                new = [st for st in alive if (st.pid, st.start_ticks) not in held]
+                if new and passes < MAX_KILL_PASSES:
+                    fresh: dict[tuple[int, int], Handle] = {}
+                    while new:  # stop, round after round
+                        rounds += 1
+                        if rounds > MAX_SWEEP_ROUNDS:
+                            raise ActionFailed(f"{self._what(whole)} was still growing after {MAX_SWEEP_ROUNDS} "
+                                               "rounds of stopping it")
+                        if len(held) + len(new) > limit:
+                            raise Refusal("blast_radius", f"{self._what(whole)} grew past {limit} processes while "
+                                                          f"it was being stopped ({len(held) + len(new)} seen)")
+                        for st in new:
+                            handle = self._stop_member(policy, st, shielded)
+                            if handle is not None:
+                                held[(st.pid, st.start_ticks)] = fresh[(st.pid, st.start_ticks)] = handle
+                        new = [st for st in self._members(whole) if (st.pid, st.start_ticks) not in held]
+                    passes += 1
+                    for (pid, _), handle in fresh.items():  # then kill
+                        try:
+                            self.host.pidfds.send(handle.fd, signal.SIGKILL, pid)
+                            killed.append(pid)
+                        except (ProcessGone, AccessDenied):
+                            continue
+                    continue
+                # Only members killed already (on their way out) are left, or none; or the passes are spent.
+                if not alive:
                     break
-                # Gone before the next look, so what it finds alive is new.
-                self._wait_gone(lambda: [pid for (pid, _), h in fresh.items() if not self.host.pidfds.exited(h.fd)])
+                now = time.monotonic()
+                gone_by = gone_by or now + GONE_TIMEOUT_S
+                if now >= gone_by:
+                    break
+                self.host.sleep(GONE_POLL_S)
         except BaseException:
             # Leave nothing stopped behind a refusal or failure: what was not killed runs on.
             for (pid, _), handle in held.items():
@@ -556,10 +565,9 @@ class Actuator:
         finally:
             for handle in held.values():
                 self.host.pidfds.close(handle.fd)
-        left = self._wait_gone(lambda: self._members(whole))
         return {"method": "sweep", "signal": "SIGKILL", "killed": len(killed), "killed_sample": killed[:SAMPLE_PIDS],
                 "stopped": len(held), "rounds": rounds, "passes": passes, "sweep_s": round(time.monotonic() - began, 4),
-                "left": len(left), "emptied_mono_ns": time.monotonic_ns() if not left else None}
+                "left": len(alive), "emptied_mono_ns": time.monotonic_ns() if not alive else None}
 
     def _stop_member(self, policy: Policy, st: ProcStat, shielded: set[int]) -> Handle | None:
         """Open, prove, guard and SIGSTOP one member; None if it is gone meanwhile."""
