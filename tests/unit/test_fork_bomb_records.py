@@ -101,7 +101,8 @@ def opened(s: process.ProcessSensor, batch: np.ndarray, cgroup: str | None = CGR
 def test_a_bomb_crossing_is_keyed_by_its_tree_not_the_forker():
     (crossing,) = sensor().decode(bomb_record()).crossings
     assert crossing.rule == "fork_bomb"
-    assert crossing.key == TREE  # the session id, not the forking member's tgid
+    # the session id (with the cgroup: session ids come back), not the forking member's tgid
+    assert crossing.key == (TREE, crossing.task.cgroup_id)
     assert crossing.task.tgid == FORKER and crossing.task.exe == "/usr/bin/bash"
     assert (crossing.window_count, crossing.total, crossing.window_start_ns, crossing.ktime_ns) == \
         (9100, 9150, 4 * NS, 5 * NS)

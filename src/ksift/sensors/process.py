@@ -66,6 +66,11 @@ ONE_LINE = {**{c: f"\\x{c:02x}" for c in (*range(32), 127)}, ord("\n"): "\\n", o
             ord("\r"): "\\r"}
 
 
+def tree_of(key) -> int:
+    """The session id of a fork_bomb incident's key ((session, cgroup id), or a bare session)."""
+    return int(key[0]) if isinstance(key, tuple) else int(key)
+
+
 def decode_cmdline(raw: bytes, length: int) -> list[str]:
     """argv from the bytes the kernel copied out of the process's memory (NUL-separated, maybe cut short)."""
     data = bytes(raw)[: max(min(int(length), len(raw)), 0)]
@@ -144,12 +149,15 @@ class ProcessSensor(Sensor):
         details = {"tree": int(p["tree"]), "live": int(p["live"]), "peak_live": int(p["peak_live"]),
                    "min_live": int(p["min_live"]), "cmdline": cmdline,
                    "cmdline_truncated": int(p["cmdline_len"]) > CMDLINE_LEN}
-        return window_crossing(self.bomb_rule.name, row, p, key=int(p["tree"]), details=details)
+        # Keyed by (session, cgroup): session ids are pids and come back, and a new bomb whose
+        # session number a gone one had must get its own incident, not the old one's cooldown.
+        key = (int(p["tree"]), int(row["task"]["cgroup_id"]))
+        return window_crossing(self.bomb_rule.name, row, p, key=key, details=details)
 
-    def current(self, rule: str, key: int) -> KeyState | None:
+    def current(self, rule: str, key) -> KeyState | None:
         """A parent's (fork storm) or a tree's (fork bomb) live counters, straight from the kernel map."""
         if self.bomb_rule is not None and rule == self.bomb_rule.name:
-            return self.window_state(self._tree_state, tgid_key(key), TREE_STATE)
+            return self.window_state(self._tree_state, tgid_key(tree_of(key)), TREE_STATE)
         return self.window_state(self._state, tgid_key(key), FORK_STATE)
 
     def tree_live(self, tree: int) -> tuple[int, int] | None:
@@ -167,7 +175,7 @@ class ProcessSensor(Sensor):
         min_live of its members are still alive."""
         if self.bomb_rule is None or rule != self.bomb_rule.name:
             return False
-        live = self.tree_live(int(key))
+        live = self.tree_live(tree_of(key))
         return live is not None and live[0] >= int(self.bomb_rule.param("min_live"))
 
     # -- alert text ----------------------------------------------------------
@@ -182,7 +190,7 @@ class ProcessSensor(Sensor):
         now once it is over, but while it opens the count the kernel judged it by (its crossing's, at
         least min_live): a bomb whose members fork and exit may be under that bar again a few ms
         later, and an open alert must not contradict its own rule (peak_live keeps any growth)."""
-        live = self.tree_live(int(inc.key))
+        live = self.tree_live(tree_of(inc.key))
         if live is not None:
             now, peak = live
             if status != "open":
@@ -202,7 +210,7 @@ class ProcessSensor(Sensor):
         cgroup = ((inc.context or {}).get("subject") or {}).get("cgroup")
         members = [inc.task.tgid]
         if not self._procfs.same_process(inc.task.tgid, inc.task.start_boottime_ns):
-            members = self._procfs.session_members(int(inc.key), limit=64)
+            members = self._procfs.session_members(tree_of(inc.key), limit=64)
             if cgroup:
                 members = [pid for pid in members if self._cgroup_of(pid) == cgroup]
         for pid in members[:4]:
