@@ -304,6 +304,8 @@ class Agent:
         if "--api" not in self.extra_args:  # the API stays on, as shipped, on a port nobody else holds
             self.extra_args += ("--api", f"127.0.0.1:{free_port()}")
         self.api = self.extra_args[self.extra_args.index("--api") + 1]
+        if self.api == "off":
+            self.api = None  # --agent-api off: no funnel reads between phases
         self.db = workdir / f"{tag}.db"
         self.stats_path = workdir / f"{tag}.stats.json"
         self.out_path = workdir / f"{tag}.stdout"
@@ -380,6 +382,8 @@ class Agent:
     def funnel(self) -> dict | None:
         """The funnel report from the agent's API (GET /api/v1/funnel; counters read at that moment).
         It costs the agent CPU: ask between measured phases, never inside one."""
+        if self.api is None:
+            return None
         try:
             with urllib.request.urlopen(f"http://{self.api}/api/v1/funnel", timeout=10) as reply:
                 return json.load(reply)
@@ -757,7 +761,7 @@ class Phase:
 def bench_footprint(args, forkloop: Path, workdir: Path) -> dict:
     out: dict = {"phases": {}, "memory": {}}
     log("footprint: one agent through start-up, idle, storm and a long idle")
-    with Agent(args.ksift, workdir, "footprint").start() as agent:
+    with Agent(args.ksift, workdir, "footprint", ("--api", "off") if args.agent_api == "off" else ()).start() as agent:
         pid = agent.proc.pid
         out["startup"] = agent.startup
         out["memory"]["after_startup"] = agent.sample().memory()
@@ -1179,6 +1183,8 @@ def parse_args(argv=None):
     p.add_argument("--flood-agent-wakeup", action="store_true",
                    help="submit flood records like the sensors (forced wake-ups past the watermark) instead of "
                         "with flags 0")
+    p.add_argument("--agent-api", choices=("on", "off"), default="on",
+                   help="the footprint agent's HTTP API: on as shipped (default), or off to see what it costs")
     p.add_argument("--skip", action="append", default=[], choices=("overhead", "footprint", "latency", "flood"),
                    help="leave a part out (repeatable)")
     p.add_argument("--ksift", type=Path, default=DEFAULT_KSIFT, help="the ksift executable")
