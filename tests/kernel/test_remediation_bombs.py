@@ -231,7 +231,10 @@ def _check_stopped(name: str, result: dict, scope: str = "tree") -> dict:
     return decision
 
 
-@pytest.mark.parametrize("shape", ["shell", "binary"])
+SHAPES = ["shell", "binary", "python", "linear"]  # tests/workloads/bombs.py
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 def test_kill_tree_stops_the_whole_bomb_and_nothing_else(shape, tmp_path, treebomb):
     result = run_bomb(tmp_path, shape, treebomb)
     decision = _check_stopped(f"{shape}, user space", result)
@@ -254,22 +257,26 @@ def test_a_cgroup_scoped_policy_kills_the_bomb_s_whole_cgroup(tmp_path, treebomb
         decision["subject"]["cgroup"])
 
 
-def test_dry_run_kills_nothing_and_records_the_plan(tmp_path, treebomb):
-    result = run_bomb(tmp_path, "binary", treebomb, mode="dry-run")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dry_run_kills_nothing_and_records_the_plan(shape, tmp_path, treebomb):
+    result = run_bomb(tmp_path, shape, treebomb, mode="dry-run")
     [decision] = result["decisions"]
     launched = result["launched"]
     assert decision["status"] == "dry-run" and decision["result"] is None, decision
     plan = decision["plan"]
     assert plan["scope"] == "tree" and plan["tree"]["session"] == launched.session
-    assert plan["processes"] == len(plan["targets"]) >= 100
+    # The members alive when the plan was made: the bomb crossed with 100 alive, and a shell bomb's
+    # members come and go (they wait on zombies), so at least half of that.
+    assert plan["processes"] == len(plan["targets"]) >= 50
     assert launched.sleeper not in [t["pid"] for t in plan["targets"]]
     assert plan["steps"][0].startswith(f"SIGSTOP the {plan['processes']:,} processes of session {launched.session} "
                                        f"in cgroup {decision['subject']['cgroup']}")
-    # Nothing was done: the bomb still fills its pids cgroup a second after the decision.
-    assert result["current"] >= PIDS_MAX - 10, result["current"]
+    # Nothing was done: a second after the decision the bomb still lives (the binary, python and
+    # linear shapes fill their pids cgroup; the shell's members wait on zombies and hold fewer).
+    assert result["current"] >= 50, result["current"]
     assert result["sleeper_ok"]
-    print(f"\n[dry-run] plan: {plan['processes']} processes; pids.current {result['current']}/{PIDS_MAX} a second "
-          "after the decision")
+    print(f"\n[dry-run, {shape}] plan: {plan['processes']} processes; pids.current "
+          f"{result['current']}/{PIDS_MAX} a second after the decision")
     assert [a for a in result["alerts"] if (a.get("remediation") or {}).get("status") == "dry-run"]
 
 
