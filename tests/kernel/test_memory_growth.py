@@ -23,6 +23,7 @@ from harness import (
     rules_toml,
     run_workload_script,
     start_agent,
+    wait_for,
     workload_command,
     write_rules,
 )
@@ -49,19 +50,21 @@ def rules_file(tmp_path, growth: bool = True, oom: bool | None = None, fork: boo
     return str(write_rules(tmp_path / f"rules-{growth}-{oom}-{fork}.toml", *rules))
 
 
-def allocate(size_mb: float, rate_mb: float, hold: float, comm: str) -> dict:
+def allocate(size_mb: float, rate_mb: float, hold: float, comm: str, limit_mb: float | None = None) -> dict:
     # Its own cgroup, limited a little above what it touches, and a deadline: a runaway cannot hurt the host.
-    with MemoryLimitedCgroup(int(size_mb + 128) * MIB) as cg:
+    # Tests of the window alone set a limit far enough that the projection (params.eta, 30 s) stays out of it.
+    with MemoryLimitedCgroup(int(limit_mb or size_mb + 128) * MIB) as cg:
         return run_workload_script("allocator.py", "--size-mb", size_mb, "--rate-mb", rate_mb, "--hold", hold,
                                    "--comm", comm, "--memcg", cg.path, timeout=120)
 
 
-def run_workload(tmp_path, size_mb: float, rate_mb: float, hold: float, comm: str) -> tuple[list[dict], dict, dict]:
+def run_workload(tmp_path, size_mb: float, rate_mb: float, hold: float, comm: str,
+                 limit_mb: float | None = None) -> tuple[list[dict], dict, dict]:
     """One allocator under an agent with the test growth rule: (its alerts, the workload's report, stats)."""
     agent = start_agent(tmp_path, "--rules", rules_file(tmp_path), "--api", "off")
     try:
         agent.wait_ready()
-        work = allocate(size_mb, rate_mb, hold, comm)
+        work = allocate(size_mb, rate_mb, hold, comm, limit_mb)
         time.sleep(1.0)  # a few ticks: whatever the kernel sent has been judged
     finally:
         agent.terminate()
@@ -69,8 +72,8 @@ def run_workload(tmp_path, size_mb: float, rate_mb: float, hold: float, comm: st
 
 
 def test_growing_process_gives_one_alert_with_from_and_to(tmp_path):
-    # ~400 MiB over ~10 s: 40 MiB/s, then a short hold.
-    alerts, work, stats = run_workload(tmp_path, size_mb=400, rate_mb=40, hold=2, comm="ks-grower")
+    # ~400 MiB over ~10 s: 40 MiB/s, then a short hold; its limit (4 GiB) is 90 s away at that rate.
+    alerts, work, stats = run_workload(tmp_path, size_mb=400, rate_mb=40, hold=2, comm="ks-grower", limit_mb=4096)
     pid = work["pid"]
 
     assert [a["status"] for a in alerts] == ["open"], alerts
@@ -98,7 +101,8 @@ def test_growing_process_gives_one_alert_with_from_and_to(tmp_path):
 
 
 def test_one_big_allocation_then_holding_gives_no_alert(tmp_path):
-    # 300 MiB at once, then held past a whole window: grew, but does not keep growing.
+    # 300 MiB at once, then held past a whole window: grew, but does not keep growing. Its limit is
+    # 128 MiB above: one allocation gives no rate to project, so that stays quiet too.
     alerts, work, stats = run_workload(tmp_path, size_mb=300, rate_mb=0, hold=WINDOW_S + 2, comm="ks-bigalloc")
     assert work["peak_rss_bytes"] >= 300 * MIB
     assert alerts == []
@@ -108,11 +112,58 @@ def test_one_big_allocation_then_holding_gives_no_alert(tmp_path):
 
 
 def test_slow_growth_under_the_bound_gives_no_alert(tmp_path):
-    # 150 MiB over 10 s: rising all along, but less than the 200 MiB threshold within the window.
-    alerts, work, stats = run_workload(tmp_path, size_mb=150, rate_mb=15, hold=1, comm="ks-slow")
+    # 150 MiB over 10 s: rising all along, but less than the 200 MiB threshold within the window
+    # (and its 4 GiB limit is minutes away at that rate).
+    alerts, work, stats = run_workload(tmp_path, size_mb=150, rate_mb=15, hold=1, comm="ks-slow", limit_mb=4096)
     assert work["peak_rss_bytes"] >= 150 * MIB
     assert alerts == []
     assert stats["kernel"]["memory"]["rss_steps"] >= 2  # a step every ~2 s, each one reported
+
+
+def test_fast_grower_is_reported_before_the_oom_kill_with_its_limit_and_eta(tmp_path):
+    # 40 MiB/s toward 1 GiB under a 512 MiB limit: the OOM killer takes it after ~13 s. The projection
+    # (packaged eta = 30s) must say so while it still runs, and the oom_kill alert must name that incident.
+    limit = 512 * MIB
+    agent = start_agent(tmp_path, "--rules", rules_file(tmp_path, oom=True), "--api", "off")
+    try:
+        agent.wait_ready()
+        with MemoryLimitedCgroup(limit) as cg:
+            cgroup = "/" + cg.path.name
+            work = subprocess.Popen(workload_command("allocator.py", "--size-mb", 1024, "--rate-mb", 40,
+                                                     "--comm", "ks-runaway", "--memcg", cg.path),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            seen_alive = None
+            deadline = time.monotonic() + 60
+            while work.poll() is None and time.monotonic() < deadline:
+                if seen_alive is None and agent.alerts_of("memory_growth", work.pid):
+                    seen_alive = time.monotonic()
+                time.sleep(0.1)
+            killed = time.monotonic()
+            if work.poll() is None:
+                work.kill()
+            _, err = work.communicate(timeout=10)
+            assert work.returncode == -9, f"the allocator was not OOM-killed ({work.returncode}): {err}"
+        wait_for("an oom_kill alert", lambda: agent.alerts_of("oom_kill", work.pid), 20, proc=agent.proc,
+                 log=agent.stderr_path, interval=0.1)
+        time.sleep(1.0)
+    finally:
+        agent.terminate()
+
+    assert seen_alive is not None, "no memory_growth alert while the grower was alive"
+    assert killed - seen_alive >= 2.0, f"alerted only {killed - seen_alive:.1f} s before the kill"
+    growth = agent.alerts_of("memory_growth", work.pid)
+    assert growth[0]["status"] == "open", growth
+    d = growth[0]["details"]
+    assert d["limit"]["kind"] == "cgroup" and d["limit"]["limit_bytes"] == limit and d["limit"]["cgroup"] == cgroup
+    assert 25 * MIB <= d["rate_bytes_per_s"] <= 80 * MIB
+    assert 2 <= d["eta_s"] < 30
+    summary = growth[0]["summary"]
+    assert summary.startswith(f"PID {work.pid} (ks-runaway) RSS grows "), summary
+    assert f"its cgroup limit of 512 MiB ({cgroup}) is reached in about {max(1, round(d['eta_s']))} s" in summary
+    oom = agent.alerts_of("oom_kill", work.pid)
+    assert [a["status"] for a in oom] == ["open"], oom
+    assert oom[0]["details"]["growth_incident"] == growth[0]["incident_id"]
+    assert oom[0]["details"]["limit_bytes"] == limit
 
 
 def attached_with(tmp_path, **rules) -> set[str]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from records_helpers import task_record, unstarted_sensor
 
+from ksift.enrich.memlimit import MemoryLimit
 from ksift.events import TaskContext
 from ksift.rules.incidents import NS, Incident
 from ksift.rules.model import Rule, Severity
@@ -37,9 +38,21 @@ class FakePaths:
         return self.table.get((hierarchy_id == 0, cgroup_id))
 
 
-def sensor(*rules: Rule, paths=None) -> memory.MemorySensor:
+class FakeLimits:
+    """MemoryLimits stand-in: the same limits for every process (none by default: no projection)."""
+
+    def __init__(self, *limits: MemoryLimit):
+        self.limits = list(limits)
+        self.asked: list[int] = []
+
+    def of(self, pid: int) -> list[MemoryLimit]:
+        self.asked.append(pid)
+        return self.limits
+
+
+def sensor(*rules: Rule, paths=None, limits=None) -> memory.MemorySensor:
     return unstarted_sensor(memory.MemorySensor, rules or (oom_rule(), growth_rule()), page_size=PAGE,
-                            memcg_paths=paths or FakePaths())
+                            memcg_paths=paths or FakePaths(), memory_limits=limits or FakeLimits())
 
 
 def series(*points: tuple[float, float]) -> list[tuple[int, int]]:
@@ -416,3 +429,129 @@ def test_memcg_paths_without_a_mount_give_none(tmp_path):
     paths = memory.MemcgPaths(str(tmp_path / "missing"))
     assert paths.path(4, 12345) is None
     assert paths.path(0, 12345) is None
+
+
+# -- projection toward a limit (params.eta) ---------------------------------------------
+
+
+def cgroup_limit(limit_mib: int, available_mib: int, path: str = "/ksift-test-x") -> MemoryLimit:
+    return MemoryLimit("cgroup", limit_mib * MIB, available_mib * MIB, cgroup=path, version=1,
+                       usage_bytes=(limit_mib - available_mib) * MIB)
+
+
+def host_limit(available_mib: int) -> MemoryLimit:
+    return MemoryLimit("host", 8192 * MIB, available_mib * MIB)
+
+
+def test_recent_rate_reads_the_latest_rising_reports():
+    rise = memory.recent_rate(series((0, 40), (1, 80), (2, 120), (3, 160), (4, 200)))
+    assert rise is not None and rise.samples == 4  # at most four: the latest few
+    assert (rise.from_bytes, rise.to_bytes, rise.seconds) == (80 * MIB, 200 * MIB, 3.0)
+    assert memory.rate_bytes_per_s(rise) == 40 * MIB
+
+
+def test_recent_rate_needs_three_rising_reports_over_enough_time():
+    assert memory.recent_rate(series((0, 40), (1, 300))) is None  # one allocation seen by two passes
+    assert memory.recent_rate(series((0, 300), (1, 200), (2, 240), (3, 280))) is not None
+    assert memory.recent_rate(series((0, 300), (1, 200), (2, 280))) is None  # only two since it fell
+    assert memory.recent_rate(series((0, 40), (0.1, 80), (0.2, 120)), min_ns=int(1.5 * NS)) is None
+    assert memory.recent_rate(series((0, 40), (1, 80), (2, 120)), min_ns=int(1.5 * NS)) is not None
+    assert memory.recent_rate([]) is None
+
+
+def test_time_to_limit_takes_the_nearest_limit():
+    cg, host = cgroup_limit(512, 360), host_limit(4000)
+    limit, eta = memory.time_to_limit(40 * MIB, [cg, host])
+    assert limit is cg and eta == 9.0
+    limit, eta = memory.time_to_limit(40 * MIB, [cgroup_limit(8192, 8000), host])
+    assert limit is host and eta == 100.0
+    assert memory.time_to_limit(0.0, [cg]) is None and memory.time_to_limit(40 * MIB, []) is None
+
+
+def fast_points(n: int = 4) -> list[tuple[float, int]]:
+    return [(100 + i, 40 + 40 * i) for i in range(n)]  # 40 MiB/s, a pass a second
+
+
+def test_a_fast_grower_near_its_cgroup_limit_crosses_before_the_window_says_so():
+    limits = FakeLimits(cgroup_limit(512, 392), host_limit(20000))
+    out = sensor(growth_rule(), limits=limits).decode(growth_batch(fast_points()))
+    assert out.failed == 0 and len(out.crossings) == 2  # the second and the third report: three samples
+    c = out.crossings[0]
+    assert c.ktime_ns == 102 * NS and c.window_start_ns == 100 * NS
+    d = c.details
+    assert d["rate_bytes_per_s"] == 40 * MIB and d["eta_s"] == 9.8
+    assert d["limit"] == {"kind": "cgroup", "cgroup": "/ksift-test-x", "cgroup_version": 1,
+                          "limit_bytes": 512 * MIB, "usage_bytes": 120 * MIB, "available_bytes": 392 * MIB}
+    assert d["from_bytes"] == 40 * MIB and d["to_bytes"] == 120 * MIB and d["seconds"] == 2.0
+    assert c.window_count == 80 and c.total == 120
+    assert limits.asked == [4242, 4242]  # once per report that gave a rate (not the first: two samples)
+
+
+def test_the_same_grower_far_from_any_limit_is_quiet():
+    limits = FakeLimits(cgroup_limit(8192, 8000), host_limit(20000))  # 200 s away
+    assert sensor(growth_rule(), limits=limits).decode(growth_batch(fast_points())).crossings == []
+
+
+def test_eta_zero_turns_the_projection_off():
+    rule = growth_rule(params={"min_growth_percent": 50.0, "step": 32 * MIB, "eta": 0.0})
+    limits = FakeLimits(cgroup_limit(512, 100))
+    assert sensor(rule, limits=limits).decode(growth_batch(fast_points())).crossings == []
+    assert limits.asked == []
+
+
+def test_one_big_allocation_near_the_limit_is_no_projection():
+    limits = FakeLimits(cgroup_limit(512, 50))
+    assert sensor(growth_rule(), limits=limits).decode(growth_batch([(100, 40), (101, 400)])).crossings == []
+    # ten steps reported within a tenth of a second: no rate either (three passes span two poll intervals)
+    points = [(100 + 0.01 * i, 32 + 32 * i) for i in range(10)]
+    assert sensor(growth_rule(), limits=limits).decode(growth_batch(points)).crossings == []
+
+
+def test_a_failing_limit_lookup_costs_the_projection_not_the_sensor():
+    class Broken:
+        def of(self, pid):
+            raise OSError("gone")
+
+    out = sensor(growth_rule(), limits=Broken()).decode(growth_batch(fast_points()))
+    assert out.failed == 0 and out.crossings == []
+
+
+def test_growth_summary_with_a_projection_names_rate_limit_and_eta():
+    d = {"from_bytes": 40 * MIB, "to_bytes": 120 * MIB, "growth_bytes": 80 * MIB, "growth_percent": 200.0,
+         "seconds": 2.0, **memory.projection_details(memory.Growth(40 * MIB, 0, 120 * MIB, 2 * NS, 3), 40 * MIB,
+                                                       cgroup_limit(512, 360), 9.0)}
+    s = sensor()
+    assert s.summarize(incident(growth_rule(), d), "open") == (
+        "PID 991 (leaker) RSS grows 40 MiB/s (now 120 MiB); its cgroup limit of 512 MiB (/ksift-test-x) "
+        "is reached in about 9 s")
+    d.update(memory.projection_details(memory.Growth(40 * MIB, 0, 120 * MIB, 2 * NS, 3), 40 * MIB,
+                                       host_limit(1000), 25.0))
+    assert s.summarize(incident(growth_rule(), d), "open").endswith(
+        "; the host's available memory (1000 MiB) is reached in about 25 s")
+    assert "stopped growing" in s.summarize(incident(growth_rule(), d), "resolved")
+
+
+def test_an_oom_kill_names_the_growth_incident_of_the_same_process():
+    s = sensor()
+    growth = incident(growth_rule(), {"from_bytes": 0, "to_bytes": MIB, "growth_bytes": MIB, "seconds": 1.0})
+    growth.id = "g-1"
+    s.summarize(growth, "open")
+    kill = incident(oom_rule(), {"memory_cgroup": "/x", "limit_kind": None, "anon_rss_bytes": MIB})
+    s.summarize(kill, "open")
+    assert kill.details["growth_incident"] == "g-1"
+    # Another process, or the same pid recycled (another start time): no growth incident.
+    other = incident(oom_rule(), {"memory_cgroup": "/x", "limit_kind": None, "anon_rss_bytes": MIB})
+    other.task = TaskContext(tgid=991, pid=991, ppid=1, uid=0, gid=0, cgroup_id=1, start_boottime_ns=2,
+                             comm="leaker", exe=None)
+    s.summarize(other, "open")
+    assert other.details["growth_incident"] is None
+
+
+def test_growth_incidents_remembered_are_bounded():
+    s = sensor()
+    for tgid in range(memory.GROWTH_INCIDENTS + 10):
+        inc = incident(growth_rule(), {"from_bytes": 0, "to_bytes": MIB, "growth_bytes": MIB, "seconds": 1.0})
+        inc.task = TaskContext(tgid=tgid, pid=tgid, ppid=1, uid=0, gid=0, cgroup_id=1, start_boottime_ns=1,
+                               comm="x", exe=None)
+        s.summarize(inc, "open")
+    assert len(s.growth_incidents) == memory.GROWTH_INCIDENTS and 0 not in s.growth_incidents

@@ -140,13 +140,18 @@ SIGNALS: Mapping[str, SignalSpec] = _registry(
         keys=("tgid",),
         unit="MB of resident memory growth",
         description="resident memory of one process growing within window, from a task iterator that reads "
-                    "every process's RSS in the kernel once a second (only processes that pass step are tracked)",
+                    "every process's RSS in the kernel once a second (only processes that pass step are tracked), "
+                    "or growing fast enough to reach its memory limit within eta",
         where="user space",
         params=(
             ParamSpec("min_growth_percent", "float", 50.0, 0.0, 100000.0,
                       "the growth must also be at least this share of the starting RSS"),
             ParamSpec("step", "bytes", 32 * _MIB, _MIB, 1 << 40,
                       "the kernel reports a process each time its RSS grows by this much"),
+            ParamSpec("eta", "duration", 30.0, 0.0, 3600.0,
+                      "also alert when, at the rate of its latest reports, the process would use up the room "
+                      "left below its memory cgroup limit or the host's available memory within this time "
+                      "(0 turns the projection off)"),
         ),
     ),
 )

@@ -15,6 +15,16 @@ growing: more than the threshold and min_growth_percent within the window,
 spread over the window rather than one allocation, and still at its highest.
 A report is a sample taken by a pass, so its time is the pass's: figures are
 within one step and one poll interval.
+
+memory_growth also alerts before a limit is hit (params.eta): from the latest
+few reports (recent_rate(): the baseline and at least two rising reports, from
+three passes, so one big allocation is not a rate) it takes the growth rate,
+and when the room left below the process's memory cgroup limit (v1
+memory.limit_in_bytes, v2 memory.max, its own cgroup's or the nearest limited
+ancestor's) or the host's MemAvailable would be used up within eta at that
+rate, it alerts with the limit and the projected time. A fast grower that the
+OOM killer takes seconds later is thus reported first, and the oom_kill alert
+names that growth incident (details.growth_incident).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from ksift.enrich.cgroup import (
     find_cgroup2_mount,
     parse_mountinfo,
 )
+from ksift.enrich.memlimit import MemoryLimit, MemoryLimits
 from ksift.rules.incidents import NS, Crossing, Incident
 from ksift.rules.model import Rule
 from ksift.sensors.base import Decoded, Sensor
@@ -94,6 +105,14 @@ RSS_STATE = np.dtype([("mm", "<u8"), ("level_pages", "<u8"), ("level_ns", "<u8")
 POLL_S = 1.0
 MIN_POLL_S = 0.25
 PASSES_PER_WINDOW = 10
+
+
+# The rate toward a limit: from the latest RATE_SAMPLES reports at most, of which at least
+# MIN_RATE_SAMPLES (the baseline and two rising reports, from three passes) all rising.
+RATE_SAMPLES = 4
+MIN_RATE_SAMPLES = 3
+# Growth incidents remembered per process, so its OOM kill can name the incident.
+GROWTH_INCIDENTS = 1024
 
 
 def growth_poll_interval(window_s: float) -> float:
@@ -215,6 +234,42 @@ def rising_growth(samples: list[tuple[int, int]], window_ns: int, threshold_byte
     return Growth(low, low_ns, latest, latest_ns, len(recent) - low_index)
 
 
+def recent_rate(samples: list[tuple[int, int]], max_samples: int = RATE_SAMPLES,
+                min_samples: int = MIN_RATE_SAMPLES, min_ns: int = 0) -> Growth | None:
+    """The rise over the latest reports of a (ktime_ns, rss_bytes) series, oldest first: the longest
+    run of strictly rising samples that ends at the latest one, at most max_samples long, when it
+    holds at least min_samples. Each report comes from its own pass, so min_samples = 3 means the
+    growth went on over two poll intervals at least: one big allocation gives no rate. The rise
+    must also span min_ns (the sensor asks for 1.5 poll intervals: three passes span two)."""
+    tail = [samples[-1]] if samples else []
+    for sample in reversed(samples[:-1]):
+        if len(tail) >= max_samples or sample[1] >= tail[0][1] or sample[0] >= tail[0][0]:
+            break
+        tail.insert(0, sample)
+    if len(tail) < max(2, min_samples):
+        return None
+    (from_ns, low), (to_ns, high) = tail[0], tail[-1]
+    if to_ns - from_ns < max(1, min_ns):
+        return None
+    return Growth(low, from_ns, high, to_ns, len(tail))
+
+
+def rate_bytes_per_s(g: Growth) -> float:
+    return g.growth_bytes / g.seconds if g.seconds > 0 else 0.0
+
+
+def time_to_limit(rate_bps: float, limits: list[MemoryLimit]) -> tuple[MemoryLimit, float] | None:
+    """The limit this rate uses up first, and in how many seconds (None: not growing, or no limit)."""
+    if rate_bps <= 0:
+        return None
+    best = None
+    for limit in limits:
+        eta = limit.available_bytes / rate_bps
+        if best is None or eta < best[1]:
+            best = (limit, eta)
+    return best
+
+
 @dataclass
 class _Series:
     identity: int  # the process's start time: a recycled pid starts a new series
@@ -263,6 +318,11 @@ class GrowthTracker:
         self._evict(now_ns)
         return rising_growth(list(series.samples), self.window_ns, self.threshold_bytes, self.min_percent)
 
+    def rate(self, key: Hashable, min_ns: int = 0) -> Growth | None:
+        """The key's recent rise (recent_rate()), from what the last add() left."""
+        series = self._series.get(key)
+        return recent_rate(list(series.samples), min_ns=min_ns) if series is not None else None
+
     def _evict(self, now_ns: int) -> None:
         while len(self._series) > self.max_keys:
             self._series.popitem(last=False)
@@ -294,7 +354,8 @@ class MemorySensor(Sensor):
         "ksift_rss_state": (RSS_STATE, {}),
     }
 
-    def __init__(self, *args, page_size: int = mmap.PAGESIZE, memcg_paths: MemcgPaths | None = None, **kwargs):
+    def __init__(self, *args, page_size: int = mmap.PAGESIZE, memcg_paths: MemcgPaths | None = None,
+                 memory_limits: MemoryLimits | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.page_size = page_size
         self.oom_rule: Rule | None = self.enabled.get(OOM_SIGNAL)
@@ -304,11 +365,22 @@ class MemorySensor(Sensor):
         self.poll_interval_s = None
         self.passes = 0  # iterator passes run (poll)
         self.pass_ns = 0  # wall time they took, in all
+        self.eta_s = 0.0  # params.eta: alert when a limit is this close at the current rate (0: off)
+        self._memory_limits = memory_limits
+        # tgid -> (start time, id) of its latest growth incident, for its OOM kill's alert.
+        self.growth_incidents: OrderedDict[int, tuple[int, str]] = OrderedDict()
         if self.growth_rule is not None:
             rule = self.growth_rule
             self.growth = GrowthTracker(int(rule.window_s * NS), rule.threshold * MIB,
                                         float(rule.param("min_growth_percent")))
             self.poll_interval_s = growth_poll_interval(rule.window_s)
+            self.eta_s = float(rule.param("eta"))
+
+    @property
+    def memory_limits(self) -> MemoryLimits:
+        if self._memory_limits is None:
+            self._memory_limits = MemoryLimits()
+        return self._memory_limits
 
     def rodata(self) -> dict[str, int]:
         if self.growth_rule is None:
@@ -406,11 +478,32 @@ class MemorySensor(Sensor):
         ktime = int(row["ktime_ns"])
         found = self.growth.add(task.tgid, task.start_boottime_ns, int(p["prev_ns"]),
                                 int(p["prev_pages"]) * self.page_size, ktime, int(p["rss_pages"]) * self.page_size)
-        if found is None:
+        projected = self.projection(task.tgid)
+        if found is None and projected is None:
             return None
-        return Crossing(rule=rule, key=task.tgid, ktime_ns=ktime, window_start_ns=found.from_ns,
-                        window_count=found.growth_bytes // MIB, total=found.to_bytes // MIB, task=task,
-                        details=self.growth_details(found, p))
+        g = found or projected[0]
+        details = self.growth_details(g, p)
+        if projected is not None:
+            details.update(projection_details(*projected))
+        return Crossing(rule=rule, key=task.tgid, ktime_ns=ktime, window_start_ns=g.from_ns,
+                        window_count=g.growth_bytes // MIB, total=g.to_bytes // MIB, task=task, details=details)
+
+    def projection(self, tgid: int) -> tuple[Growth, float, MemoryLimit, float] | None:
+        """(recent rise, its rate, the limit it reaches first, seconds to it) when that is within eta."""
+        if self.eta_s <= 0:
+            return None
+        rise = self.growth.rate(tgid, min_ns=int(1.5 * (self.poll_interval_s or POLL_S) * NS))
+        if rise is None:
+            return None
+        rate = rate_bytes_per_s(rise)
+        try:
+            reached = time_to_limit(rate, self.memory_limits.of(tgid))
+        except Exception:  # enrichment must never cost the sensor
+            log.exception("could not read the memory limits of %d", tgid)
+            return None
+        if reached is None or reached[1] >= self.eta_s:
+            return None
+        return rise, rate, reached[0], reached[1]
 
     def growth_details(self, g: Growth, p: np.void) -> dict[str, Any]:
         page = self.page_size
@@ -432,10 +525,41 @@ class MemorySensor(Sensor):
 
     def summarize(self, inc: Incident, status: str) -> str | None:
         if inc.rule.signal == OOM_SIGNAL:
+            self._link_growth(inc)
             return oom_summary(inc, status)
         if inc.rule.signal == GROWTH_SIGNAL:
+            if status == "open":
+                self.growth_incidents[inc.task.tgid] = (inc.task.start_boottime_ns, inc.id)
+                self.growth_incidents.move_to_end(inc.task.tgid)
+                while len(self.growth_incidents) > GROWTH_INCIDENTS:
+                    self.growth_incidents.popitem(last=False)
             return growth_summary(inc, status)
         return None
+
+    def _link_growth(self, inc: Incident) -> None:
+        """An OOM kill's incident names the growth incident of the same process, if it had one."""
+        if "growth_incident" in inc.details:
+            return
+        found = self.growth_incidents.get(inc.task.tgid)
+        same = found is not None and found[0] == inc.task.start_boottime_ns
+        inc.details["growth_incident"] = found[1] if same else None
+
+
+def projection_details(rise: Growth, rate: float, limit: MemoryLimit, eta: float) -> dict[str, Any]:
+    """The projection toward a limit, as alert details."""
+    return {
+        "rate_bytes_per_s": round(rate),
+        "rate_from_bytes": rise.from_bytes,
+        "rate_seconds": round(rise.seconds, 3),
+        "limit": limit.as_dict(),
+        "eta_s": round(eta, 1),
+    }
+
+
+def limit_phrase(limit: dict[str, Any]) -> str:
+    if limit.get("kind") == "cgroup":
+        return f"its cgroup limit of {mib(limit['limit_bytes'])} ({limit.get('cgroup')})"
+    return f"the host's available memory ({mib(limit['available_bytes'])})"
 
 
 def oom_cause(d: dict[str, Any]) -> str:
@@ -466,6 +590,10 @@ def growth_summary(inc: Incident, status: str) -> str:
     grew = f"from {mib(d['from_bytes'])} to {mib(d['to_bytes'])} in {format_duration(round(d['seconds'], 1))}"
     percent = d.get("growth_percent")
     extra = f"+{mib(d['growth_bytes'])}" + (f", +{percent:.0f}%" if percent is not None else "")
+    if status == "open" and d.get("eta_s") is not None and d.get("limit"):
+        rate = f"{mib(d['rate_bytes_per_s'])}/s"
+        return (f"{who} RSS grows {rate} (now {mib(d['to_bytes'])}); {limit_phrase(d['limit'])} is reached "
+                f"in about {max(1, round(d['eta_s']))} s")
     if status == "open":
         return f"{who} RSS grew {grew} ({extra}), still rising"
     return f"{who} RSS stopped growing: last rise {grew} ({extra})"
