@@ -499,3 +499,29 @@ def assert_released(held: tuple[set[int], set[int]]) -> None:
         time.sleep(0.1)
     assert not (held[0] & progs), f"programs left in the kernel: {sorted(held[0] & progs)}"
     assert not (held[1] & links), f"links left in the kernel: {sorted(held[1] & links)}"
+
+
+def get_json(url: str) -> dict:
+    """GET a JSON document (a test's own loopback servers: Prometheus, the agent's API)."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def remediation_agent_config(path: Path, extra: str = "") -> Path:
+    """An agent config for remediation tests: no HTTP API (several agents run on this host at once
+    and would fight over its port), answers to ask mode picked up every 200 ms."""
+    path.write_text(f'[api]\nenabled = false\n\n[remediation]\npoll_interval = "200ms"\n{extra}')
+    return path
+
+
+def stored_decisions(db: Path) -> list[dict]:
+    """Every remediation decision an agent stored in its database (none before it made one)."""
+    from ksift.remediation.decisions import DecisionStore
+
+    if not db.exists():
+        return []
+    store = DecisionStore(db)
+    try:
+        return [d.as_dict() for d in store.list(limit=1000)]
+    finally:
+        store.close()

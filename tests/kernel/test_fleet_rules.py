@@ -7,7 +7,6 @@ nothing else; a stopped agent makes KsiftAgentDown pending.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import urllib.parse
@@ -15,16 +14,21 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from harness import REPO, ServerProcess, free_port, packaged_rule, run_forker, start_agent, wait_for, write_rules
+from harness import (
+    REPO,
+    ServerProcess,
+    free_port,
+    get_json,
+    packaged_rule,
+    run_forker,
+    start_agent,
+    wait_for,
+    write_rules,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 PROMETHEUS = "/usr/bin/prometheus"
 RULES = REPO / "deploy" / "prometheus" / "ksift-rules.yaml"
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
 
 
 class RulesPrometheus(ServerProcess):

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
-from harness import ServerProcess, free_port, packaged_rule, run_forker, start_agent, wait_for, write_rules
+from harness import ServerProcess, free_port, get_json, packaged_rule, run_forker, start_agent, wait_for, write_rules
 
 PROMETHEUS = "/usr/bin/prometheus"
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
 
 
 class Prometheus(ServerProcess):

@@ -37,7 +37,9 @@ from harness import (
     BombCgroups,
     ScratchCgroup,
     packaged_rule,
+    remediation_agent_config,
     start_agent,
+    stored_decisions,
     wait_for,
     workload_command,
     write_rules,
@@ -66,22 +68,6 @@ def bomb_rules(path: Path, cgroup: str, mode: str, **policy) -> Path:
     return write_rules(path, packaged_rule("fork_bomb", policy=table))
 
 
-def agent_config(path: Path) -> Path:
-    # No HTTP API: several agents run on this host at once and would fight over its port.
-    path.write_text('[api]\nenabled = false\n\n[remediation]\npoll_interval = "200ms"\n')
-    return path
-
-
-def decisions(db: Path) -> list[dict]:
-    from ksift.remediation.decisions import DecisionStore
-
-    if not db.exists():
-        return []
-    store = DecisionStore(db)
-    try:
-        return [d.as_dict() for d in store.list(limit=1000)]
-    finally:
-        store.close()
 
 
 # The bomb's launcher: a child subreaper (as systemd is for a session's orphans) that starts the
@@ -146,7 +132,7 @@ def run_bomb(tmp_path: Path, shape: str, treebomb: Path, mode: str = "enforce", 
     tmp_path.mkdir(parents=True, exist_ok=True)
     with BombCgroups(PIDS_MAX, deadline_s=DEADLINE_S) as cg, ScratchCgroup() as sibling:
         rules = bomb_rules(tmp_path / "rules.toml", cg.rel, mode, **policy)
-        agent = start_agent(tmp_path / "agent", "--config", str(agent_config(tmp_path / "agent.toml")),
+        agent = start_agent(tmp_path / "agent", "--config", str(remediation_agent_config(tmp_path / "agent.toml")),
                             "--rules", str(rules))
         launched = None
         try:
@@ -155,7 +141,7 @@ def run_bomb(tmp_path: Path, shape: str, treebomb: Path, mode: str = "enforce", 
             launched = Launched(shape, cg, sibling, treebomb)
 
             def decided() -> list[dict]:
-                mine = [d for d in decisions(agent.db_path) if d["subject"].get("cgroup") == cg.rel]
+                mine = [d for d in stored_decisions(agent.db_path) if d["subject"].get("cgroup") == cg.rel]
                 final = [d for d in mine if d["status"] not in ("pending", "approved")
                          and (d["status"] != "done" or d.get("outcome"))]
                 return final if final and len(final) == len(mine) else []

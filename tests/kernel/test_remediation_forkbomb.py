@@ -33,7 +33,9 @@ from harness import (
     assert_released,
     owned_bpf_ids,
     packaged_rule,
+    remediation_agent_config,
     start_agent,
+    stored_decisions,
     write_rules,
 )
 
@@ -56,22 +58,6 @@ def fork_rules(path: Path, scope: str, mode: str = "enforce", fast_path: bool = 
     return write_rules(path, packaged_rule("fork_storm", severity="critical", sustain="0s", policy=table))
 
 
-def agent_config(path: Path, extra: str = "") -> Path:
-    # No HTTP API: several agents run on this host at once and would fight over its port.
-    path.write_text(f"[api]\nenabled = false\n\n[remediation]\npoll_interval = \"200ms\"\n{extra}")
-    return path
-
-
-def decisions(db: Path) -> list[dict]:
-    from ksift.remediation.decisions import DecisionStore
-
-    if not db.exists():
-        return []
-    store = DecisionStore(db)
-    try:
-        return [d.as_dict() for d in store.list(limit=1000)]
-    finally:
-        store.close()
 
 
 def _bpftool(kind: str, ident: int) -> dict | None:
@@ -157,7 +143,7 @@ def run_storm(tmp_path: Path, bomb: Path, mode: str, fast_path: bool = False, co
     tmp_path.mkdir(parents=True, exist_ok=True)
     with BombCgroups(PIDS_MAX) as cg:
         rules = fork_rules(tmp_path / "rules.toml", cg.rel, mode=mode, fast_path=fast_path, **policy)
-        config = agent_config(tmp_path / "agent.toml", config_extra)
+        config = remediation_agent_config(tmp_path / "agent.toml", config_extra)
         agent = start_agent(tmp_path / "agent", "--config", str(config), "--rules", str(rules))
         try:
             agent.wait_ready()
@@ -174,7 +160,7 @@ def run_storm(tmp_path: Path, bomb: Path, mode: str, fast_path: bool = False, co
             peak = cg.peak()
 
             def settled() -> list[dict]:
-                mine = [d for d in decisions(agent.db_path) if d["subject"].get("pid") == work["root"]]
+                mine = [d for d in stored_decisions(agent.db_path) if d["subject"].get("pid") == work["root"]]
                 final = [d for d in mine if d["status"] != "done" or d.get("outcome")]
                 return final if final and len(final) == len(mine) else []
 
