@@ -22,8 +22,6 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from ksift.alerts import Clocks, build_alert
 from ksift.config import AgentConfig
 from ksift.enrich.context import Enricher
@@ -327,7 +325,7 @@ class Agent:
         ranges = batch["type"] // records.SENSOR_SPAN
         decoded_any = False
         transitions: list[Transition] = []
-        for rng in np.unique(ranges).tolist():  # one pass per sensor present, not per record
+        for rng in set(ranges.tolist()):
             part = batch[ranges == rng]
             sensor = self._by_range.get(rng)
             if sensor is None:
