@@ -19,13 +19,14 @@ TEST_APT_PKGS := prometheus prometheus-alertmanager chromium chromium-driver
 # What only `make bench` needs: the reference it compares the agent with.
 BENCH_APT_PKGS := bpftrace
 BENCH_OUT   := build/bench
+DIST        := dist
 STAMP_SYS   := $(VENV)/.system-deps
 STAMP_PY    := $(VENV)/.python-deps
 STAMP_TEST  := $(VENV)/.test-system-deps
 STAMP_BENCH := $(VENV)/.bench-system-deps
 ARGS        ?=
 
-.PHONY: run test build deps system-deps vmlinux bench bench-sensors clean
+.PHONY: run test build objects dist deps system-deps vmlinux bench bench-sensors clean
 
 run: build
 	$(VENV)/bin/ksift run $(ARGS)
@@ -35,6 +36,21 @@ test: build $(STAMP_TEST)
 	$(VPY) -m pytest $(ARGS)
 
 build: deps $(BPF_OBJS)
+
+# Only the BPF objects (clang-14 and libbpf-dev's headers), e.g. in an unpacked sdist.
+objects: $(BPF_OBJS)
+
+# A wheel (with the compiled BPF objects, tagged py3-none-manylinux_2_17_x86_64 by setup.cfg) and an
+# sdist (the C sources and the objects) in dist/: docs/deploy.md, "The wheel". python -m build makes the
+# wheel from the sdist, so a wheel that lacks an object means the sdist lacks it too: check.
+dist: build
+	rm -rf $(DIST)
+	$(VPY) -m build --outdir $(DIST) .
+	@for o in $(notdir $(BPF_OBJS)); do \
+		$(VPY) -m zipfile -l $(DIST)/ksift-*.whl | grep -q "ksift/bpf_objects/$$o" \
+			|| { echo "the wheel lacks bpf_objects/$$o" >&2; exit 1; }; \
+	done
+	@ls -l $(DIST)
 
 deps: $(STAMP_PY)
 
@@ -61,7 +77,7 @@ $(STAMP_TEST): $(STAMP_SYS)
 
 $(STAMP_PY): $(STAMP_SYS) pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test]' 'build>=1.2,<2'
 	@touch $@
 
 $(BPF_OUT)/%.bpf.o: bpf/%.bpf.c $(BPF_HDRS) | $(STAMP_SYS)
@@ -90,4 +106,4 @@ bench-sensors: build
 	$(VPY) bench/sensor_bench.py $(ARGS)
 
 clean:
-	rm -rf $(BPF_OUT) build *.egg-info src/*.egg-info
+	rm -rf $(BPF_OUT) build $(DIST) *.egg-info src/*.egg-info

@@ -17,3 +17,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.kernel)
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def dist(tmp_path_factory):
+    """The wheel and sdist of this checkout, built once per session (tests/kernel/shipping.py)."""
+    from shipping import build_dist
+
+    return build_dist(tmp_path_factory.mktemp("dist"))

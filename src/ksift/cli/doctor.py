@@ -1,7 +1,9 @@
 """`ksift doctor`: what will and will not work on this host, and why.
 
 Every check tries the real thing where it can (loading and attaching the real
-BPF objects) rather than guessing from kernel versions.
+BPF objects) rather than guessing from kernel versions, and every failure says
+what the host must give and how to get it: an installed wheel needs nothing from
+the host but libbpf.so.1, BTF and the privileges (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -23,11 +25,25 @@ class Check:
     detail: str = ""
 
 
-def _effective_caps(status_path: str = "/proc/self/status") -> int:
+def _status_field(name: str, status_path: str = "/proc/self/status") -> str:
     for line in Path(status_path).read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
+        if line.startswith(name + ":"):
+            return line.split()[1]
+    return ""
+
+
+def _effective_caps(status_path: str = "/proc/self/status") -> int:
+    return int(_status_field("CapEff", status_path) or "0", 16)
+
+
+def seccomp_filtered(status_path: str = "/proc/self/status") -> bool:
+    """Whether a seccomp filter (mode 2) confines this process, as container runtimes' profiles do."""
+    return _status_field("Seccomp", status_path) == "2"
+
+
+LIBBPF_HOWTO = "install it: apt install libbpf1 (Debian 12, Ubuntu 22.04+), dnf install libbpf (Fedora, RHEL 9)"
+SECCOMP_HOWTO = ("this process runs under a seccomp filter that refuses bpf(): in a container, run it with "
+                 "ksift's profile, deploy/seccomp/ksift.json (docs/deploy.md, \"seccomp\")")
 
 
 def check_privileges() -> Check:
@@ -37,7 +53,8 @@ def check_privileges() -> Check:
     if {"CAP_BPF", "CAP_PERFMON"} <= have or "CAP_SYS_ADMIN" in have:
         return Check("ok", "privileges", f"euid {os.geteuid()}, {', '.join(sorted(have))}")
     return Check("FAIL", "privileges", "loading and attaching BPF needs CAP_BPF and CAP_PERFMON (or root); "
-                                       f"this process has {', '.join(sorted(have)) or 'none of them'}")
+                                       f"this process has {', '.join(sorted(have)) or 'none of them'}: run it "
+                                       "as root (sudo), or with the capabilities docs/deploy.md lists")
 
 
 def check_btf() -> Check:
@@ -45,7 +62,9 @@ def check_btf() -> Check:
     if path.exists():
         return Check("ok", "kernel BTF", f"{path} ({path.stat().st_size // 1024} KiB), kernel {platform.release()}")
     return Check("FAIL", "kernel BTF", f"{path} is missing: CO-RE programs cannot be relocated; "
-                                       "a kernel built with CONFIG_DEBUG_INFO_BTF=y is required")
+                                       "a kernel built with CONFIG_DEBUG_INFO_BTF=y is required (Debian 11+, "
+                                       "Ubuntu 20.10+, Fedora 31+ and RHEL 8.2+ kernels are); in a container, "
+                                       "mount the host's /sys/kernel/btf")
 
 
 def check_lockdown() -> Check:
@@ -83,7 +102,7 @@ def check_unused_hooks() -> Check:
                  + "; ksift uses none of them (tracepoints, tp_btf and perf events only)")
 
 
-def check_bpf_side() -> list[Check]:
+def check_bpf_side(soname: str = "libbpf.so.1") -> list[Check]:
     """libbpf, the built objects, the ring buffer, and every program attached for real."""
     from ksift.config import AgentConfig
     from ksift.errors import KsiftError
@@ -93,10 +112,11 @@ def check_bpf_side() -> list[Check]:
 
     out = []
     try:
-        lib = Libbpf()
+        lib = Libbpf(soname)
     except OSError as exc:
-        return [Check("FAIL", "libbpf", f"{exc}")]
-    out.append(Check("ok", "libbpf", "libbpf.so.1 loaded"))
+        return [Check("FAIL", "libbpf", f"{soname} cannot be loaded ({exc.__cause__ or exc}): {LIBBPF_HOWTO}")]
+    version = f"{lib.so.libbpf_major_version()}.{lib.so.libbpf_minor_version()}"
+    out.append(Check("ok", "libbpf", f"libbpf.so.1 (libbpf {version}) loaded from {_mapped_path('libbpf.so')}"))
 
     ringbuf = lib.so.libbpf_probe_bpf_map_type(BPF_MAP_TYPE_RINGBUF, None)
     out.append(Check("ok", "ring buffer", "BPF_MAP_TYPE_RINGBUF supported") if ringbuf == 1 else
@@ -104,7 +124,8 @@ def check_bpf_side() -> list[Check]:
 
     objects = sorted(default_objects_dir().glob("*.bpf.o"))
     if not objects:
-        out.append(Check("FAIL", "BPF objects", f"none in {default_objects_dir()}: run `make build`"))
+        out.append(Check("FAIL", "BPF objects", f"none in {default_objects_dir()}: in a checkout, run `make "
+                                                "build`; the wheel carries them (reinstall it)"))
         return out
     config = AgentConfig()
     for path in objects:
@@ -125,10 +146,21 @@ def check_bpf_side() -> list[Check]:
         except KsiftError as exc:
             log = getattr(exc, "log", "")
             tail = "\n".join(log.splitlines()[-8:]) if log else ""
-            out.append(Check("FAIL", f"load {path.name}", str(exc).splitlines()[0] + (f"\n{tail}" if tail else "")))
+            hint = f"\n{SECCOMP_HOWTO}" if "EPERM" in str(exc) and seccomp_filtered() else ""
+            out.append(Check("FAIL", f"load {path.name}",
+                             str(exc).splitlines()[0] + hint + (f"\n{tail}" if tail else "")))
         finally:
             obj.close()
     return out
+
+
+def _mapped_path(fragment: str, maps_path: str = "/proc/self/maps") -> str:
+    """The file this process has mapped whose path contains fragment (which libbpf the loader found)."""
+    for line in Path(maps_path).read_text().splitlines():
+        fields = line.split(maxsplit=5)  # address, perms, offset, dev, inode, path (anonymous: none)
+        if len(fields) == 6 and fragment in fields[5]:
+            return fields[5]
+    return "an unknown path"
 
 
 def run_doctor(stream: TextIO) -> int:

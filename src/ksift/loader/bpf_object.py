@@ -237,7 +237,9 @@ class BpfObject:
         ret = self.lib.so.bpf_object__load(obj)
         if ret < 0:
             err = -ret if ret != -1 else ctypes.get_errno()
-            hint = " (loading BPF needs root, or CAP_BPF and CAP_PERFMON)" if err == errno_mod.EPERM else ""
+            # EPERM with the capabilities present: a seccomp profile refusing bpf() (a container's).
+            hint = (" (loading BPF needs root, or CAP_BPF and CAP_PERFMON, and no seccomp filter refusing bpf(): "
+                    "`ksift doctor` says which)") if err == errno_mod.EPERM else ""
             raise BpfLoadError(f"kernel refused BPF object {self.path.name}: {errno_mod.errorcode.get(err, err)} "
                                f"({_strerror(err)}){hint}", self.lib.take_log())
         self._loaded = True

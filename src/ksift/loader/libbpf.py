@@ -79,7 +79,7 @@ class Libbpf:
         try:
             self.so = ctypes.CDLL(soname, use_errno=True)
         except OSError as exc:
-            raise OSError(errno_mod.ENOENT, f"cannot load {soname} (install Debian's libbpf1): {exc}") from exc
+            raise OSError(errno_mod.ENOENT, f"cannot load {soname} (apt install libbpf1): {exc}") from exc
         self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         self._libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
         self._libc.vsnprintf.restype = ctypes.c_int
@@ -128,6 +128,8 @@ class Libbpf:
         _sig(s.bpf_map_lookup_and_delete_batch, i, i, p, p, p, p, ctypes.POINTER(u32), p)
         _sig(s.libbpf_num_possible_cpus, i)
         _sig(s.libbpf_probe_bpf_map_type, i, i, p)
+        _sig(s.libbpf_major_version, u32)
+        _sig(s.libbpf_minor_version, u32)
         _sig(s.bpf_obj_get_info_by_fd, i, i, p, ctypes.POINTER(u32))  # libbpf 1.1 has no prog-specific one
 
     # -- logging -------------------------------------------------------------
