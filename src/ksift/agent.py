@@ -528,6 +528,15 @@ class AgentView:
                                   obj.program_stats if obj is not None else dict))
         return out
 
+    def sink_problems(self) -> list[str]:
+        """Why a sink cannot do its job now (e.g. an alert store that refuses writes), for readiness."""
+        problems = []
+        for sink in self._agent.sinks:
+            problem = getattr(sink, "problem", None)
+            if callable(problem) and (text := problem()):
+                problems.append(f"sink {sink.name}: {text}")
+        return problems
+
     def sink_counters(self) -> dict[str, dict[str, int]]:
         return {s.name: (s.counters() if callable(getattr(s, "counters", None))
                          else {"delivered": s.delivered, "failed": s.failed}) for s in self._agent.sinks}

@@ -26,6 +26,7 @@ from typing import TextIO
 
 from ksift.config import AgentConfig
 from ksift.errors import BpfError
+from ksift.outfile import write_replacing
 from ksift.rules.model import RuleSet
 
 log = logging.getLogger("ksift")
@@ -133,8 +134,10 @@ def _report(agent, stats_path: str | None) -> None:
     report = agent.funnel_report()
     log.info("funnel: %s", json.dumps(report, sort_keys=True))
     if stats_path:
-        with open(stats_path, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, sort_keys=True)
+        # Checked at start (cmd_run), so this fails only if the folder changed since. A KsiftError
+        # here still lets the ExitStack run every later callback (the agent, sinks, store close):
+        # then it reaches the user as one line and exit status 1.
+        write_replacing(stats_path, json.dumps(report, indent=2, sort_keys=True), "--stats")
 
 
 def _release_free_heap() -> None:

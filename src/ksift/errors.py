@@ -50,3 +50,7 @@ class BpfLoadError(BpfError):
 
 class StoreError(KsiftError):
     """The alert store could not be opened, migrated or written."""
+
+
+class StoreWriteError(StoreError):
+    """The alert store's database refused a write (read-only, immutable, disk full, locked too long)."""

@@ -18,7 +18,9 @@ def read_text(path: str | os.PathLike[str], what: str) -> tuple[str, str]:
     except OSError as exc:
         raise ConfigError(source, f"cannot read {what}: {exc.strerror or exc}") from exc
     try:
-        return data.decode("utf-8"), source
+        # utf-8-sig: a byte order mark (some Windows editors write one) is harmless, so it is dropped
+        # rather than refused; TOML itself has no word for it and would call it an invalid statement.
+        return data.decode("utf-8-sig"), source
     except UnicodeDecodeError as exc:
         raise ConfigError(source, f"not valid UTF-8: {exc}") from exc
 
@@ -28,3 +30,7 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, f"invalid TOML: {exc}") from exc
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively: a file nested thousands deep
+        # exhausts Python's stack. No config or rules file needs more than a few levels.
+        raise ConfigError(source, "invalid TOML: arrays or tables nested too deeply") from None

@@ -5,15 +5,19 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +106,24 @@ def start_agent(workdir: Path, *args: str, duration: float | None = None, api: s
 def workload_command(script: str, *args: object) -> list[str]:
     """The command line that runs tests/workloads/<script> with this interpreter."""
     return [sys.executable, str(WORKLOADS / script), *map(str, args)]
+
+
+@contextmanager
+def workloads_for_others(*names: str) -> Iterator[Path]:
+    """A copy of these tests/workloads files (and workload_common.py, which they import) in a fresh folder
+    every user can read, for a workload run as another user (nobody): the checkout may sit in a folder
+    only root can enter (a clone in `mktemp -d` is 0700), so its own files are out of that user's reach.
+    Removed on exit."""
+    folder = Path(tempfile.mkdtemp(prefix="ksift-workloads-"))
+    try:
+        folder.chmod(0o755)
+        for name in {*names, "workload_common.py"}:
+            copy = folder / name
+            shutil.copyfile(WORKLOADS / name, copy)
+            copy.chmod(0o644)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def last_json_line(stdout: str) -> dict:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import REPO, WORKLOADS, AgentRun
+from harness import REPO, AgentRun, workloads_for_others
 
 UNIT = REPO / "deploy" / "systemd" / "ksift.service"
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable and runnable by nobody, unlike a venv under /root
@@ -46,9 +46,11 @@ def start_limited_agent(workdir: Path, caps: list[str], duration: float) -> Agen
 
 
 def storm_as_nobody(comm: str) -> dict:
-    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", SYSTEM_PYTHON,
-           str(WORKLOADS / "forker.py"), "--rate", "200", "--seconds", "3", "--comm", comm]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True, cwd="/")
+    # From a copy nobody can read: the checkout may be in a folder only root can enter.
+    with workloads_for_others("forker.py") as workloads:
+        cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", SYSTEM_PYTHON,
+               str(workloads / "forker.py"), "--rate", "200", "--seconds", "3", "--comm", comm]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True, cwd="/")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -67,8 +69,6 @@ def run_storm(tmp_path: Path, caps: list[str], comm: str) -> tuple[dict, dict]:
 def _needs_tools():
     if shutil.which("setpriv") is None or not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip("needs setpriv (util-linux) and /usr/bin/python3")
-    if not os.access(WORKLOADS / "forker.py", os.R_OK) or os.stat(WORKLOADS / "forker.py").st_mode & 0o004 == 0:
-        pytest.skip("the workload is not readable by nobody here")
 
 
 def test_the_units_capabilities_run_every_sensor(tmp_path: Path):

@@ -354,8 +354,9 @@ def test_funnel_reports_every_sink_counter(tmp_path: Path):
         sink = WebhookSink(settings("http://127.0.0.1:1"))
         report = Funnel().as_dict(Engine(), [StoreSink(store), sink])
     assert {"retried", "gave_up", "dropped_queue_full"} <= set(report["sinks"]["test"])
-    # The store queues for a writer thread: the same counters as the network sinks.
-    assert report["sinks"]["store"] == dict.fromkeys(report["sinks"]["test"], 0)
+    # The store queues for a writer thread: the same counters as the network sinks, and `unwritable`
+    # (the part of `rejected` its database refused).
+    assert report["sinks"]["store"] == dict(dict.fromkeys(report["sinks"]["test"], 0), unwritable=0)
 
 
 # -- [sinks] config ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from agent_helpers import FORK_STORM_RULE
 
 from ksift.errors import ConfigError
-from ksift.rules.model import SIGNALS, Rule, RuleSet, Severity, severity_rank
+from ksift.rules.model import SIGNALS, Rule, Severity, severity_rank
 from ksift.rules.parse import DEFAULT_RULES_SOURCE, default_rules_text, load_rules, parse_rules
 
 SOURCE = "my_rules.toml"
@@ -121,13 +121,35 @@ def test_load_rules_invalid_utf8(tmp_path):
     assert str(path) in str(info.value)
 
 
-def test_empty_rules_file_is_empty_ruleset(tmp_path):
+def test_empty_rules_file_is_refused(tmp_path):
+    # Deliberately changed (issue 16): an empty file used to be an empty RuleSet, an agent watching nothing.
     path = tmp_path / "empty.toml"
-    path.write_text("# nothing here\n")
-    rules = load_rules(str(path))
-    assert rules == RuleSet(rules=(), source=str(path))
-    assert rules.enabled() == ()
-    assert rules.for_signal("process.fork") is None
+    for text in ("# nothing here\n", "", "rule = []\n"):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="no rules in this file") as info:
+            load_rules(str(path))
+        assert str(path) in str(info.value)
+
+
+def test_every_rule_disabled_is_still_allowed(tmp_path):
+    rules = parse_rules(rule_toml(enabled="false"), SOURCE)
+    assert rules.enabled() == () and rules.for_signal("process.fork") is None
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + rule_toml().encode())
+    assert load_rules(str(path)).rules == parse_rules(rule_toml(), SOURCE).rules
+
+
+@pytest.mark.parametrize("nested", ["x = " + "[" * 100_000 + "]" * 100_000,
+                                    "x = " + "{a=" * 100_000 + "1" + "}" * 100_000])
+def test_a_file_nested_100000_deep_is_a_config_error_not_a_recursion_error(tmp_path, nested):
+    path = tmp_path / "deep.toml"
+    path.write_text(nested + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply") as info:
+        load_rules(str(path))
+    assert str(path) in str(info.value)
 
 
 # --- defaults and RuleSet queries

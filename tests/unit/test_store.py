@@ -1,7 +1,9 @@
 import sqlite3
 import stat
+import subprocess
 import threading
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from alert_factory import make_alert, make_subject
@@ -246,3 +248,64 @@ def test_concurrent_adds_from_threads(store):
     for t in threads:
         t.join()
     assert len(store.list()) == 200
+
+
+# --- files the store refuses, tightens or cannot write (issue 16, section 3)
+
+
+def test_a_device_or_folder_is_refused_without_a_journal_beside_it(tmp_path):
+    from ksift.store.sqlite import store_path_problem
+
+    for path, kind in (("/dev/null", "a device"), (str(tmp_path), "a directory")):
+        assert kind in store_path_problem(path)
+        with pytest.raises(StoreError, match=kind) as info:
+            AlertStore(path)
+        assert path in str(info.value)
+    assert not Path("/dev/null-journal").exists() and not Path("/dev/null-wal").exists()
+    assert store_path_problem(tmp_path / "new.db") is None
+
+
+def test_a_planted_link_is_never_followed_to_create_the_store(tmp_path):
+    target = tmp_path / "elsewhere"
+    link = tmp_path / "alerts.db"
+    link.symlink_to(target)  # dangling: creating "alerts.db" through it would make `target`
+    with pytest.raises(StoreError, match="cannot create"):
+        AlertStore(link)
+    assert not target.exists()
+
+
+def test_a_store_others_may_read_is_tightened_with_its_wal_and_shm(tmp_path, caplog):
+    path = tmp_path / "alerts.db"
+    parts = (path, tmp_path / "alerts.db-wal", tmp_path / "alerts.db-shm")
+    with AlertStore(path) as earlier:  # still open: its -wal and -shm stay
+        earlier.add(make_alert())
+        for part in parts:
+            part.chmod(0o666)
+        with caplog.at_level("WARNING"), AlertStore(path):
+            for part in parts:
+                assert stat.S_IMODE(part.stat().st_mode) == 0o640, part
+    assert "was mode 666: made 640" in caplog.text
+    path.chmod(0o600)  # tighter than 0640 stays as it is
+    with AlertStore(path):
+        pass
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def chattr(flag: str, *paths) -> None:
+    done = subprocess.run(["chattr", flag, *map(str, paths)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr {flag} does not work here (root on ext4 needed): {done.stderr.strip()}")
+
+
+def test_an_immutable_store_is_refused_at_open_not_alert_by_alert(tmp_path):
+    from ksift.errors import StoreWriteError
+
+    path = tmp_path / "alerts.db"
+    AlertStore(path).close()
+    chattr("+i", path)
+    try:
+        with pytest.raises(StoreWriteError, match="cannot be written") as info:
+            AlertStore(path)
+        assert str(path) in str(info.value)
+    finally:
+        chattr("-i", path)

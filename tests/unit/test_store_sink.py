@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 import threading
 import time
 
+import pytest
+from agent_helpers import fork_storm_rules, plain_enricher
 from alert_factory import make_alert
 
+from ksift.agent import Agent
+from ksift.config import AgentConfig
 from ksift.sinks.base import QUEUE_COUNTERS, Sink
 from ksift.sinks.store import StoreSink
 from ksift.store.sqlite import AlertStore
@@ -153,6 +158,42 @@ def test_counters_have_the_network_sinks_shape(tmp_path):
         sink.emit({"id": "broken"})
         assert sink.flush(5)
         counters = sink.counters()
-        assert set(counters) == {*QUEUE_COUNTERS, "queued"}
+        assert set(counters) == {*QUEUE_COUNTERS, "queued", "unwritable"}
         assert (counters["delivered"], counters["rejected"], counters["failed"]) == (1, 1, 1)
         sink.close()
+
+
+def chattr(flag: str, *paths) -> None:
+    done = subprocess.run(["chattr", flag, *map(str, paths)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr {flag} does not work here (root on ext4 needed): {done.stderr.strip()}")
+
+
+def test_a_store_that_stops_taking_writes_is_counted_logged_once_and_unready(tmp_path, caplog):
+    path = tmp_path / "a.db"
+    store = AlertStore(path)
+    sink = StoreSink(store)
+    view = Agent(AgentConfig(), fork_storm_rules(), [], plain_enricher(), [sink]).view
+    sink.emit(make_alert(1))
+    assert sink.flush(5) and view.sink_problems() == []
+    # Writes go to the -wal while the store is open: both must refuse them.
+    chattr("+i", path, tmp_path / "a.db-wal")
+    try:
+        with caplog.at_level(logging.WARNING):
+            for n in (2, 3, 4):
+                sink.emit(make_alert(n))
+            assert sink.flush(5)
+        counters = sink.counters()
+        assert (counters["delivered"], counters["unwritable"], counters["rejected"]) == (1, 3, 3)
+        assert counters["failed"] == 3
+        problems = view.sink_problems()
+        assert len(problems) == 1 and problems[0].startswith("sink store: alert store not writable"), problems
+        assert str(path) in problems[0]
+        assert caplog.text.count("alerts are not being saved") == 1  # once, not once per alert
+    finally:
+        chattr("-i", path, tmp_path / "a.db-wal")
+    sink.emit(make_alert(5))
+    assert sink.flush(5)
+    assert view.sink_problems() == [] and sink.counters()["delivered"] == 2
+    assert "takes alerts again" in caplog.text
+    sink.close()

@@ -1,4 +1,4 @@
-"""`ksift` command line: run, alerts, doctor, rules check.
+"""`ksift` command line: run, alerts, doctor, rules check, config check.
 
 Exit status: 0 ok, 1 runtime failure (BPF, store, privileges), 2 bad input
 (config, rules, arguments). Errors are one clear line on stderr, no traceback.
@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from datetime import datetime, timezone
 
+from ksift.cli.checks import check_limit, non_empty
 from ksift.errors import BpfError, ConfigError, KsiftError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -51,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     rules_sub.add_parser("signals", help="list the signals rules can watch, with their keys and params")
 
+    config = sub.add_parser("config", help="work with agent config files")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    config_check = config_sub.add_parser("check", help="validate an agent config file (and the rules file it "
+                                                       "names) as `ksift run --config FILE` would, without root")
+    config_check.add_argument("file")
+
     from ksift.remediation.cli import add_actions_parser
 
     add_actions_parser(sub)
@@ -72,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             from ksift.remediation.cli import cmd_actions
 
             return cmd_actions(args)
+        if args.command == "config":
+            return cmd_config_check(args)
         if args.command == "rules":
             if args.rules_command == "signals":
                 return cmd_rules_signals(args)
@@ -96,27 +106,46 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from ksift.compose import running_agent
+def _run_inputs(config_path: str | None, rules_path: str | None, db: str | None, api: str | None):
+    """(config, rules, store path) as `ksift run` takes them, every check that needs no kernel done:
+    `ksift config check` calls this too, so it accepts exactly what `run` accepts."""
     from ksift.config import default_db_path, load_config
     from ksift.rules.parse import load_rules
 
-    config = load_config(args.config)
-    if args.api is not None:
+    config = load_config(config_path)
+    if api is not None:
         from ksift.interfaces.settings import apply_api_override
 
-        config = apply_api_override(config, args.api)
+        config = apply_api_override(config, api)
+    rules = load_rules(rules_path or config.rules_path)
+    # Every path the agent writes is checked now, not after the run (the store is opened after the
+    # kernel side is loaded: see compose.py).
+    db_path = db or config.db_path or default_db_path()
+    _check_store_path(db_path, "--db" if db else config_path, None if db else "store.db")
+    return config, rules, db_path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ksift.compose import running_agent
+
+    for option, value in (("--config", args.config), ("--rules", args.rules), ("--db", args.db),
+                          ("--stats", args.stats)):
+        non_empty(option, value)
+    config, rules, db_path = _run_inputs(args.config, args.rules, args.db, args.api)
     _setup_logging(args.log_level or config.log_level)
-    rules = load_rules(args.rules or config.rules_path)
-    if args.duration is not None and args.duration <= 0:
-        raise ConfigError("--for", f"must be a positive number of seconds, got {args.duration}")
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
+        raise ConfigError("--for", f"must be a positive, finite number of seconds, got {args.duration}")
+    if args.stats:
+        from ksift.outfile import check_writable
+
+        check_writable(args.stats, "--stats")
     enabled = rules.enabled()
     log.info("rules from %s: %s", rules.source, ", ".join(r.name for r in enabled) or "none enabled")
     if os.geteuid() != 0:
         log.warning("not running as root: loading BPF needs CAP_BPF and CAP_PERFMON (see `ksift doctor`)")
     try:
         # Everything it builds (kernel side, store, sinks) is released on every way out.
-        with running_agent(config, rules, db_path=args.db or config.db_path or default_db_path(),
+        with running_agent(config, rules, db_path=db_path,
                            json_lines=args.json, stats_path=args.stats) as agent:
             import asyncio  # after the kernel side is loaded (see ksift.compose)
 
@@ -126,20 +155,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_store_path(path: str, source: str | None, field: str | None) -> None:
+    """Exit 2 now for a store path that is not a regular file (a device such as /dev/null, a folder)."""
+    from ksift.store.sqlite import store_path_problem
+
+    problem = store_path_problem(path)
+    if problem is not None:
+        raise ConfigError(source or "store", problem, field=field)
+
+
 def cmd_alerts(args: argparse.Namespace) -> int:
     from ksift.config import default_db_path
     from ksift.sinks.console import format_alert_text
     from ksift.store.sqlite import AlertStore
     from ksift.timeparse import parse_since
 
+    non_empty("--db", args.db)
     since = None
-    if args.since:
+    if args.since is not None:  # "" is a mistake, not "no filter"
         try:
             since = parse_since(args.since, datetime.now(timezone.utc))
         except ValueError as exc:
             raise ConfigError("--since", str(exc)) from exc
-    if args.limit < 1:
-        raise ConfigError("--limit", f"must be at least 1, got {args.limit}")
+    check_limit(args.limit)
     store = AlertStore.open_readonly(args.db or default_db_path())
     try:
         rows = store.list(since=since, rule=args.rule, limit=args.limit)
@@ -152,6 +190,18 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             print(format_alert_text(alert))
     if not rows and not args.json:
         print("no alerts", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    non_empty("FILE", args.file)
+    config, rules, db_path = _run_inputs(args.file, None, None, None)
+    enabled = rules.enabled()
+    print(f"{args.file}: ok")
+    print(f"  rules: {rules.source}: {len(rules.rules)} rule(s), {len(enabled)} enabled")
+    print(f"  store: {db_path}")
+    sections = sorted(config.extensions)
+    print(f"  sections: {', '.join(sections) if sections else 'none beyond the agent defaults'}")
     return EXIT_OK
 
 

@@ -442,6 +442,7 @@ class ApiServer:
         for sensor in sensors:
             if not sensor.attached:
                 reasons.append(f"sensor {sensor.name} has no program attached")
+        reasons += agent.sink_problems()  # e.g. an alert store that refuses writes
         if reasons:
             return _json({"ready": False, "reason": "; ".join(reasons)}, status=503)
         return _json({"ready": True, "sensors": [s.name for s in sensors]})

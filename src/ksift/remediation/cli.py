@@ -14,7 +14,7 @@ import os
 import pwd
 import sys
 
-from ksift.errors import ConfigError
+from ksift.cli.checks import check_limit, non_empty
 from ksift.remediation.decisions import STATUSES, DecisionError, DecisionStore
 from ksift.timeparse import rfc3339
 
@@ -54,9 +54,10 @@ def _line(decision) -> str:
 def cmd_actions(args: argparse.Namespace) -> int:
     from ksift.config import default_db_path
 
+    non_empty("--db", args.db)
     path = args.db or default_db_path()
-    if args.actions_command == "list" and args.limit < 1:
-        raise ConfigError("--limit", f"must be at least 1, got {args.limit}")
+    if args.actions_command == "list":
+        check_limit(args.limit)
     store = DecisionStore(path)
     try:
         if args.actions_command == "list":

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ksift.errors import KsiftError, StoreError
-from ksift.store.sqlite import connect
+from ksift.store.sqlite import check_not_newer, connect
 from ksift.timeparse import rfc3339
 
 STATUSES = ("dry-run", "refused", "pending", "approved", "rejected", "expired", "done", "failed")
@@ -176,6 +176,15 @@ class DecisionStore:
             self._conn.close()
             raise StoreError(f"alert store {self.path} has no decisions table (schema version < {SCHEMA_VERSION}); "
                              "start the agent once to migrate it")
+        try:
+            # A newer ksift's store may mean something else by these rows: refuse it, as run and alerts do.
+            check_not_newer(self._conn, self.path)
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise StoreError(f"cannot open alert store {self.path}: {exc}") from exc
+        except StoreError:
+            self._conn.close()
+            raise
 
     def close(self) -> None:
         with self._lock:

@@ -71,7 +71,12 @@ def parse_rules(text: str, source: str) -> RuleSet:
         if top_key != "rule":
             raise ConfigError(source, f"unknown field {top_key!r} (expected: rule)")
 
-    tables = document.get("rule", [])
+    if document.get("rule", []) == []:
+        # An agent with no rules watches nothing and looks healthy: a file left empty by mistake must
+        # not start one. Turning every rule off is still possible, and explicit: `enabled = false`.
+        raise ConfigError(source, "no rules in this file (at least one [[rule]] table; to watch nothing, "
+                                  "list rules with enabled = false)")
+    tables = document["rule"]
     # `[rule]` (one table) instead of `[[rule]]` parses as a dict; catch that here.
     if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
         raise ConfigError(source, "must be an array of tables, written [[rule]]", field="rule")

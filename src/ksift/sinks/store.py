@@ -16,8 +16,11 @@ closes the store: nothing emitted is lost at a clean shutdown.
 
 Counters have the shape of the network sinks' (sinks/base.py QUEUE_COUNTERS):
 `rejected` counts alerts the store refused (a malformed alert, or an SQLite
-error after its busy timeout; a local write is not retried), `failed` is the
-sum of every loss. `retried`, `gave_up` and `filtered` stay 0.
+error after its busy timeout; a local write is not retried), `unwritable` the
+part of them the database itself refused (read-only or immutable file, full
+disk: logged once, and readiness says so through problem() until a write
+succeeds again), `failed` is the sum of every loss. `retried`, `gave_up` and
+`filtered` stay 0.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 import threading
 from typing import Any
 
-from ksift.errors import StoreError
+from ksift.errors import StoreError, StoreWriteError
 from ksift.sinks.base import log_queue_full, queue_counters
 from ksift.store.sqlite import AlertStore
 from ksift.worker import BoundedWorker, Job
@@ -54,6 +57,8 @@ class StoreSink:
         self.dropped_queue_full = 0
         self.dropped_at_stop = 0
         self.retried = self.gave_up = self.filtered = 0
+        self.unwritable = 0  # of rejected: the database refused the write (read-only, immutable, full)
+        self._write_error: str | None = None  # the last write's error while the database refuses writes
         self._writer = BoundedWorker("store", queue_size, on_drop=self._dropped)
         self._closed = False
         store.set_write_barrier(self._writer.flush)
@@ -109,13 +114,29 @@ class StoreSink:
 
     def counters(self) -> dict[str, int]:
         """Every counter, for the funnel report and metrics."""
-        return queue_counters(self, self._writer.queued)
+        return dict(queue_counters(self, self._writer.queued), unwritable=self.unwritable)
+
+    def problem(self) -> str | None:
+        """Why this sink cannot do its job now (readiness), or None: the database refused the last
+        write. Cleared by the next write that succeeds."""
+        error = self._write_error
+        return None if error is None else f"alert store not writable, alerts are not saved: {error}"
 
     # -- the writer thread ---------------------------------------------------
 
     def _write(self, alert: Any) -> None:
         try:
             self.store.add(alert)
+        except StoreWriteError as exc:
+            # The database, not the alert: every alert after it fails too until someone fixes the
+            # store, so say it once (and when it is fixed), count each, and tell readiness.
+            self._count("rejected")
+            self._count("unwritable")
+            if self._write_error is None:
+                logger.error("store sink: alerts are not being saved (counted in unwritable): %s", exc)
+            else:
+                logger.debug("store sink: alert %s not saved: %s", _alert_id(alert), exc)
+            self._write_error = str(exc)
         except StoreError as exc:
             self._count("rejected")
             logger.warning("store sink: alert %s not saved: %s", _alert_id(alert), exc)
@@ -124,6 +145,9 @@ class StoreSink:
             logger.exception("store sink: unexpected error saving alert %s", _alert_id(alert))
         else:
             self._count("delivered")
+            if self._write_error is not None:
+                self._write_error = None
+                logger.warning("store sink: %s takes alerts again", self.store.path)
 
     def _dropped(self, job: Job) -> None:
         self._count("dropped_queue_full")

@@ -11,8 +11,10 @@ Every sqlite3 error is turned into StoreError naming the database path.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterator
 
 from ksift.alert_model import STORE_COLUMNS, store_row
-from ksift.errors import StoreError
+from ksift.errors import StoreError, StoreWriteError
 from ksift.timeparse import rfc3339
 
 # Append-only: never edit a released migration, add a new version instead.
@@ -72,6 +74,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
 )
 
 _LATEST_VERSION = MIGRATIONS[-1][0]
+log = logging.getLogger(__name__)
 # The columns come from the alert model; a unit test checks they are migration 1's alerts table.
 _INSERT_ALERT = (f"INSERT OR REPLACE INTO alerts ({', '.join(STORE_COLUMNS)}) "
                  f"VALUES ({', '.join('?' * len(STORE_COLUMNS))})")
@@ -96,6 +99,56 @@ def _statements(script: str) -> Iterator[str]:
             pending = ""
     if pending.strip(" \t\r\n;"):
         yield pending  # incomplete: let sqlite report the syntax error
+
+
+def store_path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` cannot be an alert store (it exists and is not a regular file: a device such as
+    /dev/null, where sqlite would put a world-writable journal beside it; a folder), or None."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot use {os.fspath(path)!r} as the alert store: {exc.strerror or exc}"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
+        stat.S_ISBLK(st.st_mode) else "not a regular file"
+    return f"cannot use {os.fspath(path)!r} as the alert store: it is {kind}, not a regular file"
+
+
+def _tighten(path: Path) -> None:
+    """A store made before (or by hand) that others may read is brought to 0640 at most, with its -wal
+    and -shm: alerts carry command lines, which often hold secrets. Tightened rather than only warned
+    about: a warning leaves the leak open until someone reads it, and the agent made the store 0640 in
+    the first place. Owner and group keep what they had (a 0600 store stays 0600)."""
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:  # through an fd opened without following a link: the mode changed is the file's checked
+            fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue  # absent (-wal, -shm), or a link: sqlite will say what it thinks of it
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o137:
+                continue
+            old, mode = stat.S_IMODE(st.st_mode), stat.S_IMODE(st.st_mode) & 0o640
+            try:
+                os.fchmod(fd, mode)
+            except OSError as exc:
+                log.warning("alert store %s is mode %o (others may read it) and cannot be made %o: %s", part,
+                            old, mode, exc.strerror or exc)
+            else:
+                log.warning("alert store %s was mode %o: made %o (alerts carry command lines)", part, old, mode)
+        finally:
+            os.close(fd)
+
+
+def check_not_newer(conn: sqlite3.Connection, path: Path) -> None:
+    """StoreError if the database's schema is newer than this ksift knows (for other users of the file:
+    `ksift actions`); sqlite3.Error if it cannot be read."""
+    version = AlertStore._read_version(conn)
+    if version > _LATEST_VERSION:
+        raise AlertStore._too_new_error(path, version)
 
 
 def connect(target: str, path: Path, *, uri: bool = False) -> sqlite3.Connection:
@@ -148,12 +201,18 @@ class AlertStore:
     # -- opening -----------------------------------------------------------
 
     def _open_writable(self) -> sqlite3.Connection:
+        problem = store_path_problem(self.path)
+        if problem is not None:
+            raise StoreError(problem)
         try:
             self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             # Alerts carry command lines, so keep the file away from other users;
-            # sqlite gives the -wal and -shm files the same permissions.
+            # sqlite gives the -wal and -shm files the same permissions. O_EXCL|O_NOFOLLOW:
+            # never create through a link another user planted.
             if not self.path.exists():
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o640))
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640))
+            else:
+                _tighten(self.path)
         except OSError as exc:
             raise StoreError(f"cannot create alert store {self.path}: {exc.strerror or exc}") from exc
         conn = connect(str(self.path), self.path)
@@ -163,6 +222,7 @@ class AlertStore:
                 raise StoreError(f"alert store {self.path}: cannot enable WAL journal mode (got {mode})")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._migrate(conn)
+            self._check_writable(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError(f"cannot open alert store {self.path}: {exc}") from exc
@@ -170,6 +230,20 @@ class AlertStore:
             conn.close()
             raise
         return conn
+
+    def _check_writable(self, conn: sqlite3.Connection) -> None:
+        """Fail now, not alert by alert, on a store that opens but cannot be written (an immutable file,
+        a read-only mount): sqlite then opens it read-only and only a write says so. The probe writes
+        nothing (a DELETE that matches no row) but needs the write lock, so it fails the same way."""
+        conn.execute("BEGIN")
+        try:
+            conn.execute("DELETE FROM alerts WHERE 0")
+        except sqlite3.Error as exc:
+            raise StoreWriteError(f"alert store {self.path} cannot be written: {exc} "
+                                  "(immutable file, read-only file system or no permission?)") from exc
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
 
     def _open_readonly(self) -> sqlite3.Connection:
         if not self.path.is_file():
@@ -205,8 +279,12 @@ class AlertStore:
         return int(row[0] or 0)
 
     def _too_new(self, version: int) -> StoreError:
+        return self._too_new_error(self.path, version)
+
+    @staticmethod
+    def _too_new_error(path: Path, version: int) -> StoreError:
         return StoreError(
-            f"alert store {self.path} has schema version {version}, newer than this "
+            f"alert store {path} has schema version {version}, newer than this "
             f"ksift knows ({_LATEST_VERSION}); upgrade ksift or use another path"
         )
 
@@ -262,10 +340,16 @@ class AlertStore:
         return True if barrier is None else barrier(timeout)
 
     def add(self, alert: dict[str, Any]) -> None:
-        """Store an alert, replacing any earlier one with the same id."""
+        """Store an alert, replacing any earlier one with the same id.
+
+        StoreError for an alert that cannot be stored (a missing field); its subclass StoreWriteError
+        when the database refused the write (read-only, immutable, disk full, locked too long)."""
         row = self._row(alert)
-        with self._guard("write to"):
-            self._conn.execute(_INSERT_ALERT, row)
+        with self._lock:
+            try:
+                self._conn.execute(_INSERT_ALERT, row)
+            except sqlite3.Error as exc:
+                raise StoreWriteError(f"cannot write to alert store {self.path}: {exc}") from exc
 
     def list(
         self,

@@ -93,11 +93,19 @@ class RingBufferReader:
             if hdr & BUSY_BIT:
                 break  # not committed yet: everything after it waits too
             length = hdr & ~(BUSY_BIT | DISCARD_BIT)
+            stride = (length + RINGBUF_HDR_SIZE + 7) // 8 * 8
+            if cons + stride > prod:
+                # The kernel commits whole records, so only a corrupt header claims more than the
+                # producer holds. Never step past it: with consumer_pos ahead of producer_pos the
+                # kernel would see a full ring and refuse every record from then on.
+                self.malformed += 1
+                cons = prod
+                break
             if hdr & DISCARD_BIT:
                 self.discarded += 1
             elif length != RECORD_SIZE:
                 self.malformed += 1  # never crash on one bad record: count and skip it
-            cons += (length + RINGBUF_HDR_SIZE + 7) // 8 * 8
+            cons += stride
         if cons != int(self._cons[0]):
             self.bytes_read += cons - int(self._cons[0])
             self._cons[0] = cons  # one 8-byte store: the kernel never sees a torn value

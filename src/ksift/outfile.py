@@ -1,0 +1,56 @@
+"""Files the agent writes besides its store (`--stats`): checked at start, written without following links.
+
+The path comes from the command line and may be in a folder other users can write (/tmp, where
+fs.protected_symlinks may be 0): open(path, "w") there follows a symlink another user planted and lets
+root overwrite any file. So the content goes to a new temporary file in the same folder (created with
+O_EXCL: never an existing file or link), which is then renamed over the path: rename replaces a link
+itself, never what it points to. The same folder keeps the rename on one file system (atomic).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from ksift.errors import ConfigError, KsiftError
+
+
+def check_writable(path: str, what: str) -> None:
+    """Raise ConfigError (naming `what`, e.g. "--stats", and the path) if write_replacing(path)
+    would fail: an empty path, a folder that does not exist or cannot be written, a directory."""
+    if not path.strip():
+        raise ConfigError(what, "must not be empty")
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise ConfigError(what, f"cannot write {path}: it is a directory")
+    folder = _folder(path)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ksift-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(what, f"cannot write {path}: {exc.strerror or exc} (folder {folder})") from exc
+
+
+def write_replacing(path: str, text: str, what: str, mode: int = 0o644) -> None:
+    """Write `text` to `path` through a temporary file renamed over it; a link at `path` is replaced,
+    never followed. KsiftError naming `what` and the path on failure (nothing is left behind)."""
+    folder = _folder(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
+    except OSError as exc:
+        raise KsiftError(f"{what}: cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), mode)  # mkstemp makes 0600; these counters are not secret
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise KsiftError(f"{what}: cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _folder(path: str) -> str:
+    return os.path.dirname(os.path.abspath(path))
