@@ -19,6 +19,7 @@ import ctypes.util
 import json
 import logging
 import os
+import resource
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -44,6 +45,7 @@ def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lin
     from ksift.sensors.registry import build_sensors, start_kernel_side
     from ksift.transport.core import CoreObject
 
+    raise_open_file_limit()  # before anything opens files: the API sizes its connections from it
     with ExitStack() as stack:
         try:
             lib = Libbpf()
@@ -80,6 +82,33 @@ def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lin
         stack.callback(agent.close)
         stack.callback(_report, agent, stats_path)
         yield agent
+
+
+def raise_open_file_limit(nr_open_path: str = "/proc/sys/fs/nr_open") -> tuple[int, int]:
+    """RLIMIT_NOFILE's soft limit raised to the hard limit: (before, after).
+
+    systemd's default soft limit is 1024: few enough for a flood of API clients to leave the funnel
+    without fds for BPF objects and /proc reads. The API keeps a reserve below whatever this gives
+    ([api] fd_reserve). An unlimited hard limit is capped at fs.nr_open, the most the kernel allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open(nr_open_path, encoding="ascii") as fh:
+                target = int(fh.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft == target:
+        log.info("open files: soft limit %d (the hard limit)", soft)
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("open files: cannot raise the soft limit %d to %d: %s", soft, target, exc)
+        return soft, soft
+    log.info("open files: soft limit %d raised to %d (the hard limit)", soft, target)
+    return soft, target
 
 
 def _urgent_rules(config: AgentConfig, rules: RuleSet) -> frozenset[str]:

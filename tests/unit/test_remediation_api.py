@@ -1,11 +1,13 @@
-"""Remediation's HTTP routes inside the real API app (aiohttp's test client): listing,
-approving and rejecting, and the token that answers require."""
+"""Remediation's HTTP routes inside the real API server (listening on 127.0.0.1:0, httpx as the client):
+listing, approving and rejecting, and the token that answers require."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
-from aiohttp.test_utils import TestClient, TestServer
+import httpx
 from test_remediation_engine import Harness
 from test_remediation_guards import SELF_PARENT
 
@@ -16,12 +18,17 @@ from ksift.remediation.api import route_provider
 TOKEN = "s3cret-token-for-tests-only"
 
 
-async def _client(h: Harness, token: str | None) -> TestClient:
-    settings = parse_api({"token": token} if token else {}, "agent.toml")
+@contextlib.asynccontextmanager
+async def _client(h: Harness, token: str | None) -> AsyncIterator[httpx.AsyncClient]:
+    settings = parse_api({"token": token, "listen": "127.0.0.1:0"} if token else {"listen": "127.0.0.1:0"},
+                         "agent.toml")
     api = ApiServer(settings, h.alerts, route_providers=[route_provider(h.engine, bool(token))])
-    client = TestClient(TestServer(api.build_app()))
-    await client.start_server()
-    return client
+    await api.start()
+    try:
+        async with httpx.AsyncClient(base_url=api.urls[0], timeout=10) as client:
+            yield client
+    finally:
+        await api.stop()
 
 
 def _pending(tmp_path):
@@ -36,35 +43,34 @@ def test_list_approve_and_reject_with_the_token(tmp_path):
 
     async def main():
         await h.engine.start()
-        client = await _client(h, TOKEN)
         try:
-            h.emit(subject, "i1", "a1")
-            h.emit(second, "i2", "a2")
-            await h.until(lambda: h.engine.stats["pending"] == 2)
-            listing = await client.get("/api/v1/actions?status=pending", headers=auth)
-            assert listing.status == 200
-            body = await listing.json()
-            assert body["count"] == 2 and all(a["summary"].startswith("pending approval") for a in body["actions"])
-            ids = {a["subject"]["pid"]: a["id"] for a in body["actions"]}
+            async with _client(h, TOKEN) as client:
+                h.emit(subject, "i1", "a1")
+                h.emit(second, "i2", "a2")
+                await h.until(lambda: h.engine.stats["pending"] == 2)
+                listing = await client.get("/api/v1/actions?status=pending", headers=auth)
+                assert listing.status_code == 200
+                body = listing.json()
+                assert body["count"] == 2 and all(a["summary"].startswith("pending approval") for a in body["actions"])
+                ids = {a["subject"]["pid"]: a["id"] for a in body["actions"]}
 
-            ok = await client.post(f"/api/v1/actions/{ids[3000]}/approve", headers=auth)
-            assert ok.status == 200 and (await ok.json())["status"] == "approved"
-            no = await client.post(f"/api/v1/actions/{ids[3001]}/reject", headers=auth)
-            assert no.status == 200 and (await no.json())["decided_by"].startswith("api (")
-            await h.until(lambda: h.engine.stats["done"])
+                ok = await client.post(f"/api/v1/actions/{ids[3000]}/approve", headers=auth)
+                assert ok.status_code == 200 and ok.json()["status"] == "approved"
+                no = await client.post(f"/api/v1/actions/{ids[3001]}/reject", headers=auth)
+                assert no.status_code == 200 and no.json()["decided_by"].startswith("api (")
+                await h.until(lambda: h.engine.stats["done"])
 
-            again = await client.post(f"/api/v1/actions/{ids[3001]}/approve", headers=auth)
-            assert again.status == 409 and "not pending" in (await again.json())["error"]
-            missing = await client.post("/api/v1/actions/000000000000/approve", headers=auth)
-            assert missing.status == 404
-            one = await client.get(f"/api/v1/actions/{ids[3000]}", headers=auth)
-            assert (await one.json())["status"] == "done"
-            bad = await client.get("/api/v1/actions?status=maybe", headers=auth)
-            assert bad.status == 400
-            spec = await (await client.get("/openapi.json", headers=auth)).json()
-            assert "/api/v1/actions/{id}/approve" in spec["paths"]
+                again = await client.post(f"/api/v1/actions/{ids[3001]}/approve", headers=auth)
+                assert again.status_code == 409 and "not pending" in again.json()["error"]
+                missing = await client.post("/api/v1/actions/000000000000/approve", headers=auth)
+                assert missing.status_code == 404
+                one = await client.get(f"/api/v1/actions/{ids[3000]}", headers=auth)
+                assert one.json()["status"] == "done"
+                bad = await client.get("/api/v1/actions?status=maybe", headers=auth)
+                assert bad.status_code == 400
+                spec = (await client.get("/openapi.json", headers=auth)).json()
+                assert "/api/v1/actions/{id}/approve" in spec["paths"]
         finally:
-            await client.close()
             await h.engine.stop()
 
     asyncio.run(main())
@@ -81,21 +87,18 @@ def test_answers_need_a_token(tmp_path):
             await h.until(lambda: h.engine.stats["pending"])
             [d] = h.decisions()
             # A token is configured: a request without it (or with a wrong one) is turned away.
-            client = await _client(h, TOKEN)
-            try:
-                assert (await client.post(f"/api/v1/actions/{d.id}/approve")).status == 401
+            async with _client(h, TOKEN) as client:
+                assert (await client.post(f"/api/v1/actions/{d.id}/approve")).status_code == 401
                 wrong = await client.post(f"/api/v1/actions/{d.id}/approve", headers={"Authorization": "Bearer no"})
-                assert wrong.status == 401
-            finally:
-                await client.close()
+                assert wrong.status_code == 401
             # No token configured: reading works (loopback), answering is refused outright.
-            client = await _client(h, None)
-            try:
-                assert (await client.get("/api/v1/actions")).status == 200
+            async with _client(h, None) as client:
+                assert (await client.get("/api/v1/actions")).status_code == 200
                 refused = await client.post(f"/api/v1/actions/{d.id}/approve")
-                assert refused.status == 403 and "needs an API token" in (await refused.json())["error"]
-            finally:
-                await client.close()
+                assert refused.status_code == 403 and "needs an API token" in refused.json()["error"]
+                # Every endpoint names a parameter it does not take.
+                unknown = await client.get("/api/v1/actions?stauts=pending")
+                assert unknown.status_code == 400 and unknown.json()["parameter"] == "stauts"
         finally:
             await h.engine.stop()
 

@@ -3,11 +3,12 @@
 `ApiServer` is a sink: the agent hands it every alert through `emit`, which
 counts it (for the metrics) and pushes it to each SSE client's bounded queue.
 A client that reads too slowly loses events (counted, and told with a `lost`
-event) instead of ever slowing the agent down. The server itself is an
-aiohttp AppRunner started by `start()` when the agent's loop starts.
+event) instead of ever slowing the agent down. The server itself is
+ksift.interfaces.http's (asyncio + h11, bounded connections and timeouts),
+started by `start()` when the agent's loop starts.
 
 Other parts of ksift add routes through `route_providers` (callables taking
-the aiohttp Application), describing them in `app[OPENAPI_PATHS]`, and stream
+the http.Router), describing them in `router.openapi_paths`, and stream
 their own events (remediation's "action") with `publish()`.
 """
 
@@ -19,25 +20,36 @@ import errno
 import functools
 import hashlib
 import hmac
-import json
 import logging
 import os
 import re
+import resource
 import socket
 import stat
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata, resources
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ksift.errors import KsiftError, StoreError
+from ksift.interfaces.http import (
+    HttpError,
+    HttpServer,
+    Limits,
+    Request,
+    Response,
+    Router,
+    StreamResponse,
+    dumps,
+    error_response,
+    json_response,
+)
 from ksift.interfaces.metrics import build_registry, read_bpf_stats_enabled
 from ksift.interfaces.openapi import build_spec
 from ksift.interfaces.settings import ApiSettings, is_loopback
@@ -50,10 +62,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ksift.api")
 
-# Extra OpenAPI path items that route providers register for their routes.
-OPENAPI_PATHS = web.AppKey("ksift_openapi_paths", dict)
-
-RouteProvider = Callable[[web.Application], None]
+# A route provider adds its routes to the router, and their OpenAPI path items to router.openapi_paths.
+RouteProvider = Callable[[Router], None]
 
 SESSION_COOKIE = "ksift_session"
 MAX_LIMIT = 10_000
@@ -67,24 +77,19 @@ _DASHBOARD_FILES = {  # route -> (file in ksift/interfaces/dashboard, content ty
 }
 _ALERT_PARAMS = ("rule", "severity", "status", "since", "limit")
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+_OPEN_PATHS = ("/healthz",)  # answered without the token
 # The dashboard loads nothing from elsewhere and runs no inline script.
-_SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-                               "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
-}
+_SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+)
 
 
 class ApiStartError(KsiftError):
     """The API could not listen where it was told to (address in use, bad path...)."""
-
-
-class _BadRequest(Exception):
-    def __init__(self, parameter: str, message: str):
-        self.parameter = parameter
-        super().__init__(message)
 
 
 @dataclass(eq=False)
@@ -114,17 +119,38 @@ class Subscriber:
                     self.queue.get_nowait()
 
 
-def _dumps(data: Any) -> str:
-    # default=str: keys may be tuples, details may carry odd types; never fail a response on that.
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str)
+def _bad(parameter: str, message: str) -> HttpError:
+    return HttpError(400, message, parameter=parameter)
 
 
-def _json(data: Any, status: int = 200, headers: dict | None = None) -> web.Response:
-    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+@dataclass(frozen=True)
+class FdBudget:
+    """How many connections the API may hold so that `reserve` open files stay for the funnel."""
+
+    limit: int  # RLIMIT_NOFILE's soft limit
+    in_use: int  # open files when the API starts
+    connections: int
 
 
-def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return _json({"error": message, **extra}, status=status)
+def connection_budget(wanted: int, reserve: int, *, limit: int | None = None,
+                      in_use: int | None = None) -> FdBudget:
+    """At most `wanted` connections, fewer if the open-file limit leaves less beside `reserve`.
+
+    Each connection is one fd; the reserve is for what the funnel opens while it runs (BPF objects,
+    /proc reads at alert time, the store, sinks), which a flood of clients must never take.
+    """
+    if limit is None:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY:
+            limit = 1 << 20
+    if in_use is None:
+        in_use = len(os.listdir("/proc/self/fd"))
+    room = limit - in_use - reserve
+    if room < 1:
+        raise ApiStartError(f"API cannot serve: the open-file limit is {limit}, {in_use} are in use and "
+                            f"[api] fd_reserve keeps {reserve} for the funnel: raise LimitNOFILE (ulimit -n) "
+                            "or lower fd_reserve")
+    return FdBudget(limit, in_use, min(wanted, room))
 
 
 def _package_version() -> str:
@@ -163,7 +189,9 @@ class ApiServer:
         self._subscribers: set[Subscriber] = set()
         self._recent: deque[tuple[int, bytes]] = deque(maxlen=REPLAY_EVENTS)
         self._seq = 0
-        self._runner: web.AppRunner | None = None
+        self._server: HttpServer | None = None
+        self._final_stats: dict[str, Any] | None = None
+        self._router = Router()  # built by start(), once every provider is known
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._started_mono: float | None = None
@@ -178,7 +206,7 @@ class ApiServer:
         """Called by the Agent it serves, with its view (the API reads it at request time)."""
         self.agent = agent
         self.registry = build_registry(agent, lambda: dict(self.alert_counts), self.sse_stats, self.version,
-                                       self.bpf_stats_enabled)
+                                       self.bpf_stats_enabled, server_stats=self.server_stats)
 
     def emit(self, alert: dict[str, Any]) -> None:
         try:
@@ -218,7 +246,7 @@ class ApiServer:
     def _publish(self, event_type: str, data: Any) -> None:
         self._seq += 1
         # JSON never contains a raw newline, so one data line carries the whole event.
-        frame = f"id: {self._seq}\nevent: {event_type}\ndata: {_dumps(data)}\n\n".encode()
+        frame = f"id: {self._seq}\nevent: {event_type}\ndata: {dumps(data)}\n\n".encode()
         self._recent.append((self._seq, frame))
         self.published += 1
         for sub in list(self._subscribers):
@@ -248,22 +276,27 @@ class ApiServer:
         """Listen on the configured TCP address and/or unix socket; ApiStartError if it cannot."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        runner = web.AppRunner(self.build_app(), handle_signals=False, access_log=None,
-                               handler_cancellation=True, shutdown_timeout=2.0)
-        await runner.setup()
+        budget = connection_budget(self.settings.max_connections, self.settings.fd_reserve)
+        limits = Limits(max_connections=budget.connections,
+                        max_connections_per_peer=min(self.settings.max_connections_per_peer, budget.connections),
+                        header_timeout_s=self.settings.header_timeout_s, idle_timeout_s=self.settings.idle_timeout_s)
+        self._router = self.build_router()
+        server = HttpServer(self._handle, limits, default_headers=_SECURITY_HEADERS)
         where = ""
+        addresses = []
         try:
             if self.settings.host is not None:
                 where = self.settings.listen
-                await web.TCPSite(runner, self.settings.host, self.settings.port).start()
+                host, port = server.listen_tcp(self.settings.host, self.settings.port or 0)
+                addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             if self.settings.unix_socket is not None:
                 where = self.settings.unix_socket
                 self._check_socket_free(where)
-                await web.UnixSite(runner, where).start()
+                server.listen_unix(where, 0o600)  # alerts carry command lines: owner only
                 self._created_socket = where
-                os.chmod(where, 0o600)  # alerts carry command lines: owner only
+                addresses.append(f"unix:{where}")
         except (OSError, ApiStartError) as exc:
-            await runner.cleanup()
+            await server.close()
             self._remove_socket()
             if isinstance(exc, ApiStartError):
                 raise
@@ -271,19 +304,30 @@ class ApiServer:
             hint = " (is another ksift running? choose another with [api] listen or --api HOST:PORT, " \
                    "or --api off)" if exc.errno == errno.EADDRINUSE else ""
             raise ApiStartError(f"API cannot listen on {where}: {reason.lower()}{hint}") from None
-        self._runner = runner
+        self._server = server
         self._started_mono = time.monotonic()
         self._started_wall = self.clock()
-        self.addresses = [self._format_address(a) for a in runner.addresses]
+        self.addresses = addresses
         log.info("API, metrics and dashboard on %s%s", ", ".join(self.addresses),
                  " (token required)" if self.settings.token else "")
+        log.info("API: at most %d connections, %d per peer address (open files: limit %d, %d in use, "
+                 "%d kept for the funnel); request head within %gs, idle keep-alive %gs",
+                 limits.max_connections, limits.max_connections_per_peer, budget.limit, budget.in_use,
+                 self.settings.fd_reserve, limits.header_timeout_s, limits.idle_timeout_s)
 
     async def stop(self) -> None:
         self.close()  # end every SSE stream so shutdown does not wait for them
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        server, self._server = self._server, None
+        if server is not None:
+            self._final_stats = server.stats()
+            await server.close()
         self._remove_socket()
+
+    def server_stats(self) -> dict[str, Any]:
+        """Connections and what the server closed, for the metrics (zeros before start)."""
+        if self._server is not None:
+            return self._server.stats()
+        return self._final_stats or {"connections": 0, "max_connections": 0, "closed": {}, "accept_errors": {}}
 
     @property
     def urls(self) -> list[str]:
@@ -291,15 +335,8 @@ class ApiServer:
         return [f"http://{a}" for a in self.addresses if not a.startswith("unix:")]
 
     @staticmethod
-    def _format_address(address: Any) -> str:
-        if isinstance(address, str):
-            return f"unix:{address}"
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-    @staticmethod
     def _check_socket_free(path: str) -> None:
-        # asyncio replaces an existing socket file blindly; do not steal a live agent's socket.
+        # A stale socket file must be removed before bind; never steal a live agent's socket.
         try:
             if not stat.S_ISSOCK(os.stat(path).st_mode):
                 raise ApiStartError(f"API cannot listen on {path}: a file that is not a socket is in the way")
@@ -310,7 +347,8 @@ class ApiServer:
             try:
                 probe.connect(path)
             except OSError:
-                return  # stale: nobody listens
+                os.unlink(path)  # stale: nobody listens
+                return
         raise ApiStartError(f"API cannot listen on {path}: another process is serving on it")
 
     def _remove_socket(self) -> None:
@@ -319,89 +357,73 @@ class ApiServer:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
-    def build_app(self) -> web.Application:
-        """The aiohttp application: every route, the auth middleware, the providers' routes."""
-        app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
-        app[OPENAPI_PATHS] = {}
-        r = app.router
-        r.add_get("/healthz", self._healthz)
-        r.add_get("/readyz", self._readyz)
-        r.add_get("/api/v1/alerts", self._alerts)
-        r.add_get("/api/v1/alerts/{id}", self._alert)
-        r.add_get("/api/v1/incidents", self._incidents)
-        r.add_get("/api/v1/events", self._events)
-        r.add_get("/api/v1/funnel", self._funnel)
-        r.add_get("/api/v1/status", self._status)
-        r.add_get("/openapi.json", self._openapi)
-        r.add_get("/metrics", self._metrics)
+    def build_router(self) -> Router:
+        """Every route (with the query parameters it takes), the providers' routes too."""
+        r = Router()
+        r.get("/healthz", self._healthz)
+        r.get("/readyz", self._readyz)
+        r.get("/api/v1/alerts", self._alerts, params=_ALERT_PARAMS)
+        r.get("/api/v1/alerts/{id}", self._alert)
+        r.get("/api/v1/incidents", self._incidents)
+        r.get("/api/v1/events", self._events)
+        r.get("/api/v1/funnel", self._funnel)
+        r.get("/api/v1/status", self._status)
+        r.get("/openapi.json", self._openapi)
+        r.get("/metrics", self._metrics)
         for route, (filename, content_type) in _DASHBOARD_FILES.items():
-            r.add_get(route, functools.partial(self._dashboard_file, filename, content_type))
+            # "/" takes ?token= (the dashboard login, answered before routing).
+            r.get(route, functools.partial(self._dashboard_file, filename, content_type),
+                  params=("token",) if route == "/" else ())
         for provider in self.route_providers:
-            provider(app)
-        app.on_response_prepare.append(self._add_security_headers)
-        return app
+            provider(r)
+        return r
 
     # -- access control ------------------------------------------------------
 
-    @web.middleware
-    async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
-        if request.path != "/healthz":
+    async def _handle(self, request: Request) -> Response | StreamResponse:
+        """Every request: access control, then the route; errors become JSON."""
+        if request.path not in _OPEN_PATHS:
             if self.settings.token:
                 if request.path == "/" and "token" in request.query:
                     return self._dashboard_login(request)
                 if not self._authorized(request):
-                    return _json({"error": "authentication required: send Authorization: Bearer <token>"},
-                                 status=401, headers={"WWW-Authenticate": 'Bearer realm="ksift"'})
+                    return json_response({"error": "authentication required: send Authorization: Bearer <token>"},
+                                         status=401, headers=[("WWW-Authenticate", 'Bearer realm="ksift"')])
             elif not self._host_allowed(request):
                 # Without a token only loopback clients get here; a foreign Host header means a web
                 # page re-pointed its own name at 127.0.0.1 (DNS rebinding) to read the API.
-                return _error(403, f"Host {request.host!r} is not allowed: use 127.0.0.1 or localhost")
+                return error_response(403, f"Host {request.host!r} is not allowed: use 127.0.0.1 or localhost")
         try:
-            return await handler(request)
-        except _BadRequest as exc:
-            return _error(400, str(exc), parameter=exc.parameter)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            if exc.status == 404:
-                return _error(404, f"no such endpoint: {request.path} (see /openapi.json)")
-            if exc.status == 405:
-                return _error(405, f"{request.method} is not allowed on {request.path}")
-            return _error(exc.status, exc.reason)
+            return await self._router.dispatch(request)
         except StoreError as exc:
             log.warning("api: alert store: %s", exc)
-            return _error(503, f"alert store unavailable: {exc}")
-        except (asyncio.CancelledError, ConnectionError):
-            raise
-        except Exception:
-            log.exception("api: %s %s failed", request.method, request.path)
-            return _error(500, "internal error (logged by the agent)")
+            return error_response(503, f"alert store unavailable: {exc}")
 
-    def _authorized(self, request: web.Request) -> bool:
+    def _authorized(self, request: Request) -> bool:
         token = self.settings.token
         assert token is not None and self._session is not None
-        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        scheme, _, value = request.header("Authorization").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
             return True
-        cookie = request.cookies.get(SESSION_COOKIE, "")
+        cookie = request.cookie(SESSION_COOKIE) or ""
         if cookie and hmac.compare_digest(cookie.encode(), self._session.encode()):
             # A cookie is sent by the browser on its own: for actions, also require our own origin.
-            return request.method in _SAFE_METHODS or \
-                request.headers.get("Origin") == f"{request.scheme}://{request.host}"
+            return request.method in _SAFE_METHODS or request.header("Origin") == f"http://{request.host}"
         return False
 
-    def _dashboard_login(self, request: web.Request) -> web.StreamResponse:
+    def _dashboard_login(self, request: Request) -> Response:
         """GET /?token=T: a browser cannot send headers with EventSource, so trade the token for a cookie."""
         assert self.settings.token is not None and self._session is not None
-        if not hmac.compare_digest(request.query["token"].encode(), self.settings.token.encode()):
-            return _error(401, "wrong token")
+        token = request.single("token") or ""
+        if not hmac.compare_digest(token.encode(), self.settings.token.encode()):
+            return error_response(401, "wrong token")
         # 303 to /: the token leaves the address bar and the history.
-        response = web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store"})
-        response.set_cookie(SESSION_COOKIE, self._session, httponly=True, samesite="Strict", path="/")
-        return response
+        return Response(303, headers=[("Location", "/"), ("Cache-Control", "no-store"),
+                                      ("Set-Cookie", f"{SESSION_COOKIE}={self._session}; HttpOnly; Path=/; "
+                                                     "SameSite=Strict")])
 
-    def _host_allowed(self, request: web.Request) -> bool:
-        if self._via_unix_socket(request):
+    def _host_allowed(self, request: Request) -> bool:
+        if request.peer is None:  # the unix socket
             return True
         host = request.host
         if host.startswith("["):
@@ -410,31 +432,20 @@ class ApiServer:
             host = host.rpartition(":")[0] if host.count(":") == 1 else host
         return is_loopback(host) or host == self.settings.host
 
-    @staticmethod
-    def _via_unix_socket(request: web.Request) -> bool:
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        return sock is not None and sock.family == socket.AF_UNIX
-
-    @staticmethod
-    async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
-        for name, value in _SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-
     # -- handlers ------------------------------------------------------------
 
     def _need_agent(self) -> AgentView:
         if self.agent is None:
-            raise web.HTTPServiceUnavailable(reason="the API is not bound to an agent")
+            raise HttpError(503, "the API is not bound to an agent")
         return self.agent
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return _json({"status": "ok"})
+    async def _healthz(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
 
-    async def _readyz(self, request: web.Request) -> web.Response:
+    async def _readyz(self, request: Request) -> Response:
         agent = self.agent
         if agent is None:
-            return _json({"ready": False, "reason": "the API is not bound to an agent"}, status=503)
+            return json_response({"ready": False, "reason": "the API is not bound to an agent"}, status=503)
         reasons = []
         if not agent.ready:
             reasons.append("the agent loop is not running (starting or stopping)")
@@ -444,71 +455,56 @@ class ApiServer:
                 reasons.append(f"sensor {sensor.name} has no program attached")
         reasons += agent.sink_problems()  # e.g. an alert store that refuses writes
         if reasons:
-            return _json({"ready": False, "reason": "; ".join(reasons)}, status=503)
-        return _json({"ready": True, "sensors": [s.name for s in sensors]})
+            return json_response({"ready": False, "reason": "; ".join(reasons)}, status=503)
+        return json_response({"ready": True, "sensors": [s.name for s in sensors]})
 
-    async def _alerts(self, request: web.Request) -> web.Response:
+    async def _alerts(self, request: Request) -> Response:
         if self.store is None:
-            return _error(503, "this agent has no alert store")
-        query = request.query
-        for name in query:
-            if name not in _ALERT_PARAMS:
-                raise _BadRequest(name, f"unknown parameter {name!r} (allowed: {', '.join(_ALERT_PARAMS)})")
-        rule = self._single(query, "rule")
-        severity = self._single(query, "severity")
+            return error_response(503, "this agent has no alert store")
+        rule = request.single("rule")
+        severity = request.single("severity")
         severities = None
         if severity is not None:
             if severity not in SEVERITIES:
-                raise _BadRequest("severity", f"severity: invalid value {severity!r} "
+                raise _bad("severity", f"severity: invalid value {severity!r} "
                                               f"(expected one of: {', '.join(SEVERITIES)})")
             severities = SEVERITIES[SEVERITIES.index(severity):]  # "at least"
-        status = self._single(query, "status")
+        status = request.single("status")
         if status is not None and status not in ("open", "resolved"):
-            raise _BadRequest("status", f"status: invalid value {status!r} (expected open or resolved)")
+            raise _bad("status", f"status: invalid value {status!r} (expected open or resolved)")
         since = None
-        if (since_text := self._single(query, "since")) is not None:
+        if (since_text := request.single("since")) is not None:
             try:
                 since = parse_since(since_text, datetime.fromtimestamp(self.clock(), timezone.utc))
             except ValueError as exc:
-                raise _BadRequest("since", f"since: {exc}") from None
+                raise _bad("since", f"since: {exc}") from None
         limit = DEFAULT_LIMIT
-        if (limit_text := self._single(query, "limit")) is not None:
+        if (limit_text := request.single("limit")) is not None:
             if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
-                raise _BadRequest("limit", f"limit: invalid value {limit_text!r} "
+                raise _bad("limit", f"limit: invalid value {limit_text!r} "
                                            f"(expected a whole number from 1 to {MAX_LIMIT})")
             limit = int(limit_text)
         # sqlite work leaves the loop so a large query never delays a tick.
         rows = await asyncio.to_thread(self.store.list, since=since, rule=rule, status=status,
                                        severities=severities, limit=limit)
-        return _json({"alerts": rows, "count": len(rows)})
+        return json_response({"alerts": rows, "count": len(rows)})
 
-    @staticmethod
-    def _single(query, name: str) -> str | None:
-        values = query.getall(name, [])
-        if not values:
-            return None
-        if len(values) > 1:
-            raise _BadRequest(name, f"{name}: given {len(values)} times, expected once")
-        if not values[0].strip():
-            raise _BadRequest(name, f"{name}: empty value")
-        return values[0].strip()
-
-    async def _alert(self, request: web.Request) -> web.Response:
+    async def _alert(self, request: Request) -> Response:
         if self.store is None:
-            return _error(503, "this agent has no alert store")
-        alert_id = request.match_info["id"]
+            return error_response(503, "this agent has no alert store")
+        alert_id = request.params["id"]
         if len(alert_id) > 128:
-            raise _BadRequest("id", "id: longer than 128 characters")
+            raise _bad("id", "id: longer than 128 characters")
         alert = await asyncio.to_thread(self.store.get, alert_id)
         if alert is None:
-            return _error(404, f"no alert with id {alert_id!r}")
-        return _json(alert)
+            return error_response(404, f"no alert with id {alert_id!r}")
+        return json_response(alert)
 
-    async def _incidents(self, request: web.Request) -> web.Response:
+    async def _incidents(self, request: Request) -> Response:
         agent = self._need_agent()
         incidents = [self._incident_view(agent, inc) for inc in agent.open_incidents()]
         incidents.sort(key=lambda i: i["opened_at"], reverse=True)
-        return _json({"incidents": incidents, "count": len(incidents)})
+        return json_response({"incidents": incidents, "count": len(incidents)})
 
     @staticmethod
     def _incident_view(agent: AgentView, inc) -> dict[str, Any]:
@@ -545,37 +541,33 @@ class ApiServer:
             "details": dict(inc.details) or None,
         }
 
-    async def _events(self, request: web.Request) -> web.StreamResponse:
+    async def _events(self, request: Request) -> StreamResponse:
         sub = self.subscribe()
-        try:
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                                   "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            await response.prepare(request)
-            await response.write(b"retry: 2000\n: ksift event stream\n\n")
-            last_id = request.headers.get("Last-Event-ID", "")
-            if last_id.isdigit():  # a reconnecting EventSource: replay what it missed, if we still have it
-                for seq, frame in list(self._recent):
-                    if seq > int(last_id):
-                        await response.write(frame)
-            while True:
-                try:
-                    async with asyncio.timeout(self.settings.heartbeat_s):
-                        frame = await sub.queue.get()
-                except TimeoutError:
-                    frame = b": heartbeat\n\n"
-                if frame is None:
-                    break  # the server is stopping
-                if sub.lost > sub.reported_lost:
-                    missed, sub.reported_lost = sub.lost - sub.reported_lost, sub.lost
-                    await response.write(f"event: lost\ndata: {_dumps({'lost': missed})}\n\n".encode())
-                await response.write(frame)
-        except ConnectionError:
-            pass  # the client went away; nothing to tell it
-        finally:
-            self.unsubscribe(sub)
-        return response
+        last_id = request.header("Last-Event-ID")
+        return StreamResponse(self._event_frames(sub, last_id), on_close=functools.partial(self.unsubscribe, sub),
+                              headers=[("Content-Type", "text/event-stream; charset=utf-8"),
+                                       ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
 
-    async def _funnel(self, request: web.Request) -> web.Response:
+    async def _event_frames(self, sub: Subscriber, last_id: str) -> AsyncIterator[bytes]:
+        yield b"retry: 2000\n: ksift event stream\n\n"
+        if last_id.isdigit():  # a reconnecting EventSource: replay what it missed, if we still have it
+            for seq, frame in list(self._recent):
+                if seq > int(last_id):
+                    yield frame
+        while True:
+            try:
+                async with asyncio.timeout(self.settings.heartbeat_s):
+                    frame = await sub.queue.get()
+            except TimeoutError:
+                frame = b": heartbeat\n\n"
+            if frame is None:
+                return  # the server is stopping
+            if sub.lost > sub.reported_lost:
+                missed, sub.reported_lost = sub.lost - sub.reported_lost, sub.lost
+                yield f"event: lost\ndata: {dumps({'lost': missed})}\n\n".encode()
+            yield frame
+
+    async def _funnel(self, request: Request) -> Response:
         agent = self._need_agent()
         report = agent.funnel_report()
         kernel = report.get("kernel", {})
@@ -592,12 +584,12 @@ class ApiServer:
         }
         report["ts"] = self.clock()
         report["uptime_s"] = self._uptime()
-        return _json(report)
+        return json_response(report)
 
     def _uptime(self) -> float | None:
         return None if self._started_mono is None else round(time.monotonic() - self._started_mono, 3)
 
-    async def _status(self, request: web.Request) -> web.Response:
+    async def _status(self, request: Request) -> Response:
         agent = self._need_agent()
         sensors = []
         for sensor in agent.sensors():
@@ -607,7 +599,7 @@ class ApiServer:
                   "severity": str(r.severity), "threshold": r.threshold, "window_s": r.window_s,
                   "sustain_s": r.sustain_s, "cooldown_s": r.cooldown_s, "description": r.description}
                  for r in agent.rules.rules]
-        return _json({
+        return json_response({
             "version": self.version,
             "pid": os.getpid(),
             "ready": agent.ready,
@@ -620,20 +612,21 @@ class ApiServer:
                     "sse_clients": len(self._subscribers)},
         })
 
-    async def _openapi(self, request: web.Request) -> web.Response:
-        return _json(build_spec(self.version, request.app[OPENAPI_PATHS], token_required=bool(self.settings.token)))
+    async def _openapi(self, request: Request) -> Response:
+        spec = build_spec(self.version, self._router.openapi_paths, token_required=bool(self.settings.token))
+        return json_response(spec)
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: Request) -> Response:
         self._need_agent()
         body = generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return Response(body=body, content_type=CONTENT_TYPE_LATEST)
 
-    async def _dashboard_file(self, filename: str, content_type: str, request: web.Request) -> web.Response:
+    async def _dashboard_file(self, filename: str, content_type: str, request: Request) -> Response:
         try:
             body = resources.files("ksift.interfaces").joinpath("dashboard", filename).read_bytes()
         except OSError:
             log.error("api: dashboard file %s is missing from the installed package", filename)
-            return _error(503, f"dashboard file {filename} is missing from this installation")
-        return web.Response(body=body, content_type=content_type, charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
+            return error_response(503, f"dashboard file {filename} is missing from this installation")
+        return Response(body=body, content_type=f"{content_type}; charset=utf-8",
+                        headers=[("Cache-Control", "no-cache")])
 

@@ -42,8 +42,10 @@ class AgentCollector(Collector):
 
     def __init__(self, agent: AgentView, alert_counts: Callable[[], dict[tuple[str, str, str], int]],
                  sse_stats: Callable[[], dict[str, int]] | None = None, version: str = "unknown",
-                 bpf_stats_enabled: Callable[[], bool] = read_bpf_stats_enabled):
+                 bpf_stats_enabled: Callable[[], bool] = read_bpf_stats_enabled,
+                 server_stats: Callable[[], dict] | None = None):
         self.agent = agent
+        self.server_stats = server_stats
         self.alert_counts = alert_counts  # (kind, rule, severity) -> alerts, counted by the API sink
         self.sse_stats = sse_stats
         self.version = version
@@ -59,7 +61,7 @@ class AgentCollector(Collector):
             self._report = {}
         # One failing part must not cost the whole scrape: log it and serve the rest.
         for part in (self._agent, self._kernel, self._transport, self._rules, self._sinks, self._sse,
-                     self._bpf_programs):
+                     self._server, self._bpf_programs):
             try:
                 yield from part()
             except Exception:
@@ -175,6 +177,25 @@ class AgentCollector(Collector):
         yield CounterMetricFamily("ksift_sse_events_lost", "SSE events a slow client lost (its queue was full)",
                                   value=stats["lost"])
 
+    def _server(self) -> Iterator[Metric]:
+        if self.server_stats is None:
+            return
+        stats = self.server_stats()
+        yield GaugeMetricFamily("ksift_api_connections", "connections open to the API now",
+                                value=stats["connections"])
+        yield GaugeMetricFamily("ksift_api_connections_max", "connections the API holds at most",
+                                value=stats["max_connections"])
+        closed = CounterMetricFamily("ksift_api_connections_closed", "connections the API closed on its own, by reason",
+                                     labels=["reason"])
+        for reason, n in sorted(stats["closed"].items()):
+            closed.add_metric([reason], n)
+        yield closed
+        errors = CounterMetricFamily("ksift_api_accept_errors", "failed accepts of API connections, by errno",
+                                     labels=["errno"])
+        for name, n in sorted(stats["accept_errors"].items()):
+            errors.add_metric([name], n)
+        yield errors
+
     def _bpf_programs(self) -> Iterator[Metric]:
         attached = GaugeMetricFamily("ksift_bpf_programs_attached", "BPF programs the sensor has attached now",
                                      labels=["sensor"])
@@ -204,10 +225,10 @@ class AgentCollector(Collector):
 def build_registry(agent: AgentView, alert_counts: Callable[[], dict[tuple[str, str, str], int]],
                    sse_stats: Callable[[], dict[str, int]] | None = None, version: str = "unknown",
                    bpf_stats_enabled: Callable[[], bool] = read_bpf_stats_enabled,
-                   process_metrics: bool = True) -> CollectorRegistry:
+                   process_metrics: bool = True, server_stats: Callable[[], dict] | None = None) -> CollectorRegistry:
     """A registry of this agent's metrics (no global state), plus its own CPU and memory."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(agent, alert_counts, sse_stats, version, bpf_stats_enabled))
+    registry.register(AgentCollector(agent, alert_counts, sse_stats, version, bpf_stats_enabled, server_stats))
     if process_metrics:
         # ksift_process_cpu_seconds_total, ksift_process_resident_memory_bytes, ...
         ProcessCollector(namespace="ksift", registry=registry)

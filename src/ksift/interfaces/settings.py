@@ -8,6 +8,11 @@
                                   # but /healthz. Required when listen is not a loopback address.
     heartbeat = "15s"             # SSE comment sent to idle clients
     sse_queue = 1000              # events buffered per SSE client; a slower client loses (and counts) the rest
+    max_connections = 512         # open connections at once (SSE streams included)
+    max_connections_per_peer = 256  # of them from one client address (every local client is 127.0.0.1)
+    header_timeout = "10s"        # a request head (and body) must arrive within this
+    idle_timeout = "60s"          # a keep-alive connection with no next request is closed after this
+    fd_reserve = 256              # open files the API never takes: they stay for the funnel
 
 The token is read from token_file once, when the config is parsed, so a
 missing or empty file is a config error at start, not a 401 later.
@@ -27,7 +32,8 @@ from ksift.settings_fields import FROM_TO, boolean, duration_between, integer_be
 
 DEFAULT_LISTEN = "127.0.0.1:9466"
 MIN_TOKEN_CHARS = 16
-_FIELDS = ("enabled", "listen", "unix_socket", "token", "token_file", "heartbeat", "sse_queue")
+_FIELDS = ("enabled", "listen", "unix_socket", "token", "token_file", "heartbeat", "sse_queue", "max_connections",
+           "max_connections_per_peer", "header_timeout", "idle_timeout", "fd_reserve")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,11 @@ class ApiSettings:
     token_file: str | None = None
     heartbeat_s: float = 15.0
     sse_queue: int = 1000
+    max_connections: int = 512
+    max_connections_per_peer: int = 256
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0
+    fd_reserve: int = 256
 
     @property
     def loopback_only(self) -> bool:
@@ -88,7 +99,20 @@ def parse_api(table: dict, source: str, read_text: Callable[[str], str] | None =
         values["heartbeat_s"] = duration_between(table["heartbeat"], source, "api.heartbeat", 0.05, 300.0)
     if "sse_queue" in table:
         values["sse_queue"] = integer_between(table["sse_queue"], source, "api.sse_queue", 1, 1_000_000, FROM_TO)
+    for name in ("max_connections", "max_connections_per_peer"):
+        if name in table:
+            values[name] = integer_between(table[name], source, f"api.{name}", 1, 1_000_000, FROM_TO)
+    if "fd_reserve" in table:
+        values["fd_reserve"] = integer_between(table["fd_reserve"], source, "api.fd_reserve", 16, 1_000_000, FROM_TO)
+    if "header_timeout" in table:
+        values["header_timeout_s"] = duration_between(table["header_timeout"], source, "api.header_timeout",
+                                                      0.1, 300.0)
+    if "idle_timeout" in table:
+        values["idle_timeout_s"] = duration_between(table["idle_timeout"], source, "api.idle_timeout", 0.1, 3600.0)
     settings = ApiSettings(**values)
+    if settings.max_connections_per_peer > settings.max_connections:
+        raise ConfigError(source, f"invalid value {settings.max_connections_per_peer}: more than max_connections "
+                          f"({settings.max_connections})", field="api.max_connections_per_peer")
     if settings.enabled and settings.host is None and settings.unix_socket is None:
         raise ConfigError(source, "nothing to listen on: set listen, unix_socket, or enabled = false",
                           field="api.listen")

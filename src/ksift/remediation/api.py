@@ -17,9 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from ksift.errors import StoreError
+from ksift.interfaces.http import HttpError, Request, Response, Router, error_response, json_response
 from ksift.remediation.decisions import STATUSES, DecisionError
 
 if TYPE_CHECKING:
@@ -29,70 +28,65 @@ MAX_LIMIT = 10_000
 _OBJECT = {"type": "object", "additionalProperties": True}
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
 def _view(decision) -> dict[str, Any]:
     data = decision.as_dict()
     data["summary"] = decision.summary()
     return data
 
 
-def route_provider(engine: RemediationEngine, token_configured: bool) -> Callable[[web.Application], None]:
-    """The provider the API calls with its aiohttp Application."""
+def route_provider(engine: RemediationEngine, token_configured: bool) -> Callable[[Router], None]:
+    """The provider the API calls with its router."""
 
-    async def list_actions(request: web.Request) -> web.Response:
-        status = request.query.get("status")
+    async def list_actions(request: Request) -> Response:
+        status = request.single("status")
         if status is not None and status not in STATUSES:
-            return _error(400, f"invalid status {status!r} (expected one of: {', '.join(STATUSES)})")
-        raw = request.query.get("limit", "100")
+            raise HttpError(400, f"invalid status {status!r} (expected one of: {', '.join(STATUSES)})",
+                            parameter="status")
+        raw = request.single("limit") or "100"
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-            return _error(400, f"invalid limit {raw!r}: must be an integer between 1 and {MAX_LIMIT}")
+            raise HttpError(400, f"invalid limit {raw!r}: must be an integer between 1 and {MAX_LIMIT}",
+                            parameter="limit")
         try:
             decisions = await engine.read(lambda store: store.list(status=status, limit=int(raw)))
         except StoreError as exc:
-            return _error(503, str(exc))
-        return web.json_response({"actions": [_view(d) for d in decisions], "count": len(decisions)})
+            return error_response(503, str(exc))
+        return json_response({"actions": [_view(d) for d in decisions], "count": len(decisions)})
 
-    async def get_action(request: web.Request) -> web.Response:
-        decision_id = request.match_info["id"]
+    async def get_action(request: Request) -> Response:
+        decision_id = request.params["id"]
         try:
             decision = await engine.read(lambda store: store.get(decision_id))
         except StoreError as exc:
-            return _error(503, str(exc))
+            return error_response(503, str(exc))
         if decision is None:
-            return _error(404, f"no decision with id {decision_id!r}")
-        return web.json_response(_view(decision))
+            return error_response(404, f"no decision with id {decision_id!r}")
+        return json_response(_view(decision))
 
-    async def answer(request: web.Request, approve: bool) -> web.Response:
+    async def answer(request: Request, approve: bool) -> Response:
         if not token_configured:
-            return _error(403, "approving or rejecting actions over HTTP needs an API token: set [api] token "
+            return error_response(403, "approving or rejecting actions over HTTP needs an API token: set [api] token "
                                "(or use `ksift actions approve|reject ID` on the host)")
-        decision_id = request.match_info["id"]
+        decision_id = request.params["id"]
         try:
-            decision = await engine.answer(decision_id, approve, by=f"api ({request.remote or 'unix socket'})")
+            decision = await engine.answer(decision_id, approve, by=f"api ({request.peer or 'unix socket'})")
         except DecisionError as exc:
-            return _error(404 if exc.unknown else 409, str(exc))
+            return error_response(404 if exc.unknown else 409, str(exc))
         except StoreError as exc:
-            return _error(503, str(exc))
-        return web.json_response(_view(decision))
+            return error_response(503, str(exc))
+        return json_response(_view(decision))
 
-    async def approve(request: web.Request) -> web.Response:
+    async def approve(request: Request) -> Response:
         return await answer(request, True)
 
-    async def reject(request: web.Request) -> web.Response:
+    async def reject(request: Request) -> Response:
         return await answer(request, False)
 
-    def provide(app: web.Application) -> None:
-        app.router.add_get("/api/v1/actions", list_actions)
-        app.router.add_get("/api/v1/actions/{id}", get_action)
-        app.router.add_post("/api/v1/actions/{id}/approve", approve)
-        app.router.add_post("/api/v1/actions/{id}/reject", reject)
-        from ksift.interfaces.api import OPENAPI_PATHS
-
-        if OPENAPI_PATHS in app:
-            app[OPENAPI_PATHS].update(openapi_paths())
+    def provide(router: Router) -> None:
+        router.get("/api/v1/actions", list_actions, params=("status", "limit"))
+        router.get("/api/v1/actions/{id}", get_action)
+        router.post("/api/v1/actions/{id}/approve", approve)
+        router.post("/api/v1/actions/{id}/reject", reject)
+        router.openapi_paths.update(openapi_paths())
 
     return provide
 

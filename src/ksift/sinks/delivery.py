@@ -3,8 +3,8 @@
 The agent calls `emit` on its event path, so emit only filters, renders and
 queues: it never touches the network and never waits. A worker task (started by
 `async start()`, drained then cancelled by `async stop()`) posts the queued
-payloads one by one, in order, with an aiohttp session whose every request is
-bounded by `timeout_s`.
+payloads one by one, in order, with an httpx.AsyncClient whose every request is
+bounded by `timeout_s` (httpx is imported only when a network sink is configured).
 
 Failures:
   * network errors, timeouts, 5xx and 429 are retried up to `max_retries` times,
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import aiohttp
+import httpx
 
 from ksift.rules.model import severity_rank
 from ksift.sinks.base import log_queue_full, queue_counters
@@ -95,7 +95,7 @@ class DeliverySink:
         self._min_rank = severity_rank(settings.min_severity)
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=settings.queue_size)
         self._worker: asyncio.Task | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._session: httpx.AsyncClient | None = None
         self._in_flight = False
         self._stopped = False
         # Counters (see the module docstring); failed is the sum of every loss.
@@ -142,12 +142,13 @@ class DeliverySink:
     async def start(self) -> None:
         if self._worker is not None:
             return
-        connector = None
+        verify: ssl.SSLContext | bool = True
         if self.settings.ca_file:
-            connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=self.settings.ca_file))
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
+            verify = ssl.create_default_context(cafile=self.settings.ca_file)
+        # trust_env=False: an agent's alerts do not go through whatever proxy its environment names.
+        self._session = httpx.AsyncClient(
+            verify=verify, trust_env=False, follow_redirects=False,
+            timeout=httpx.Timeout(self.settings.timeout_s),
             headers={"Content-Type": self.content_type, "User-Agent": "ksift", **self.request_headers(),
                      **self.settings.headers},
         )
@@ -170,7 +171,7 @@ class DeliverySink:
                 self._lose("dropped_at_stop")
         self._drop_queued()
         if self._session is not None:
-            await self._session.close()
+            await self._session.aclose()
             self._session = None
 
     def close(self) -> None:
@@ -265,17 +266,19 @@ class DeliverySink:
         assert self._session is not None
         started = time.monotonic()
         try:
-            async with self._session.post(self.settings.url, data=body, allow_redirects=False) as response:
-                detail = ""
-                if response.status >= 300:
-                    text = await response.content.read(_ERROR_BODY_CHARS)
-                    detail = text.decode("utf-8", "replace").strip()
-                elif response.status >= 200 and self.read_success_body:
-                    detail = self.refused(await response.content.read(_SUCCESS_BODY_BYTES)) or ""
-                return response.status, _retry_after(response.headers.get("Retry-After")), detail
-        except asyncio.TimeoutError:
+            # The whole exchange within timeout_s (httpx's own timeouts are per connect, read, write).
+            async with asyncio.timeout(self.settings.timeout_s):
+                async with self._session.stream("POST", self.settings.url, content=body) as response:
+                    detail = ""
+                    if response.status_code >= 300:
+                        text = await _read_at_most(response, _ERROR_BODY_CHARS)
+                        detail = text.decode("utf-8", "replace").strip()
+                    elif response.status_code >= 200 and self.read_success_body:
+                        detail = self.refused(await _read_at_most(response, _SUCCESS_BODY_BYTES)) or ""
+                    return response.status_code, _retry_after(response.headers.get("Retry-After")), detail
+        except (asyncio.TimeoutError, httpx.TimeoutException):
             return None, None, f"no answer within {time.monotonic() - started:.1f}s"
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except (httpx.HTTPError, OSError, ValueError) as exc:
             return None, None, f"{type(exc).__name__}: {exc}"
 
     def backoff(self, attempt: int, retry_after: float | None = None) -> float:
@@ -296,6 +299,16 @@ class DeliverySink:
             self._queue.get_nowait()
             self._queue.task_done()
             self._lose("dropped_at_stop")
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
+    """The first `limit` bytes of a body (decoded: gzip undone), never the whole of a huge one."""
+    data = bytearray()
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) >= limit:
+            break
+    return bytes(data[:limit])
 
 
 def _retryable(status: int) -> bool:

@@ -25,7 +25,7 @@ The record is made by the OpenTelemetry SDK (LoggerProvider, Logger.emit, its
 attribute limits) and encoded by the OTLP exporter package's own encoder
 (opentelemetry-exporter-otlp-proto-common: ExportLogsServiceRequest), never by
 hand. Delivery is the shared core's (ksift.sinks.delivery): emit() only renders
-and queues, one asyncio worker posts with aiohttp, so a collector that is down
+and queues, one asyncio worker posts with httpx, so a collector that is down
 never blocks the event loop (the SDK exporter's own retries would sleep in the
 calling thread), and the queue, retries and counters are those of every
 network sink. Retried as OTLP/HTTP says: 429, 502, 503, 504 and network errors;
