@@ -6,21 +6,29 @@ from a second thread, the leader leaving first with another code, and SIGSEGV
 in the main or a second thread. Each alert's status must be the one the
 supervisor's own waitpid() got.
 
-The packaged rule wants the loop kept up for 20 s (sustain) so bursts stay
-quiet; the tests about statuses and hooks set sustain = "0s" to keep them
-short, and test_defaults_alert_on_a_kept_up_loop_not_on_a_burst runs the
-packaged rule as it ships.
+Supervisors restart it the ways real ones do: with a back-off (Kubernetes'
+10s, 20s, 40s ..., scaled down 100 times: 100ms, 200ms, 400ms ..., with the
+rule's window scaled the same: 10m -> 6s), at a fixed pause, 20 times a
+second (a crash loop, not also exec churn), without any pause for longer
+than tight_for, and from a new parent each time with the program in a cgroup
+of its own (a systemd unit, a container). What must stay quiet runs under the
+packaged rule: a script whose grep -q finds nothing in many files, a service
+stop that SIGTERMs its workers, a make-like burst of successful programs. The
+storms run in a cgroup with pids.max and a deadline (BombCgroups).
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from harness import (
     WORKLOADS,
+    BombCgroups,
     assert_released,
     last_json_line,
     owned_bpf_ids,
@@ -32,7 +40,7 @@ from harness import (
     write_rules,
 )
 
-RUNS, RATE = 20, 10  # 20 failures in about 2 s: over the default 10 in 10 s
+RUNS, RATE = 20, 10  # 20 failures in about 2 s, 100 ms apart: a loop after the 5th
 
 
 def rules_file(tmp_path: Path, name: str = "rules.toml", **overrides) -> Path:
@@ -48,8 +56,12 @@ def worker(tmp_path) -> Path:
     return exe
 
 
-def start_supervisor(exe: Path, args: list[str], comm: str, runs: int = RUNS, rate: float = RATE):
-    cmd = workload_command("crasher.py", "--exe", exe, "--runs", runs, "--rate", rate, "--comm", comm)
+def start_supervisor(exe: Path, args: list[str], comm: str, runs: int = RUNS, rate: float | None = RATE,
+                     *extra: object):
+    """crasher.py restarting `exe args` `runs` times, at `rate` a second or as `extra` says (--pause ...)."""
+    cmd = workload_command("crasher.py", "--exe", exe, "--runs", runs, "--comm", comm, *extra)
+    if rate is not None:
+        cmd += ["--rate", str(rate)]
     for arg in args:
         cmd += ["--arg", arg]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -109,11 +121,14 @@ def test_each_way_of_failing_gives_one_alert_with_the_status_the_parent_saw(tmp_
         assert details["parent"] == {"pid": w["pid"], "comm": comms[mode]}
         assert details["wait_status"] == status, (mode, details, w)  # what waitpid() returned
         assert {k: details[k] for k in expect} == expect, (mode, details)
-        assert details["same_failure_in_a_row"] > 10
-        assert 10 < alert["count"] <= RUNS, (mode, alert["count"])
-        phrase = "exited with status 3" if expect["signal"] is None else "was killed by SIGSEGV"
-        assert alert["summary"].startswith(f"{worker} {phrase} "), alert["summary"]
-        assert alert["summary"].endswith(f" in 10s under PID {w['pid']} ({comms[mode]})")
+        # Reported at the 5th failure in a row restarted after a pause (here 100 ms); the count grows after.
+        assert 5 <= details["failures"] <= alert["count"] <= RUNS, (mode, alert["count"])
+        name = "exit 3" if expect["signal"] is None else "SIGSEGV"
+        assert details["exits"] == [{**expect, "core_dumped": False, "count": details["failures"]}], details
+        assert details["typical_lifetime_s"] < 1
+        assert alert["summary"].startswith(f"{worker} under PID {w['pid']} ({comms[mode]}) keeps failing: "
+                                           f"{details['failures']} failures in "), alert["summary"]
+        assert f"({name} x{details['failures']}), each lived about " in alert["summary"], alert["summary"]
 
     stats = agent.stats()
     kernel = stats["kernel"]["lifecycle"]
@@ -168,23 +183,130 @@ def test_crash_counting_runs_only_when_crash_loop_is_enabled(tmp_path, worker):
     assert_released(held)
 
 
-def test_defaults_alert_on_a_kept_up_loop_not_on_a_burst(tmp_path, worker):
-    agent = start_agent(tmp_path / "agent", "--rules", str(rules_file(tmp_path)))
+
+# The packaged rule scaled down 100 times for the back-off test: Kubernetes' 10s, 20s, 40s ... become
+# 100ms, 200ms, 400ms ..., and the window (the longest pause within a loop) 10m -> 6s.
+SCALED = {"window": "6s"}
+
+
+def alerts_of(agent, rule: str, parent: int, status: str = "open") -> list[dict]:
+    """`rule`'s alerts whose subject's parent is `parent` (the supervisor, or the loop's first parent)."""
+    return [a for a in agent.alerts()
+            if a["rule"] == rule and a["status"] == status and a["subject"]["ppid"] == parent]
+
+
+def test_back_off_fixed_fast_and_unit_restarts_are_one_crash_loop_each(tmp_path, worker):
+    # exec_churn over 10 in 2 s: the fast restarter (20 a second) goes well over it, so only the
+    # crash loop taking precedence keeps it out; the make-like churner proves exec_churn was live.
+    rules = write_rules(tmp_path / "rules.toml", packaged_rule("crash_loop", **SCALED),
+                        packaged_rule("exec_churn", threshold=10))
+    agent = start_agent(tmp_path / "agent", "--rules", str(rules))
     agent.wait_ready()
-    # 10 failures a second for 26 s, next to a burst of 30 in 3 s that then stops.
-    loop = start_supervisor(worker, ["exit", "3"], comm="ks-looping", runs=260, rate=10)
-    burst = start_supervisor(worker, ["exit", "3"], comm="ks-burst", runs=30, rate=10)
-    burst_work = finish(burst)
-    loop_work = finish(loop)
-    wait_for_opens(agent, [loop_work["pid"]], timeout=20)
+    with BombCgroups(pids_max=64, deadline_s=60) as cg:
+        slice_id = cg.v2.stat().st_ino  # the unit's parent cgroup: what its loop is keyed by
+        unit = cg.v2 / f"ks-crash-{uuid.uuid4().hex[:6]}.service"
+        unit.mkdir()
+        try:
+            sup = {
+                # Kubernetes' back-off from 1 s, scaled down: pauses of 0.1, 0.2, 0.4, 0.8, 1.6 s.
+                "back-off": start_supervisor(worker, ["exit", "1"], "ks-backoff", 6, None, "--pause", 0.1,
+                                             "--backoff", 2, *cg.join_args),
+                "fixed": start_supervisor(worker, ["segv"], "ks-fixed", 6, None, "--pause", 0.3, *cg.join_args),
+                "fast": start_supervisor(worker, ["exit", "2"], "ks-fast", 80, 20, *cg.join_args),
+                # systemd or a container runtime: a new parent each time, the program in the unit's cgroup.
+                "unit": start_supervisor(worker, ["exit", "4"], "ks-unit", 6, None, "--pause", 0.2, "--unit", unit,
+                                         *cg.join_args),
+            }
+            churn = subprocess.run(workload_command("churner.py", "--rate", 50, "--seconds", 1.5, "--comm",
+                                                    "ks-make", "--child", "/bin/true", *cg.join_args),
+                                   capture_output=True, text=True, timeout=60, check=True)
+            work = {name: finish(proc) for name, proc in sup.items()}
+        finally:
+            unit.rmdir()
+    make = last_json_line(churn.stdout)
+
+    def by_unit() -> list[dict]:
+        return [a for a in agent.alerts() if a["rule"] == "crash_loop" and a["details"]["keyed_by"] == "cgroup"
+                and a["subject"]["exe"] == str(worker)]
+
+    wait_for("every crash loop's alert", lambda: all(alerts_of(agent, "crash_loop", work[n]["pid"])
+                                                     for n in ("back-off", "fixed", "fast")) and by_unit(),
+             30, proc=agent.proc, log=agent.stderr_path)
+    wait_for("the make-like burst's exec_churn", lambda: agent.alerts_of("exec_churn", make["pid"]), 15,
+             proc=agent.proc, log=agent.stderr_path)
+    time.sleep(1.0)  # let any second alert arrive; asserts no timing
+    assert agent.terminate() == 0, agent.stderr()
+
+    (backoff,) = alerts_of(agent, "crash_loop", work["back-off"]["pid"])
+    d = backoff["details"]
+    assert d["restart_pattern"] == "back-off" and d["failures"] == 5, d
+    for seen, paused in zip(d["restart_delays_s"], (0.1, 0.2, 0.4, 0.8)):
+        assert paused <= seen < paused + 0.1, d["restart_delays_s"]  # the pause, plus the time to start again
+    assert d["exits"] == [{"exit_status": 1, "signal": None, "core_dumped": False, "count": 5}]
+    assert re.search(r"\(exit 1 x5\), each lived about \d+(\.\d+)?(us|ms), restarting with back-off: "
+                     r"1\d\dms, 2\d\dms, 4\d\dms, 8\d\dms$", backoff["summary"]), backoff["summary"]
+
+    (fixed,) = alerts_of(agent, "crash_loop", work["fixed"]["pid"])
+    d = fixed["details"]
+    assert d["restart_pattern"] == "fixed" and d["exits"][0]["signal"] == "SIGSEGV", d
+    assert re.search(r"\(SIGSEGV x5\), .*, restarting every 3\d\dms$", fixed["summary"]), fixed["summary"]
+
+    fast_pid = work["fast"]["pid"]
+    (fast,) = alerts_of(agent, "crash_loop", fast_pid)
+    assert fast["details"]["exits"] == [{"exit_status": 2, "signal": None, "core_dumped": False, "count": 5}]
+    assert work["fast"]["statuses"] == {str(2 << 8): 80}
+    # One incident for the burst: no exec_churn of the fast restarter, though it went over exec_churn's threshold.
+    assert agent.alerts_of("exec_churn", fast_pid) == []
+    kernel = agent.stats()["kernel"]["lifecycle"]
+    assert kernel["churn_superseded"] > 0 and kernel["rb_dropped"] == 0
+
+    # The unit: every run had another parent, yet it is one loop, and the alert names the unit.
+    (in_unit,) = [a for a in by_unit() if a["status"] == "open"]
+    assert len(set(work["unit"]["parents"])) == 6
+    assert in_unit["details"]["failures"] == 5 and in_unit["details"]["group_cgroup_id"] == slice_id
+    assert in_unit["subject"]["systemd_unit"] == unit.name
+    assert f" in unit {unit.name} keeps failing: 5 failures in " in in_unit["summary"], in_unit["summary"]
+    assert "restarting every 2" in in_unit["summary"]
+    # The make-like burst of successes: exec_churn as ever, never a crash loop.
+    assert alerts_of(agent, "crash_loop", make["pid"]) == []
+
+
+def grep_script(tmp_path: Path, files: int) -> list[str]:
+    """A script whose grep -q finds nothing in each of `files` files (every grep exits 1)."""
+    haystack = tmp_path / "haystack"
+    haystack.mkdir()
+    for i in range(files):
+        (haystack / f"f{i}.txt").write_text(f"line {i}\n")
+    return ["/bin/bash", "-c", f'for f in {haystack}/*; do grep -q needle "$f"; done; true']
+
+
+def test_bursts_and_service_stops_stay_quiet_and_a_loop_without_pause_alerts(tmp_path, worker):
+    rules = write_rules(tmp_path / "rules.toml", packaged_rule("crash_loop"))  # as it ships
+    agent = start_agent(tmp_path / "agent", "--rules", str(rules))
+    agent.wait_ready()
+    with BombCgroups(pids_max=64, deadline_s=60) as cg:
+        join = " ".join(f"echo $$ > {d}/cgroup.procs;" for d in (cg.pids, cg.v2))
+        # A loop restarting the worker at once, for 7 s: longer than tight_for (5 s).
+        tight = subprocess.Popen(["/bin/bash", "-c", f"{join} end=$((SECONDS + 7)); "
+                                  f"while (( SECONDS < end )); do {worker} exit 1; done; echo $$"],
+                                 stdout=subprocess.PIPE, text=True)
+        service = subprocess.Popen(workload_command("service.py", "--workers", 8, "--cycles", 3, "--up", 1,
+                                                    *cg.join_args), stdout=subprocess.PIPE, text=True)
+        grep = subprocess.Popen(["/bin/bash", "-c", f"{join} " + grep_script(tmp_path, 200)[2] + "; echo $$"],
+                                stdout=subprocess.PIPE, text=True)
+        grep_pid = int(grep.communicate(timeout=60)[0].split()[-1])
+        service_work = last_json_line(service.communicate(timeout=60)[0])
+        tight_pid = int(tight.communicate(timeout=60)[0].split()[-1])
+    wait_for("the tight loop's crash_loop", lambda: alerts_of(agent, "crash_loop", tight_pid), 15,
+             proc=agent.proc, log=agent.stderr_path)
     time.sleep(1.0)  # let stray records arrive; asserts no timing
     assert agent.terminate() == 0, agent.stderr()
 
-    assert burst_work["statuses"] == {str(3 << 8): 30} and loop_work["statuses"] == {str(3 << 8): 260}
-    assert opens_under(agent, burst_work["pid"]) == []
-    (alert,) = opens_under(agent, loop_work["pid"])
-    assert alert["details"]["exit_status"] == 3 and alert["subject"]["exe"] == str(worker)
-    # Opened once the loop had lasted the 20 s sustain: it counts every failure since the first hot window.
-    assert 200 <= alert["count"] <= 260, alert["count"]
-    assert alert["summary"].startswith(f"{worker} exited with status 3 {alert['count']} times in 2"), alert["summary"]
-    assert agent.stats()["rules"]["pending"] >= 2  # the early hot windows waited for the sustain
+    (loop,) = alerts_of(agent, "crash_loop", tight_pid)
+    assert loop["details"]["restart_pattern"] == "at once", loop["details"]
+    assert loop["summary"].endswith(", restarting at once (no pause)"), loop["summary"]
+    assert alerts_of(agent, "crash_loop", grep_pid) == []
+    assert service_work["statuses"] == {str(143 << 8): 24}  # every worker failed, as the kernel saw it
+    assert alerts_of(agent, "crash_loop", service_work["pid"]) == []
+    kernel = agent.stats()["kernel"]["lifecycle"]
+    assert kernel["crash_aggregated"] >= 200 + 24 and kernel["rb_dropped"] == 0

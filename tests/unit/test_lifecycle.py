@@ -20,7 +20,7 @@ PARENT, PARENT_START = 1200, 777_000
 churn_rule = partial(Rule, name="exec_churn", severity=Severity.INFO, signal="process.short_lived", key="tgid",
                      threshold=40, window_s=2.0, params={"max_lifetime": 1.0})
 crash_rule = partial(Rule, name="crash_loop", severity=Severity.WARNING, signal="process.crash", key="parent_exe",
-                     threshold=10, window_s=10.0)
+                     threshold=4, window_s=600.0, params={"max_lifetime": 60.0, "min_gap": 0.02, "tight_for": 5.0})
 
 
 def sensor(*rules: Rule) -> lifecycle.LifecycleSensor:
@@ -41,13 +41,35 @@ def churn_crossing(window_count=41, total=41, start=4 * NS, child_exe=b"/bin/dat
     return record(lifecycle.REC_CHURN_CROSSING, p, PARENT, b"make", b"/usr/bin/make")
 
 
-def crash_crossing(status: int, run=11, window_count=11, total=11, child=1400,
-                   exe=b"/usr/bin/worker") -> np.ndarray:
+def crash_run(events: list[tuple[float | None, float]], codes: dict[int, int], other: int = 0,
+              paced: int = 5) -> np.ndarray:
+    """A struct ksift_crash_run: `events` (pause before in s or None, lifetime in s) oldest first,
+    written into the kernel's ring as it would be (the last CRASH_HISTORY of them)."""
+    run = np.zeros((), dtype=lifecycle.CRASH_RUN)
+    for i, (gap, life) in enumerate(events):
+        slot = run["hist"][i % lifecycle.CRASH_HISTORY]
+        slot["gap_ms"] = lifecycle.NO_GAP if gap is None else round(gap * 1000)
+        slot["lifetime_us"] = round(life * 1e6)
+    run["hist_n"], run["paced"], run["other_codes"] = len(events), paced, other
+    for i, (status, count) in enumerate(codes.items()):
+        run["codes"][i]["status"], run["codes"][i]["count"] = status, count
+    return run
+
+
+BACKOFF = [(None, 0.002), (10.0, 0.002), (20.0, 0.003), (40.0, 0.002), (80.0, 0.004)]
+
+
+def crash_crossing(status: int = 1 << 8, events=BACKOFF, codes=None, window_count=5, total=5, child=1400,
+                   exe=b"/usr/bin/worker", parent=PARENT, group=0, ktime_ns=None) -> np.ndarray:
     p = np.zeros(1, dtype=lifecycle.CRASH_CROSSING)
-    p["head"] = crossing_head(window_start_ns=4 * NS, total=total, window_count=window_count, threshold=10)
-    p["exit_code"], p["same_code_run"], p["parent_tgid"], p["lifetime_ns"] = status, run, PARENT, 2_000_000
-    return record(lifecycle.REC_CRASH_CROSSING, p, child, b"worker", exe, ppid=PARENT,
-                  ancestry=((PARENT, b"supervisord"), (1, b"init")), start=9_000)
+    p["head"] = crossing_head(window_start_ns=4 * NS, total=total, window_count=window_count, threshold=4)
+    p["exit_code"], p["parent_tgid"], p["group_cgroup_id"] = status, parent, group
+    p["run"] = crash_run(events, codes or {status: window_count})
+    rec = record(lifecycle.REC_CRASH_CROSSING, p, child, b"worker", exe, ppid=parent,
+                 ancestry=((parent, b"supervisord"), (1, b"init")), start=9_000)
+    if ktime_ns is not None:
+        rec[0]["ktime_ns"] = ktime_ns
+    return rec
 
 
 def open_incident(s: lifecycle.LifecycleSensor, batch: np.ndarray):
@@ -98,10 +120,12 @@ def test_exit_status_reads_like_wait(status, fields, phrase):
 def test_rodata_carries_each_enabled_rule_and_gates_the_other():
     both = sensor().rodata()
     assert both == {"churn_enabled": 1, "churn_threshold": 40, "churn_window_ns": 2 * NS,
-                    "churn_max_lifetime_ns": NS, "crash_enabled": 1, "crash_threshold": 10,
-                    "crash_window_ns": 10 * NS}
+                    "churn_max_lifetime_ns": NS, "crash_enabled": 1, "crash_threshold": 4,
+                    "crash_window_ns": 600 * NS, "crash_max_lifetime_ns": 60 * NS,
+                    "crash_min_gap_ns": NS // 50, "crash_tight_for_ns": 5 * NS}
     only_crash = sensor(crash_rule(threshold=3, window_s=0.5)).rodata()
-    assert only_crash == {"crash_enabled": 1, "crash_threshold": 3, "crash_window_ns": NS // 2}
+    assert only_crash["crash_threshold"] == 3 and only_crash["crash_window_ns"] == NS // 2
+    assert "churn_enabled" not in only_crash
     only_churn = sensor(churn_rule(params={"max_lifetime": 0.25})).rodata()
     assert only_churn["churn_max_lifetime_ns"] == NS // 4 and "crash_enabled" not in only_churn
 
@@ -122,8 +146,10 @@ def test_packaged_defaults_are_sane():
     # Below fork_storm's rate, so it catches churn fork_storm does not.
     assert churn.threshold / churn.window_s < fork.threshold / fork.window_s
     assert crash.signal == "process.crash" and crash.key == "parent_exe"
-    assert crash.threshold / crash.window_s >= 1.0  # a failure a second is still quiet
-    assert crash.sustain_s >= crash.window_s  # a burst is not a loop
+    # systemd's StartLimitBurst: 5 starts; Kubernetes' longest back-off (5m) fits in the window twice.
+    assert crash.threshold == 4 and crash.window_s == 600 and crash.sustain_s == 0
+    assert crash.param("max_lifetime") == 60 and crash.param("min_gap") < 0.1  # systemd's RestartSec: 100ms
+    assert crash.param("tight_for") >= 5  # a script's burst of failures is shorter
 
 
 # -- exec churn ----------------------------------------------------------------
@@ -150,7 +176,7 @@ def test_churn_exit_record_ends_the_key():
 
 def test_records_of_a_disabled_rule_are_ignored():
     assert sensor(crash_rule()).decode(churn_crossing()).crossings == []
-    assert sensor(churn_rule()).decode(crash_crossing(3 << 8)).crossings == []
+    assert sensor(churn_rule()).decode(crash_crossing()).crossings == []
 
 
 def test_top_executables_are_the_parents_own_by_count():
@@ -199,88 +225,159 @@ def test_churn_details_survive_a_failing_map_read():
     assert "top_executables" not in details and details["last_child"]["pid"] == 1300
 
 
-# -- crash loops ---------------------------------------------------------------
+# -- crash loops: the pure parts -----------------------------------------------
 
 
-def test_crash_crossing_keys_by_parent_and_exe():
-    (c,) = sensor(crash_rule()).decode(crash_crossing(3 << 8)).crossings
-    assert c.rule == "crash_loop" and c.key == (PARENT, "/usr/bin/worker")
+@pytest.mark.parametrize("codes, other, text", [
+    ([(1 << 8, 4), (11, 1)], 0, "exit 1 x4, SIGSEGV x1"),
+    ([(11, 1), (1 << 8, 4)], 0, "exit 1 x4, SIGSEGV x1"),  # most frequent first
+    ([(6 | 0x80, 2)], 3, "SIGABRT (core dumped) x2, other statuses x3"),
+    ([(9, 7), (0, 0)], 0, "SIGKILL x7"),  # empty slots are left out
+])
+def test_exit_summary(codes, other, text):
+    assert lifecycle.exit_summary(codes, other) == text
+
+
+@pytest.mark.parametrize("delays, kind, words", [
+    ([10.0, 20.0, 40.0, 80.0], "back-off", "restarting with back-off: 10s, 20s, 40s, 80s"),
+    ([80.2, 160.4, 300.1, 300.0], "back-off", "restarting with back-off: 80s, 160s, 5m, 5m"),  # at its cap
+    ([0.101, 0.2, 0.4, 0.8], "back-off", "restarting with back-off: 101ms, 200ms, 400ms, 800ms"),
+    ([2.0, 2.01, 1.99, 2.0], "fixed", "restarting every 2s"),
+    ([0.048, 0.049, 0.012, 0.048], "fixed", "restarting every 48ms"),  # one restart came late, the next early
+    ([0.1, 0.2, 0.2, 0.2], "fixed", "restarting every 200ms"),  # grew once: no back-off
+    ([0.001, 0.0004, 0.03, 0.002], "at once", "restarting at once (no pause)"),
+    ([-0.5, -0.2, 0.001], "at once", "restarting at once (no pause)"),  # started before the last one died
+    ([1.0, 5.0, 0.5, 3.0], "irregular", "restarting after 1s, 5s, 500ms, 3s"),
+    ([], None, ""),
+])
+def test_restart_pattern(delays, kind, words):
+    assert lifecycle.restart_pattern(delays, min_gap_s=0.02) == (kind, words)
+
+
+def test_run_history_reads_the_ring_oldest_first():
+    few = crash_run(BACKOFF, {256: 5})
+    assert lifecycle.run_history(few) == [(None, 0.002), (10.0, 0.002), (20.0, 0.003), (40.0, 0.002), (80.0, 0.004)]
+    many = [(None, 0.001)] + [(float(i), 0.001 * i) for i in range(1, 9)]  # 9 failures: the ring holds the last 6
+    assert lifecycle.run_history(crash_run(many, {256: 9})) == many[3:]
+
+
+def test_approx_rounds_a_measured_duration():
+    assert [lifecycle.approx(s) for s in (300.4, 12.6, 1.26, 0.1014, 0.0000123)] == ["5m", "13s", "1.3s", "101ms",
+                                                                                    "12us"]
+
+
+# -- crash loops: records, alerts, live state ----------------------------------
+
+
+def test_crash_crossing_keys_by_parent_and_exe_and_reads_the_run():
+    (c,) = sensor(crash_rule()).decode(crash_crossing(11, codes={256: 4, 11: 1})).crossings
+    assert c.rule == "crash_loop" and c.key == lifecycle.CrashKey(PARENT, 0, "/usr/bin/worker")
     assert c.task.tgid == 1400 and c.task.ppid == PARENT  # the subject is the failing process
     d = c.details
     assert d["exe"] == "/usr/bin/worker" and d["parent"] == {"pid": PARENT, "comm": "supervisord"}
-    assert (d["exit_status"], d["signal"], d["wait_status"]) == (3, None, 768)
-    assert d["same_failure_in_a_row"] == 11 and d["last_pid"] == 1400 and d["last_lifetime_s"] == 0.002
+    assert d["keyed_by"] == "parent" and d["group_cgroup_id"] is None and d["failures"] == 5
+    assert d["exits"] == [{"exit_status": 1, "signal": None, "core_dumped": False, "count": 4},
+                          {"exit_status": None, "signal": "SIGSEGV", "core_dumped": False, "count": 1}]
+    assert (d["restart_pattern"], d["restart_delays_s"]) == ("back-off", [10.0, 20.0, 40.0, 80.0])
+    assert d["typical_lifetime_s"] == 0.002 and d["last_lifetime_s"] == 0.004
+    assert (d["signal"], d["wait_status"], d["last_pid"]) == ("SIGSEGV", 11, 1400)  # the last failure
 
 
-def test_crash_alert_when_every_failure_was_the_same():
+def test_restarts_from_new_parents_in_one_slice_are_one_incident():
     s = sensor(crash_rule())
-    inc = open_incident(s, crash_crossing(3 << 8, run=20, window_count=20, total=20))
-    assert s.summarize(inc, "open") == ("/usr/bin/worker exited with status 3 20 times in 10s "
-                                        "under PID 1200 (supervisord)")
-    details = s.details(inc, "open")
-    assert details["exit_status"] == 3 and details["parent"]["pid"] == PARENT
-    assert not any(k.startswith("_") for k in details)  # internal figures stay out of the alert
-
-    segv = open_incident(s, crash_crossing(11, run=11))
-    assert s.summarize(segv, "open").startswith("/usr/bin/worker was killed by SIGSEGV 11 times in 10s")
-    assert s.details(segv, "open")["signal"] == "SIGSEGV"
-
-
-def test_crash_alert_after_a_sustain_counts_the_whole_loop():
-    s = sensor(crash_rule(sustain_s=20.0))
     engine = IncidentEngine(s.rules())
-    for i, start in enumerate((0, 10, 20)):
-        p = np.zeros(1, dtype=lifecycle.CRASH_CROSSING)
-        p["head"] = crossing_head(window_start_ns=start * NS, total=11 * (i + 1), window_count=11, threshold=10)
-        p["exit_code"], p["same_code_run"], p["parent_tgid"] = 3 << 8, 11 * (i + 1), PARENT
-        batch = record(lifecycle.REC_CRASH_CROSSING, p, 1400 + i, b"worker", b"/usr/bin/worker", ppid=PARENT,
-                       ancestry=((PARENT, b"supervisord"),))
-        batch[0]["ktime_ns"] = (start + 1) * NS
-        out = [t for c in s.decode(batch).crossings for t in engine.observe(c)]
-    (opened,) = out  # pending for two windows, open on the third
-    assert s.summarize(opened.incident, "open") == ("/usr/bin/worker exited with status 3 33 times in 21s "
-                                                    "under PID 1200 (supervisord)")
-    assert opened.incident.count == 33
+    group = 4242  # the cgroup above the unit's (or the pod's, above each new container's)
+    first = s.decode(crash_crossing(parent=3000, child=3001, group=group)).crossings
+    again = s.decode(crash_crossing(parent=3100, child=3101, group=group, ktime_ns=6 * NS)).crossings
+    assert first[0].key == again[0].key == lifecycle.CrashKey(0, group, "/usr/bin/worker")
+    transitions = [t for c in first + again for t in engine.observe(c)]
+    assert [t.kind for t in transitions] == ["open"] and engine.stats["folded"] == 0
+    assert first[0].details["keyed_by"] == "cgroup" and first[0].details["group_cgroup_id"] == group
 
 
-def test_crash_alert_with_mixed_failures_names_the_last():
+def test_crash_alert_says_how_often_how_long_and_how_it_is_restarted():
     s = sensor(crash_rule())
-    inc = open_incident(s, crash_crossing(11, run=2, window_count=12, total=12))
-    assert s.summarize(inc, "open") == ("/usr/bin/worker failed 12 times in 10s under PID 1200 (supervisord) "
-                                        "(last: was killed by SIGSEGV)")
-    inc.status, inc.resolved_ns, inc.latest_total = "resolved", 34 * NS, 30
-    assert s.summarize(inc, "resolved") == ("/usr/bin/worker under PID 1200 (supervisord) stopped failing: "
-                                            "30 failed exits in 30s (peak 12 in 10s)")
+    inc = open_incident(s, crash_crossing(codes={256: 4, 11: 1}, ktime_ns=4 * NS + 150 * NS))
+    assert s.summarize(inc, "open") == ("/usr/bin/worker under PID 1200 (supervisord) keeps failing: 5 failures "
+                                        "in 150s (exit 1 x4, SIGSEGV x1), each lived about 2ms, "
+                                        "restarting with back-off: 10s, 20s, 40s, 80s")
+    assert not any(k.startswith("_") for k in s.details(inc, "open"))  # internal figures stay out of the alert
+
+    inc.context = {"subject": {"systemd_unit": "web.service"}}
+    assert " (supervisord) in unit web.service keeps failing: " in s.summarize(inc, "open")
+    inc.context = {"subject": {"container_id": "ab" * 32, "container_name": "api", "pod_name": "api-7",
+                               "pod_namespace": "shop", "systemd_unit": "cri-containerd-x.scope"}}
+    assert " in container api (pod shop/api-7) keeps failing: " in s.summarize(inc, "open")
+    inc.context = {"subject": {"container_id": "ab" * 32}}
+    assert " in container abababababab keeps failing: " in s.summarize(inc, "open")
+
+    inc.status, inc.resolved_ns, inc.latest_total = "resolved", 900 * NS, 9
+    assert s.summarize(inc, "resolved") == ("/usr/bin/worker under PID 1200 (supervisord) in container "
+                                            "abababababab stopped failing: 9 failures in 896s "
+                                            "(exit 1 x4, SIGSEGV x1)")
+
+
+class OneKey:
+    def __init__(self, key: bytes, value: np.ndarray):
+        self.key, self.value = key, value.tobytes()
+
+    def lookup(self, key: bytes):
+        return self.value if bytes(key) == self.key else None
+
+
+def crash_state(run_start_ns: int, last_exit_ns: int, events, codes, count: int) -> np.ndarray:
+    st = np.zeros(1, dtype=lifecycle.CRASH_STATE)
+    st["win"]["window_start_ns"], st["win"]["window_count"], st["win"]["total"] = run_start_ns, count, count
+    st["last_exit_ns"] = last_exit_ns
+    st["run"] = crash_run(events, codes)
+    return st
+
+
+def test_a_loop_holds_while_it_fails_within_window_and_its_resolution_reads_the_whole_run():
+    s = sensor(crash_rule())
+    inc = open_incident(s, crash_crossing())
+    key = lifecycle.crash_key_bytes(inc.key)
+    # Kubernetes at its 5-minute cap: 2 failures per 10-minute window, still a loop.
+    events = BACKOFF + [(160.0, 0.002), (300.0, 0.002), (300.0, 0.002)]
+    s._crash_state = OneKey(key, crash_state(4 * NS, 1500 * NS, events, {256: 8}, 8))
+    s.mono_ns = lambda: 1900 * NS
+    assert s.holds("crash_loop", inc.key)
+    s.mono_ns = lambda: 2101 * NS  # no failure for more than window (600 s)
+    assert not s.holds("crash_loop", inc.key)
+    assert not s.holds("exec_churn", PARENT) and not s.holds("crash_loop", lifecycle.CrashKey(1, 0, "x"))
+
+    inc.status, inc.resolved_ns, inc.latest_total = "resolved", 2101 * NS, 8
+    details = s.details(inc, "resolved")
+    assert details["failures"] == 8 and details["exits"][0]["count"] == 8
+    assert details["restart_delays_s"] == [20.0, 40.0, 80.0, 160.0, 300.0, 300.0]
+    # A newer run of the key (another start): the incident keeps its own figures.
+    s._crash_state = OneKey(key, crash_state(3000 * NS, 3001 * NS, BACKOFF[:1], {9: 1}, 1))
+    assert s.details(inc, "resolved")["failures"] == 8
 
 
 def test_crash_key_bytes_match_the_kernel_key():
-    raw = lifecycle.crash_key_bytes((PARENT, "/usr/bin/worker"))
-    assert len(raw) == lifecycle.LC_KEY.itemsize == 136
-    key = np.frombuffer(raw, dtype=lifecycle.LC_KEY)[0]
-    assert key["parent_tgid"] == PARENT and key["pad"] == 0 and key["exe"] == b"/usr/bin/worker"
-    assert raw[8 + len("/usr/bin/worker"):] == bytes(128 - len("/usr/bin/worker"))
+    raw = lifecycle.crash_key_bytes(lifecycle.CrashKey(PARENT, 0, "/usr/bin/worker"))
+    assert len(raw) == lifecycle.CRASH_KEY.itemsize == 144
+    key = np.frombuffer(raw, dtype=lifecycle.CRASH_KEY)[0]
+    assert key["parent_tgid"] == PARENT and key["cgroup_id"] == 0 and key["pad"] == 0
+    assert key["exe"] == b"/usr/bin/worker" and raw[16 + len("/usr/bin/worker"):] == bytes(128 - 15)
+    by_cgroup = np.frombuffer(lifecycle.crash_key_bytes(lifecycle.CrashKey(0, 77, "w")), dtype=lifecycle.CRASH_KEY)
+    assert by_cgroup[0]["cgroup_id"] == 77 and by_cgroup[0]["parent_tgid"] == 0
 
 
 def test_current_reads_each_rules_own_map():
-    class OneKey:
-        def __init__(self, key: bytes, value: np.ndarray):
-            self.key, self.value = key, value.tobytes()
-
-        def lookup(self, key: bytes):
-            return self.value if bytes(key) == self.key else None
-
     s = sensor()
     churn = np.zeros(1, dtype=lifecycle.CHURN_STATE)
     churn["win"]["total"], churn["win"]["window_start_ns"], churn["win"]["window_count"] = 90, 7 * NS, 55
     crash = np.zeros(1, dtype=lifecycle.CRASH_STATE)
     crash["win"]["total"], crash["win"]["window_start_ns"], crash["win"]["window_count"] = 25, 6 * NS, 14
     s._churn_state = OneKey(PARENT.to_bytes(4, "little"), churn)
-    s._crash_state = OneKey(lifecycle.crash_key_bytes((PARENT, "/usr/bin/worker")), crash)
+    s._crash_state = OneKey(lifecycle.crash_key_bytes(lifecycle.CrashKey(PARENT, 0, "/usr/bin/worker")), crash)
     state = s.current("exec_churn", PARENT)
     assert (state.total, state.window_start_ns, state.window_count) == (90, 7 * NS, 55)
-    state = s.current("crash_loop", (PARENT, "/usr/bin/worker"))
+    state = s.current("crash_loop", lifecycle.CrashKey(PARENT, 0, "/usr/bin/worker"))
     assert (state.total, state.window_start_ns, state.window_count) == (25, 6 * NS, 14)
-    assert s.current("crash_loop", (PARENT, "/usr/bin/other")) is None
+    assert s.current("crash_loop", lifecycle.CrashKey(PARENT, 0, "/usr/bin/other")) is None
     assert s.current("exec_churn", PARENT + 1) is None
     assert s.current("fork_storm", PARENT) is None
 
@@ -292,6 +389,6 @@ def test_an_undecodable_record_is_counted_not_fatal(monkeypatch):
         raise ValueError("bad task")
 
     monkeypatch.setattr(records, "task_context", broken)
-    batch = np.concatenate([churn_crossing(), crash_crossing(3 << 8)])
+    batch = np.concatenate([churn_crossing(), crash_crossing()])
     decoded = s.decode(batch)
     assert decoded.failed == 2 and decoded.crossings == []

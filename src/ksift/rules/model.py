@@ -97,8 +97,23 @@ SIGNALS: Mapping[str, SignalSpec] = _registry(
     SignalSpec(
         name="process.crash",
         keys=("parent_exe",),
-        unit="failed exits",
-        description="exits with a non-zero status or by a signal, of one executable under one parent",
+        unit="failures in a row",
+        description="exits with a non-zero status or by a signal shortly after the start (max_lifetime), of one "
+                    "executable under one parent (or, for a process put in a cgroup of its own such as a "
+                    "systemd unit or a container, under the cgroup above it), each within window of the one "
+                    "before: a loop once more than threshold of them were each restarted after a pause "
+                    "(min_gap), or once they kept coming, each within a second of the last, for tight_for",
+        params=(
+            ParamSpec("max_lifetime", "duration", 60.0, 0.001, 3600.0,
+                      "a failure counts when the process exited this soon after it started; one that lived "
+                      "longer ends the run"),
+            ParamSpec("min_gap", "duration", 0.02, 0.0, 60.0,
+                      "a restart this long or longer after the previous failure is a supervisor's pause "
+                      "(back-off, RestartSec); sooner is a loop without a pause, or a script's burst"),
+            ParamSpec("tight_for", "duration", 5.0, 0.0, 3600.0,
+                      "failures that keep coming, each within a second of the last, are a loop (one without "
+                      "a pause) once they went on this long"),
+        ),
     ),
     SignalSpec(
         name="file.open",

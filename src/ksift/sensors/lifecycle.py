@@ -2,16 +2,23 @@
 
 exec_churn (signal process.short_lived, key = the parent's tgid): children that
 exec'd and exited within max_lifetime of their start, counted per parent.
-crash_loop (signal process.crash, key = (parent tgid, executable)): exits with a
-non-zero status or by a signal, counted per parent and executable.
+crash_loop (signal process.crash, key = CrashKey: the executable and the parent, or the
+parent cgroup of a process put in a cgroup of its own): exits with a non-zero status or by a
+signal shortly after the start (max_lifetime), followed in the kernel as runs of failures. The
+kernel reports a run once it is a loop: more than threshold failures in a row each restarted after
+a pause (min_gap: a supervisor's back-off or fixed delay), or failures that kept coming, each within
+a second of the last, for tight_for (a loop without a pause).
+The alert reads the run: statuses, lifetimes and the pauses between failures.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Hashable
-from typing import Any
+import statistics
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -56,19 +63,44 @@ CHURN_CROSSING = np.dtype(
     ]
 )
 CHURN_EXIT = WINDOW_EXIT  # exit_code: the wait() status
+CRASH_HISTORY = 6  # KSIFT_CRASH_HISTORY
+CRASH_CODES = 4  # KSIFT_CRASH_CODES
+NO_GAP = -(2**31)  # KSIFT_CRASH_NO_GAP: a run's first failure has no pause before it
+CRASH_KEY = np.dtype([("cgroup_id", "<u8"), ("parent_tgid", "<u4"), ("pad", "<u4"), ("exe", f"S{records.PATH_LEN}")])
+CRASH_CODE = np.dtype([("status", "<u4"), ("count", "<u4")])
+CRASH_EVENT = np.dtype([("gap_ms", "<i4"), ("lifetime_us", "<u4")])
+CRASH_RUN = np.dtype(
+    [
+        ("streak_start_ns", "<u8"),
+        ("paced", "<u4"),
+        ("streak", "<u4"),
+        ("hist_n", "<u4"),
+        ("other_codes", "<u4"),
+        ("codes", CRASH_CODE, (CRASH_CODES,)),
+        ("hist", CRASH_EVENT, (CRASH_HISTORY,)),
+    ]
+)
 CRASH_STATE = np.dtype(
-    [("win", WINDOW), ("last_code", "<u4"), ("same_code_run", "<u4"), ("last_tgid", "<u4"), ("pad", "<u4")]
+    [("win", WINDOW), ("last_exit_ns", "<u8"), ("last_tgid", "<u4"), ("pad", "<u4"), ("run", CRASH_RUN)]
 )
 CRASH_CROSSING = np.dtype(
     [
         ("head", CROSSING),
-        ("lifetime_ns", "<u8"),
-        ("exit_code", "<u4"),
-        ("same_code_run", "<u4"),
+        ("group_cgroup_id", "<u8"),
         ("parent_tgid", "<u4"),
-        ("pad", "<u4"),
+        ("exit_code", "<u4"),
+        ("run", CRASH_RUN),
     ]
 )
+
+
+class CrashKey(NamedTuple):
+    """What a crash loop is keyed by (struct ksift_crash_key): one of parent_tgid and cgroup_id is 0."""
+
+    parent_tgid: int
+    cgroup_id: int
+    exe: str
+
 
 # Internal figures kept in incident.details for the summary, left out of the alert's details.
 _PRIVATE = "_"
@@ -94,6 +126,98 @@ def exit_phrase(status: int) -> str:
     return f"was killed by {d['signal']}" + (" (core dumped)" if d["core_dumped"] else "")
 
 
+def exit_name(status: int) -> str:
+    """A wait() status in a few characters: 'exit 3', 'SIGSEGV', 'SIGABRT (core dumped)'."""
+    d = describe_exit(status)
+    if d["signal"] is None:
+        return f"exit {d['exit_status']}"
+    return d["signal"] + (" (core dumped)" if d["core_dumped"] else "")
+
+
+def exit_summary(codes: Sequence[tuple[int, int]], other: int = 0) -> str:
+    """'exit 1 x4, SIGSEGV x1': each (status, count), most frequent first, then the failures
+    whose status the kernel had no slot left for."""
+    parts = [f"{exit_name(status)} x{count}"
+             for status, count in sorted(codes, key=lambda sc: -sc[1]) if count > 0]
+    if other:
+        parts.append(f"other statuses x{other}")
+    return ", ".join(parts)
+
+
+def approx(seconds: float) -> str:
+    """A measured duration, rounded as a person would say it: 10s, 1.5s, 48ms, 2m."""
+    if seconds >= 10:
+        return format_duration(round(seconds))
+    if seconds >= 1:
+        return format_duration(round(seconds, 1))
+    if seconds >= 0.001:
+        return format_duration(round(seconds, 3))
+    return format_duration(round(seconds, 6))
+
+
+# A pause is "the same" as another within this factor (a supervisor's delay plus the
+# time to start the process again, which varies with the host's load).
+_SAME_PAUSE = 1.25
+# A back-off step: the next pause is at least this many times the last (Kubernetes and docker double it).
+_BACKOFF_STEP = 1.5
+
+
+def restart_pattern(delays: Sequence[float], min_gap_s: float) -> tuple[str | None, str]:
+    """How a loop was restarted, from the pauses between one failure's exit and the next start
+    (oldest first): (kind, words). kind is "at once" (most pauses under min_gap), "back-off" (the
+    pause grew at least twice, by half or more, and never shrank: it may have reached its cap),
+    "fixed" (three in four pauses within 25% of their median), "irregular", or None when there is
+    no pause to judge (a single failure). A busy host delays a restart now and then: one odd pause
+    does not change the verdict."""
+    if not delays:
+        return None, ""
+    mid = statistics.median(delays)
+    if mid < min_gap_s:
+        return "at once", "restarting at once (no pause)"
+    shown = ", ".join(approx(max(d, 0.0)) for d in delays)
+    steps = list(zip(delays, delays[1:]))
+    grew = sum(1 for a, b in steps if a > 0 and b >= _BACKOFF_STEP * a)
+    if grew >= 2 and all(b >= a / _SAME_PAUSE for a, b in steps):
+        return "back-off", f"restarting with back-off: {shown}"
+    near = sum(1 for d in delays if abs(d - mid) <= (_SAME_PAUSE - 1) * mid)
+    if near >= 0.75 * len(delays):
+        return "fixed", f"restarting every {approx(mid)}"
+    return "irregular", f"restarting after {shown}"
+
+
+def run_history(run: np.void) -> list[tuple[float | None, float]]:
+    """The run's last failures from the kernel's ring (struct ksift_crash_run.hist), oldest first:
+    (pause before it in s, None for the run's first; how long it lived in s)."""
+    n = int(run["hist_n"])
+    hist = run["hist"]
+    order = range(n) if n <= CRASH_HISTORY else [(n + i) % CRASH_HISTORY for i in range(CRASH_HISTORY)]
+    out = []
+    for i in order:
+        gap = int(hist[i]["gap_ms"])
+        out.append((None if gap == NO_GAP else gap / 1000, int(hist[i]["lifetime_us"]) / 1e6))
+    return out
+
+
+def run_details(run: np.void, min_gap_s: float) -> dict[str, Any]:
+    """A run's figures for the alert: statuses, lifetimes and how it was restarted."""
+    codes = [(int(c["status"]), int(c["count"])) for c in run["codes"] if int(c["count"]) > 0]
+    other = int(run["other_codes"])
+    history = run_history(run)
+    delays = [gap for gap, _ in history if gap is not None]
+    lifetimes = [life for _, life in history]
+    kind, words = restart_pattern(delays, min_gap_s)
+    return {
+        "exits": [{**{k: v for k, v in describe_exit(status).items() if k != "signal_number"}, "count": count}
+                  for status, count in sorted(codes, key=lambda sc: -sc[1])],
+        "other_exits": other,
+        f"{_PRIVATE}exits_text": exit_summary(codes, other),
+        "typical_lifetime_s": round(statistics.median(lifetimes), 6) if lifetimes else None,
+        "restart_pattern": kind,
+        "restart_delays_s": [round(d, 3) for d in delays],
+        f"{_PRIVATE}restart_text": words,
+    }
+
+
 def churn_crossing(rule: str, row: np.void, p: np.void) -> Crossing:
     """An exec churn crossing: the parent's, with the child whose exit crossed."""
     details = {
@@ -105,30 +229,36 @@ def churn_crossing(rule: str, row: np.void, p: np.void) -> Crossing:
     return window_crossing(rule, row, p, details=details)
 
 
-def crash_crossing(rule: str, row: np.void, p: np.void) -> Crossing:
-    """A crash loop crossing, keyed by (parent tgid, executable): the failing process is the subject."""
+def crash_crossing(rule: str, row: np.void, p: np.void, min_gap_s: float) -> Crossing:
+    """A crash loop crossing, keyed by CrashKey: the failing process is the subject."""
     task = records.task_context(row["task"])
     parent = int(p["parent_tgid"])
+    group = int(p["group_cgroup_id"])
     parent_comm = next((comm for pid, comm in task.ancestry[:1] if pid == parent), None)
     status = int(p["exit_code"])
+    history = run_history(p["run"])
     details = {
         "exe": task.exe,
         "parent": {"pid": parent, "comm": parent_comm},
+        # What the loop is followed by: the parent, or (a process put in a cgroup of its own:
+        # a unit, a container) the cgroup above its own, whoever restarts it.
+        "keyed_by": "cgroup" if group else "parent",
+        "group_cgroup_id": group or None,
+        "failures": int(p["head"]["window_count"]),
+        **run_details(p["run"], min_gap_s),
         **describe_exit(status),
         "wait_status": status,
-        "same_failure_in_a_row": int(p["same_code_run"]),
         "last_pid": task.tgid,
-        "last_lifetime_s": round(int(p["lifetime_ns"]) / NS, 6),
-        # Every failure of the crossing window was this one (for the sentence).
-        f"{_PRIVATE}uniform": int(p["same_code_run"]) >= int(p["head"]["window_count"]),
+        "last_lifetime_s": round(history[-1][1], 6) if history else None,
     }
-    return window_crossing(rule, row, p, task=task, key=(parent, task.exe), details=details)
+    key = CrashKey(0 if group else parent, group, task.exe)
+    return window_crossing(rule, row, p, task=task, key=key, details=details)
 
 
-def crash_key_bytes(key: tuple[int, str]) -> bytes:
-    """The kernel's struct ksift_lc_key for (parent tgid, exe)."""
-    parent, exe = key
-    return np.array([(parent, 0, exe.encode()[: records.PATH_LEN])], dtype=LC_KEY).tobytes()
+def crash_key_bytes(key: CrashKey) -> bytes:
+    """The kernel's struct ksift_crash_key."""
+    return np.array([(key.cgroup_id, key.parent_tgid, 0, key.exe.encode()[: records.PATH_LEN])],
+                    dtype=CRASH_KEY).tobytes()
 
 
 def top_executables(keys: bytes, values: bytes, n: int, parent_tgid: int, parent_start_ns: int,
@@ -157,13 +287,17 @@ class LifecycleSensor(Sensor):
     counter_enum = "ksift_lifecycle_counter"
     counter_names = ("lc_exit_seen", "lc_exit_self", "churn_long_lived",
                      "churn_aggregated", "churn_crossings", "churn_exit_flagged", "crash_aggregated",
-                     "crash_crossings")
+                     "crash_crossings", "crash_long_lived", "churn_superseded")
     abi = {
         **WINDOW_ABI,
         "ksift_lc_key": (LC_KEY, {}),
         "ksift_churn_state": (CHURN_STATE, {}),
         "ksift_churn_exe": (CHURN_EXE, {}),
         "ksift_churn_crossing": (CHURN_CROSSING, {}),
+        "ksift_crash_key": (CRASH_KEY, {}),
+        "ksift_crash_code": (CRASH_CODE, {}),
+        "ksift_crash_event": (CRASH_EVENT, {}),
+        "ksift_crash_run": (CRASH_RUN, {}),
         "ksift_crash_state": (CRASH_STATE, {}),
         "ksift_crash_crossing": (CRASH_CROSSING, {}),
     }
@@ -175,6 +309,8 @@ class LifecycleSensor(Sensor):
         self._churn_state: BpfMap | None = None
         self._churn_exe: BpfMap | None = None
         self._crash_state: BpfMap | None = None
+        # CLOCK_MONOTONIC, the clock of the kernel's timestamps (injectable for tests)
+        self.mono_ns: Callable[[], int] = time.monotonic_ns
 
     def rodata(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -182,7 +318,11 @@ class LifecycleSensor(Sensor):
             out.update(churn_enabled=1, **self.window_rodata("churn", self.churn_rule),
                        churn_max_lifetime_ns=int(self.churn_rule.param("max_lifetime") * NS))
         if self.crash_rule is not None:
-            out.update(crash_enabled=1, **self.window_rodata("crash", self.crash_rule))
+            rule = self.crash_rule
+            out.update(crash_enabled=1, **self.window_rodata("crash", rule),
+                       crash_max_lifetime_ns=int(rule.param("max_lifetime") * NS),
+                       crash_min_gap_ns=int(rule.param("min_gap") * NS),
+                       crash_tight_for_ns=int(rule.param("tight_for") * NS))
         return out
 
     def programs(self) -> list[str]:
@@ -215,8 +355,10 @@ class LifecycleSensor(Sensor):
         out.exits += self.window_exits(batch, REC_CHURN_EXIT, rule)
 
     def _decode_crash(self, batch: np.ndarray, rule: str, out: Decoded) -> None:
+        min_gap = float(self.crash_rule.param("min_gap")) if self.crash_rule is not None else 0.0
         out.crossings += self.decode_records(batch, REC_CRASH_CROSSING, CRASH_CROSSING,
-                                             lambda row, p: crash_crossing(rule, row, p), out, "crash loop")
+                                             lambda row, p: crash_crossing(rule, row, p, min_gap), out,
+                                             "crash loop")
 
     # -- live state ----------------------------------------------------------
 
@@ -227,6 +369,36 @@ class LifecycleSensor(Sensor):
         if self.crash_rule is not None and rule == self.crash_rule.name and self._crash_state is not None:
             return self.window_state(self._crash_state, crash_key_bytes(key), CRASH_STATE)
         return None
+
+    def _crash_state_of(self, key: Hashable) -> np.void | None:
+        if self._crash_state is None or not isinstance(key, CrashKey):
+            return None
+        raw = self._crash_state.lookup(crash_key_bytes(key))
+        return None if raw is None else np.frombuffer(raw[: CRASH_STATE.itemsize], dtype=CRASH_STATE)[0]
+
+    def holds(self, rule: str, key: Hashable) -> bool:
+        """A crash loop restarting with a long back-off (Kubernetes: every 5 min) fails less often than
+        its window ends: it is still there while its run lasts (a failure within window)."""
+        if self.crash_rule is None or rule != self.crash_rule.name:
+            return False
+        st = self._crash_state_of(key)
+        if st is None or not int(st["last_exit_ns"]):
+            return False
+        return self.mono_ns() - int(st["last_exit_ns"]) <= int(self.crash_rule.window_s * NS)
+
+    def _refresh_run(self, inc: Incident) -> None:
+        """The run's latest figures from the kernel (one lookup), while the state is still this run's:
+        a resolution then describes the whole loop, not just its first failures."""
+        try:
+            st = self._crash_state_of(inc.key)
+        except Exception:  # the alert goes out with the crossing's figures rather than not at all
+            log.exception("could not read the crash loop's run")
+            return
+        if st is None or int(st["win"]["window_start_ns"]) != inc.first_window_ns:
+            return
+        assert self.crash_rule is not None
+        inc.details.update(run_details(st["run"], float(self.crash_rule.param("min_gap"))),
+                           failures=int(st["win"]["window_count"]))
 
     def _top_executables(self, inc: Incident) -> list[dict[str, Any]] | None:
         if self._churn_exe is None:
@@ -245,6 +417,8 @@ class LifecycleSensor(Sensor):
             top = self._top_executables(inc)
             if top:  # keep the last good list: LRU may have let the entries go by the resolution
                 inc.details["top_executables"] = top
+        if self.crash_rule is not None and inc.rule.name == self.crash_rule.name:
+            self._refresh_run(inc)
         return {k: v for k, v in inc.details.items() if not k.startswith(_PRIVATE)} or None
 
     def summarize(self, inc: Incident, status: str) -> str | None:
@@ -260,21 +434,44 @@ class LifecycleSensor(Sensor):
             return (f"{who} exec churn is over{end}: {inc.count:,} short-lived children in {lasted} "
                     f"(peak {inc.peak_window_count:,} in {window})")
         if self.crash_rule is not None and inc.rule.name == self.crash_rule.name:
-            exe = inc.details.get("exe") or inc.task.exe or inc.task.comm
-            parent = inc.details.get("parent") or {}
-            under = f"under PID {parent.get('pid')} ({parent.get('comm') or '?'})"
-            if status == "open":
-                phrase = exit_phrase(int(inc.details.get("wait_status", 0)))
-                failing_s = (inc.opened_ns - inc.first_window_ns) / NS
-                if failing_s >= inc.rule.window_s:
-                    # A sustain kept it pending for windows: say how many and for how long.
-                    times, span = inc.count, format_duration(round(failing_s))
-                else:
-                    times, span = inc.peak_window_count, window
-                if inc.details.get(f"{_PRIVATE}uniform"):
-                    return f"{exe} {phrase} {times:,} times in {span} {under}"
-                return f"{exe} failed {times:,} times in {span} {under} (last: {phrase})"
-            failures = f"{inc.count:,} failed exit" + ("" if inc.count == 1 else "s")
-            return (f"{exe} {under} stopped failing: {failures} in {lasted} "
-                    f"(peak {inc.peak_window_count:,} in {window})")
+            return crash_summary(inc, status)
         return None
+
+
+def where(subject: dict) -> str:
+    """' in container web (pod shop/web-1)', ' in unit foo.service', or '': where the failing
+    process ran, from the enrichment of its cgroup."""
+    if subject.get("container_name") or subject.get("container_id"):
+        name = subject.get("container_name") or str(subject["container_id"])[:12]
+        pod = subject.get("pod_name")
+        if pod:
+            return f" in container {name} (pod {subject.get('pod_namespace') or '?'}/{pod})"
+        return f" in container {name}"
+    if subject.get("systemd_unit"):
+        return f" in unit {subject['systemd_unit']}"
+    return ""
+
+
+def crash_summary(inc: Incident, status: str) -> str:
+    """The crash loop's sentence: what failed, where, how often and how, and how it is restarted."""
+    d = inc.details
+    exe = d.get("exe") or inc.task.exe or inc.task.comm
+    parent = d.get("parent") or {}
+    who = f"{exe} under PID {parent.get('pid')} ({parent.get('comm') or '?'})"
+    who += where((inc.context or {}).get("subject") or {})
+    if status == "open":
+        failures = max(int(d.get("failures") or 0), inc.count)
+        span = approx(max(inc.opened_ns - inc.first_window_ns, 0) / NS)
+        text = f"{who} keeps failing: {failures:,} failures in {span}"
+        if d.get(f"{_PRIVATE}exits_text"):
+            text += f" ({d[f'{_PRIVATE}exits_text']})"
+        if d.get("typical_lifetime_s") is not None:
+            text += f", each lived about {approx(float(d['typical_lifetime_s']))}"
+        if d.get(f"{_PRIVATE}restart_text"):
+            text += f", {d[f'{_PRIVATE}restart_text']}"
+        return text
+    failures = f"{inc.count:,} failure" + ("" if inc.count == 1 else "s")
+    text = f"{who} stopped failing: {failures} in {how_long(inc)}"
+    if d.get(f"{_PRIVATE}exits_text"):
+        text += f" ({d[f'{_PRIVATE}exits_text']})"
+    return text
