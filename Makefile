@@ -14,8 +14,11 @@ BPF_OBJS    := $(patsubst bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(BPF_SRC))
 BPF_CFLAGS  := -g -O2 -target bpf -mcpu=v3 -D__TARGET_ARCH_x86 -Wall -Werror -Ibpf
 # Debian packages the build and the tests need (pinned by Debian 12's archive).
 APT_PKGS    := clang-14 libbpf-dev libbpf1 bpftool make gcc python3-venv
-# What only the tests need: the real receivers and a headless browser they drive.
-TEST_APT_PKGS := prometheus prometheus-alertmanager chromium chromium-driver
+# Building and running the container image (podman with runc: crun refuses hybrid cgroup hosts; a
+# Debian 12 base made with mmdebstrap where no registry is reachable).
+IMAGE_APT_PKGS := podman runc mmdebstrap
+# What only the tests need: the real receivers, a headless browser they drive, the image's tools.
+TEST_APT_PKGS := prometheus prometheus-alertmanager chromium chromium-driver $(IMAGE_APT_PKGS)
 # What only `make bench` needs: the reference it compares the agent with.
 BENCH_APT_PKGS := bpftrace
 BENCH_OUT   := build/bench
@@ -24,9 +27,11 @@ STAMP_SYS   := $(VENV)/.system-deps
 STAMP_PY    := $(VENV)/.python-deps
 STAMP_TEST  := $(VENV)/.test-system-deps
 STAMP_BENCH := $(VENV)/.bench-system-deps
+STAMP_IMAGE := $(VENV)/.image-system-deps
+IMAGE       ?= ksift:0.1.0
 ARGS        ?=
 
-.PHONY: run test build objects dist deps system-deps vmlinux bench bench-sensors clean
+.PHONY: run test build objects dist image image-offline deps system-deps vmlinux bench bench-sensors clean
 
 run: build
 	$(VENV)/bin/ksift run $(ARGS)
@@ -52,6 +57,19 @@ dist: build
 	done
 	@ls -l $(DIST)
 
+# The container image from the wheel (deploy/container/Containerfile; docs/deploy.md, "Container image"):
+# `image` pulls debian:12-slim from a registry, `image-offline` makes that base with mmdebstrap from
+# Debian's archive first. Behind a TLS-intercepting proxy add PODMAN_OPTS="--secret id=ca,src=CA-BUNDLE".
+image: dist $(STAMP_IMAGE)
+	podman --runtime runc build --network host $(PODMAN_OPTS) -f deploy/container/Containerfile -t $(IMAGE) $(DIST)
+
+image-offline: dist $(STAMP_IMAGE)
+	PODMAN="podman --runtime runc" BUILD_OPTS="$(PODMAN_OPTS)" deploy/container/build-offline.sh $(DIST)/ksift-*.whl $(IMAGE)
+
+$(STAMP_IMAGE): $(STAMP_SYS)
+	$(call apt_install,$(IMAGE_APT_PKGS))
+	@touch $@
+
 deps: $(STAMP_PY)
 
 system-deps: $(STAMP_SYS)
@@ -71,13 +89,14 @@ $(STAMP_SYS):
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	@touch $@
 
-$(STAMP_TEST): $(STAMP_SYS)
+# Makefile too: a package added to a list above is installed on the next run.
+$(STAMP_TEST): $(STAMP_SYS) Makefile
 	$(call apt_install,$(TEST_APT_PKGS))
 	@touch $@
 
-$(STAMP_PY): $(STAMP_SYS) pyproject.toml
+$(STAMP_PY): $(STAMP_SYS) pyproject.toml Makefile
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test]' 'build>=1.2,<2'
+	$(VPY) -m pip install -q -e '.[test]' 'build>=1.2,<2' 'kubernetes-validate>=1.30,<2' 'PyYAML>=6,<7'
 	@touch $@
 
 $(BPF_OUT)/%.bpf.o: bpf/%.bpf.c $(BPF_HDRS) | $(STAMP_SYS)
