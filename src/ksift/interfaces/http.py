@@ -240,22 +240,36 @@ class _Closed(Exception):
 
 
 class _Conn:
-    __slots__ = ("sock", "peer", "opened", "waiting_since", "task", "transport")
+    """One connection. Until its first byte arrives it is only a socket watched by the loop (no
+    task, no streams): a flood of connections that send nothing costs an accept and a close each."""
 
-    def __init__(self, sock: socket.socket, peer: str | None):
+    __slots__ = ("sock", "peer", "opened", "waiting_since", "task", "transport", "timer", "loop")
+
+    def __init__(self, sock: socket.socket, peer: str | None, loop: asyncio.AbstractEventLoop):
         self.sock = sock
         self.peer = peer
+        self.loop = loop
         self.opened = time.monotonic()
         self.waiting_since: float | None = self.opened  # set while waiting for a request head
         self.task: asyncio.Task | None = None
         self.transport: asyncio.BaseTransport | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the header timeout, while nothing has arrived
+
+    def stop_watching(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.loop.remove_reader(self.sock.fileno())
 
     def abort(self) -> None:
         """Close the socket now (its fd is what the caps protect), then end its task."""
+        self.stop_watching()
         if self.transport is not None:
             self.transport.abort()
-        else:
+        elif self.task is None:
             self.sock.close()
+        # else its transport is being made: the cancelled task closes the socket once asyncio let go
+        # of it (closing it here would free the fd number while the loop still watches it).
         if self.task is not None:
             self.task.cancel()
 
@@ -361,11 +375,27 @@ class HttpServer:
             self.closed["evicted"] += 1
             self._forget(victim)
             victim.abort()
-        conn = _Conn(sock, peer)
+        assert self._loop is not None
+        conn = _Conn(sock, peer, self._loop)
         self._conns[conn] = None
         self._per_peer[peer] += 1
+        sock.setblocking(False)
+        conn.timer = self._loop.call_later(limits.header_timeout_s, self._expire, conn)
+        self._loop.add_reader(sock.fileno(), self._first_data, conn)
+
+    def _first_data(self, conn: _Conn) -> None:
+        """The connection became readable (a request, or EOF): serve it from now on."""
+        conn.stop_watching()
         assert self._loop is not None
         conn.task = self._loop.create_task(self._serve(conn))
+
+    def _expire(self, conn: _Conn) -> None:
+        """Nothing arrived within the header timeout."""
+        conn.timer = None
+        self._loop.remove_reader(conn.sock.fileno())  # type: ignore[union-attr]
+        self.closed["header_timeout"] += 1
+        self._forget(conn)
+        conn.abort()
 
     def _oldest_waiting(self, peer: str | None, any_peer: bool = False) -> _Conn | None:
         oldest = None
