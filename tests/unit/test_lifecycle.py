@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from records_helpers import crossing_head, task_record, unstarted_sensor
 
+from ksift.errors import ConfigError
 from ksift.rules.incidents import NS, IncidentEngine
 from ksift.rules.model import Rule, RuleSet, Severity
-from ksift.rules.parse import load_rules
+from ksift.rules.parse import load_rules, parse_rules
 from ksift.sensors import lifecycle
 from ksift.transport import records
 
@@ -392,3 +393,21 @@ def test_an_undecodable_record_is_counted_not_fatal(monkeypatch):
     batch = np.concatenate([churn_crossing(), crash_crossing()])
     decoded = s.decode(batch)
     assert decoded.failed == 2 and decoded.crossings == []
+
+
+def test_a_crash_loop_rule_with_a_sustain_is_refused_by_name():
+    text = """
+[[rule]]
+name = "crash_loop"
+severity = "warning"
+signal = "process.crash"
+key = "parent_exe"
+threshold = 4
+window = "10m"
+sustain = "20s"
+"""
+    with pytest.raises(ConfigError) as err:
+        parse_rules(text, "rules.toml")
+    assert "rules.toml" in str(err.value) and "rule[0] (crash_loop).sustain" in str(err.value)
+    assert "invalid sustain 20s" in str(err.value)
+    assert parse_rules(text.replace('"20s"', '"0s"'), "rules.toml").by_name("crash_loop").sustain_s == 0

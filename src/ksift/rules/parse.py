@@ -192,6 +192,13 @@ def _check_combination(rule: Rule, source: str, label: str) -> None:
     so `ksift rules check` refuses exactly what `ksift run` refuses. Disabled rules
     are checked too: enabling one later must not be when it fails.
     """
+    if rule.signal == "process.crash" and rule.sustain_s > 0:
+        # The kernel reports a crash loop once per run, when it is one: there is no later
+        # crossing a sustain could wait for, so the rule would never fire.
+        raise ConfigError(source, f"invalid sustain {format_duration(rule.sustain_s)}: a crash loop is reported "
+                                  "once, when it is one; say how long it must go on with threshold (failures "
+                                  "in a row) and params.tight_for instead, and leave sustain at 0s",
+                          field=f"{label}.sustain")
     if rule.signal == "cpu.usage":
         hz = int(rule.param("sample_hz"))
         per_window = hz * rule.window_s
