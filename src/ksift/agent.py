@@ -29,7 +29,7 @@ from ksift.enrich.stacks import StackGate
 from ksift.loader.libbpf import Libbpf
 from ksift.rules.incidents import NS, Incident, IncidentEngine, KeyState, Transition
 from ksift.rules.model import RuleSet
-from ksift.sensors.base import Sensor
+from ksift.sensors.base import Decoded, Sensor
 from ksift.sensors.registry import start_kernel_side
 from ksift.sinks.base import Sink
 from ksift.transport import records
@@ -105,8 +105,9 @@ class Agent:
         # Alerts whose stacks are still being symbolized (off the loop) wait here, in order, before the sinks.
         self.stack_gate = StackGate(self._to_sinks, sensors)
         # The core object owns the one ring buffer every sensor writes: needed as soon as there is a sensor.
-        if core is None and sensors:
-            core = CoreObject(sensors[0].lib, sensors[0].path.parent, config, sensors[0].self_tgid)
+        with_object = [s for s in sensors if s.object_file]  # the pressure sensor has no BPF object
+        if core is None and with_object:
+            core = CoreObject(with_object[0].lib, with_object[0].path.parent, config, with_object[0].self_tgid)
         self.core = core
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -171,6 +172,10 @@ class Agent:
             loop.add_signal_handler(sig, self._stop.set)
         if self.core is not None:
             loop.add_reader(self.core.events_fd, self._on_readable)
+        # Sensors with an fd of their own (the pressure sensor's PSI triggers, behind one epoll fd).
+        owned = [(sensor, fd) for sensor in self.sensors if (fd := sensor.event_fd()) is not None]
+        for sensor, fd in owned:
+            loop.add_reader(fd, self._on_sensor_event, sensor)
         end = None if duration_s is None else loop.call_later(duration_s, self._stop.set)
         started: list[Sink] = []
         try:
@@ -201,6 +206,9 @@ class Agent:
             if self.core is not None and self.core.reader is not None:
                 with contextlib.suppress(Exception):
                     loop.remove_reader(self.core.events_fd)
+            for _, fd in owned:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(fd)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             self._loop = None
@@ -237,6 +245,18 @@ class Agent:
 
     def _drain_and_schedule(self) -> None:
         self.drain()
+        self._schedule()
+
+    def _on_sensor_event(self, sensor: Sensor) -> None:
+        """A sensor's own fd is readable: its crossings go to the incident engine like records'."""
+        try:
+            decoded = sensor.on_event()
+        except Exception:
+            log.exception("sensor %s could not handle its event", sensor.name)
+            return
+        transitions = self._feed(decoded)
+        self._refresh_open()
+        self._emit(transitions)
         self._schedule()
 
     def _on_timer(self) -> None:
@@ -349,6 +369,10 @@ class Agent:
             log.exception("could not decode a batch of %d records from %s", len(batch), sensor.name)
             self.funnel.records_failed += len(batch)
             return []
+        return self._feed(decoded)
+
+    def _feed(self, decoded: Decoded) -> list[Transition]:
+        """A sensor's crossings and exits into the incident engine."""
         self.funnel.records_failed += decoded.failed
         transitions: list[Transition] = []
         for c in decoded.crossings:

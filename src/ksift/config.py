@@ -16,7 +16,7 @@ Layout (every section and field optional):
     json = false
 
 Sections owned by other parts of ksift ([api], [sinks], [kubernetes],
-[remediation]) are parsed by those parts (see _EXTENSIONS) and documented with them.
+[remediation], [pressure]) are parsed by those parts (see _EXTENSIONS) and documented with them.
 """
 
 from __future__ import annotations
@@ -197,6 +197,7 @@ _EXTENSIONS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "sinks": ("ksift.sinks.settings", "parse_sinks"),
         "kubernetes": ("ksift.enrich.kubernetes", "parse_kubernetes"),
         "remediation": ("ksift.remediation.settings", "parse_remediation"),
+        "pressure": ("ksift.sensors.psi", "parse_pressure_settings"),
     }
 )
 

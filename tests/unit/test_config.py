@@ -96,7 +96,8 @@ def test_wakeup_at_half_ringbuf_is_allowed():
     ("text", "field", "detail"),
     [
         ("[agnet]\n", "agnet",
-         "unknown section (allowed: agent, transport, store, rules, output, api, sinks, kubernetes, remediation)"),
+         "unknown section (allowed: agent, transport, store, rules, output, api, sinks, kubernetes, remediation, "
+         "pressure)"),
         ("agent = 3\n", "agent", "must be a table"),
         ('[agent]\ntik = "1s"\n', "agent.tik", "unknown field (allowed: tick, log_level)"),
         ("[transport]\nsize = 1\n", "transport.size", "allowed: ringbuf_bytes, wakeup_bytes"),

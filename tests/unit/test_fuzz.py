@@ -246,7 +246,9 @@ def _sensor(signal: str):
 
 
 @FUZZ
-@given(signal=st.sampled_from(sorted(SIGNALS)), n=st.integers(min_value=1, max_value=8), data=st.data())
+# pressure.* have no records: their sensor reads PSI triggers, not the ring buffer.
+@given(signal=st.sampled_from(sorted(s for s in SIGNALS if not s.startswith("pressure."))),
+       n=st.integers(min_value=1, max_value=8), data=st.data())
 def test_sensors_decode_random_records_of_their_types_without_raising(signal, n, data):
     sensor = _sensor(signal)
     raw = data.draw(st.binary(min_size=n * records.RECORD_SIZE, max_size=n * records.RECORD_SIZE))

@@ -39,7 +39,8 @@ def parse_error(text: str) -> ConfigError:
 
 
 DEFAULT_RULE_NAMES = ("fork_storm", "fork_bomb", "exec_churn", "crash_loop", "fd_burst", "connect_storm",
-                      "slow_request", "cpu_hog", "oom_kill", "memory_growth")
+                      "slow_request", "cpu_hog", "oom_kill", "memory_growth", "cpu_pressure", "memory_pressure",
+                      "io_pressure")
 
 
 def test_default_rules_are_every_detection():

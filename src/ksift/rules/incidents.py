@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ksift.events import TaskContext
-from ksift.rules.model import Rule
+from ksift.rules.model import Rule, severity_rank
 from ksift.rules.windows import KeyedWindows
 
 NS = 1_000_000_000
@@ -38,6 +38,7 @@ class Crossing:
     task: TaskContext
     details: Mapping[str, Any] = field(default_factory=dict)  # what this signal adds (path, latency, address...)
     stack: Any = None  # symbolized stack(s) when the signal captures them
+    severity: str | None = None  # louder than the rule's, when the signal says so (a pressure rule's critical level)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class Incident:
     exit_code: int | None = None
     records_lost: int = 0
     held_until_ns: int = 0  # its sensor said the cause is still there: not judged again before this
+    severity: str | None = None  # set when a crossing asked for more than the rule's severity
     context: dict = field(default_factory=dict)  # enrichment captured when it opened
     details: dict = field(default_factory=dict)  # the signal's own figures, first crossing then updates
     stack: Any = None
@@ -140,6 +142,8 @@ class IncidentEngine:
             inc.details.update(c.details)
             if inc.stack is None:
                 inc.stack = c.stack
+            if c.severity is not None and severity_rank(c.severity) > severity_rank(inc.severity or rule.severity):
+                inc.severity = c.severity  # escalated: its resolution says how loud it got
             return []
 
         until = self._cooldown_until.get(ident)
@@ -172,6 +176,8 @@ class IncidentEngine:
             suppressed=self._cooldown_folded.pop(ident, 0),
             records_lost=self.losses_between(c.window_start_ns - int(rule.window_s * NS), c.ktime_ns),
             details=dict(c.details), stack=c.stack,
+            severity=c.severity if c.severity is not None and
+            severity_rank(c.severity) > severity_rank(rule.severity) else None,
         )
         self.open[ident] = inc
         self.stats["opened"] += 1

@@ -16,15 +16,17 @@ from typing import Any
 class ParamSpec:
     """A per-rule setting a signal understands, beyond threshold and window.
 
-    kind: "duration" (seconds, written "500ms"), "int", "float" or "bytes".
+    kind: "duration" (seconds, written "500ms"), "int", "float", "bytes" or "choice" (one of
+    `choices`; minimum and maximum unused).
     """
 
     name: str
     kind: str
-    default: float | int
+    default: float | int | str
     minimum: float | int
     maximum: float | int
     help: str
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,37 @@ def cpu_samples_threshold(threshold_percent: int, sample_hz: int, window_s: floa
     """
     window_ns = round(window_s * _NS)
     return threshold_percent * sample_hz * window_ns // (100 * _NS)
+
+
+# pressure.*: the kernel's PSI triggers take windows from 500 ms to 10 s (kernel/sched/psi.c,
+# WINDOW_MIN_US and WINDOW_MAX_US); without CAP_SYS_RESOURCE only multiples of 2 s.
+PSI_MIN_WINDOW_S = 0.5
+PSI_MAX_WINDOW_S = 10.0
+PRESSURE_SIGNALS = ("pressure.cpu", "pressure.memory", "pressure.io")
+
+
+def _pressure_params(default_stall: str) -> tuple[ParamSpec, ...]:
+    return (
+        ParamSpec("stall", "choice", default_stall, 0, 0,
+                  "which PSI line: \"some\" (at least one task of the cgroup stalled) or \"full\" (all of its "
+                  "non-idle tasks stalled at once)", choices=("some", "full")),
+        ParamSpec("critical", "int", 0, 0, 100,
+                  "the alert is critical instead of the rule's severity when the share stalled in the window "
+                  "that opens the incident (or a later one) is at least this percent (0: never)"),
+    )
+
+
+def _pressure_signal(resource: str, what: str, default_stall: str) -> SignalSpec:
+    return SignalSpec(
+        name=f"pressure.{resource}",
+        keys=("cgroup",),
+        unit="% of the window stalled",
+        description=f"time the tasks of one cgroup (or the whole host) were stalled waiting for {what}, from "
+                    "the kernel's pressure stall information (a PSI trigger per cgroup, no polling): the "
+                    "host and cgroups that hold processes; the alert names the other cgroups that used the "
+                    "resource meanwhile, or says the cgroup is held back by its own limit",
+        params=_pressure_params(default_stall),
+    )
 
 # Every signal a rule may name. Adding a signal means adding a SignalSpec here,
 # the sensor that feeds it (sensors/registry.py) and its kernel program.
@@ -169,6 +202,9 @@ SIGNALS: Mapping[str, SignalSpec] = _registry(
                       "(0 turns the projection off)"),
         ),
     ),
+    _pressure_signal("cpu", "a CPU", "some"),
+    _pressure_signal("memory", "memory (reclaim, refaults, swap-in)", "full"),
+    _pressure_signal("io", "I/O", "full"),
 )
 
 
@@ -213,10 +249,10 @@ class Rule:
     cooldown_s: float = 0.0
     enabled: bool = True
     description: str = ""
-    params: Mapping[str, float | int] = field(default_factory=dict)  # the signal's ParamSpecs, defaults filled
+    params: Mapping[str, float | int | str] = field(default_factory=dict)  # the signal's ParamSpecs, defaults filled
     policy: Any = None  # remediation policy (ksift.remediation); None = monitor only
 
-    def param(self, name: str) -> float | int:
+    def param(self, name: str) -> float | int | str:
         """A signal parameter: the rule's value, else the signal's default."""
         if name in self.params:
             return self.params[name]

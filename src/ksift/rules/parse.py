@@ -16,6 +16,9 @@ from types import MappingProxyType
 from ksift.errors import ConfigError
 from ksift.rules.model import (
     MIN_CPU_SAMPLES_PER_WINDOW,
+    PRESSURE_SIGNALS,
+    PSI_MAX_WINDOW_S,
+    PSI_MIN_WINDOW_S,
     SEVERITIES,
     SIGNALS,
     ParamSpec,
@@ -214,6 +217,8 @@ def _check_combination(rule: Rule, source: str, label: str) -> None:
                                       f"params.sample_hz {hz} over {format_duration(rule.window_s)} is {samples} "
                                       f"samples, more than the kernel counts in a window (< {_THRESHOLD_LIMIT}); "
                                       "100 is one busy core", field=f"{label}.threshold")
+    if rule.signal in PRESSURE_SIGNALS:
+        _check_pressure(rule, source, label)
     policy = rule.policy
     if policy is not None and policy.fast_path and rule.signal not in FAST_PATH_SIGNALS:
         raise ConfigError(source, f"fast_path works only for {' and '.join(FAST_PATH_SIGNALS)} rules (it acts at "
@@ -225,7 +230,30 @@ def _check_combination(rule: Rule, source: str, label: str) -> None:
                           field=f"{label}.policy.action")
 
 
-def _parse_params(table: object, spec: SignalSpec, source: str, field: str) -> dict[str, float | int]:
+def _check_pressure(rule: Rule, source: str, label: str) -> None:
+    """A PSI trigger's limits: what the kernel would refuse is refused here, naming the value."""
+    if not 1 <= rule.threshold <= 100:
+        raise ConfigError(source, f"invalid threshold {rule.threshold!r}: a pressure rule's threshold is the "
+                                  "percent of the window its tasks were stalled, from 1 to 100",
+                          field=f"{label}.threshold")
+    if not PSI_MIN_WINDOW_S <= rule.window_s <= PSI_MAX_WINDOW_S:
+        raise ConfigError(source, f"invalid window {format_duration(rule.window_s)}: the kernel's PSI triggers take "
+                                  f"windows from {format_duration(PSI_MIN_WINDOW_S)} to "
+                                  f"{format_duration(PSI_MAX_WINDOW_S)} (without CAP_SYS_RESOURCE, only "
+                                  "multiples of 2s: 2s, 4s, 6s, 8s, 10s)", field=f"{label}.window")
+    critical = int(rule.param("critical"))
+    if critical and critical < rule.threshold:
+        raise ConfigError(source, f"invalid value {critical!r}: critical must be 0 (off) or at least the threshold "
+                                  f"({rule.threshold})", field=f"{label}.params.critical")
+    if rule.policy is not None:
+        # Remediation acts on an alert's subject, and a pressure alert's subject is the stalled
+        # workload: the victim. Acting on it by default would punish the wrong one.
+        raise ConfigError(source, "a pressure rule's subject is the stalled cgroup (the victim), so a policy would "
+                                  "act on the victim; pressure rules only alert (their alerts name the offenders)",
+                          field=f"{label}.policy")
+
+
+def _parse_params(table: object, spec: SignalSpec, source: str, field: str) -> dict[str, float | int | str]:
     """The signal's parameters: every known one with its default, overridden by the rule."""
     if not isinstance(table, dict):
         raise ConfigError(source, "must be a table, e.g. params = { latency = \"500ms\" }", field=field)
@@ -235,7 +263,7 @@ def _parse_params(table: object, spec: SignalSpec, source: str, field: str) -> d
         allowed = ", ".join(known) or "none"
         raise ConfigError(source, f"unknown parameter {unknown[0]!r} for signal {spec.name!r} (allowed: {allowed})",
                           field=f"{field}.{unknown[0]}")
-    out: dict[str, float | int] = {}
+    out: dict[str, float | int | str] = {}
     for name, param in known.items():
         if name not in table:
             out[name] = param.default
@@ -244,7 +272,12 @@ def _parse_params(table: object, spec: SignalSpec, source: str, field: str) -> d
     return out
 
 
-def _param_value(raw: object, param: ParamSpec, source: str, field: str) -> float | int:
+def _param_value(raw: object, param: ParamSpec, source: str, field: str) -> float | int | str:
+    if param.kind == "choice":
+        if not isinstance(raw, str) or raw not in param.choices:
+            raise ConfigError(source, f"invalid value {raw!r} (expected one of: {', '.join(param.choices)}; "
+                                      f"{param.help})", field=field)
+        return raw
     if param.kind == "duration":
         value: float | int = parse_duration(raw, source=source, field=field)
         shown = format_duration

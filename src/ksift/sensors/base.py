@@ -180,6 +180,19 @@ class Sensor:
     def loaded(self) -> None:
         """Called once the object is loaded and attached: pick up the maps the sensor reads."""
 
+    def attached_text(self) -> str:
+        """What the sensor watches with, for the log: its attached programs."""
+        return ", ".join(self.obj.attached) if self.obj is not None and self.obj.attached else "nothing"
+
+    def event_fd(self) -> int | None:
+        """An fd of the sensor's own for the agent's loop to watch besides the ring buffer (the
+        pressure sensor's epoll fd of PSI triggers); when it is readable the agent calls on_event()."""
+        return None
+
+    def on_event(self) -> Decoded:
+        """Its event_fd() is readable: what happened, as crossings for the incident engine."""
+        return Decoded()
+
     def start(self, shared: Mapping[str, int] | None = None) -> None:
         """open -> configure -> load -> attach; on any failure, everything is torn down.
 

@@ -31,6 +31,9 @@ SENSORS: dict[str, tuple[str, str]] = {
     "cpu.usage": ("ksift.sensors.cpu", "CpuSensor"),
     "memory.oom_kill": ("ksift.sensors.memory", "MemorySensor"),
     "memory.rss_growth": ("ksift.sensors.memory", "MemorySensor"),
+    "pressure.cpu": ("ksift.sensors.pressure", "PressureSensor"),
+    "pressure.memory": ("ksift.sensors.pressure", "PressureSensor"),
+    "pressure.io": ("ksift.sensors.pressure", "PressureSensor"),
 }
 
 assert set(SENSORS) == set(SIGNALS), "every signal needs a sensor"
@@ -79,7 +82,7 @@ def start_kernel_side(core, sensors: list[Sensor]) -> None:
         for sensor in sensors:
             sensor.start(core.shared_fds if core is not None else None)
             started.append(sensor)
-            log.info("sensor %s attached: %s", sensor.name, ", ".join(sensor.obj.attached) or "nothing")
+            log.info("sensor %s attached: %s", sensor.name, sensor.attached_text())
     except BaseException:
         for sensor in reversed(started):
             sensor.close()
