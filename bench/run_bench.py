@@ -385,7 +385,11 @@ class Agent:
         if self.api is None:
             return None
         try:
-            with urllib.request.urlopen(f"http://{self.api}/api/v1/funnel", timeout=10) as reply:
+            # The token the agent made next to its store at start (root only, docs/api.md).
+            token = (self.db.parent / "api.token").read_text().strip()
+            request = urllib.request.Request(f"http://{self.api}/api/v1/funnel",
+                                             headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=10) as reply:
                 return json.load(reply)
         except (OSError, ValueError):
             return None

@@ -65,6 +65,10 @@ def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lin
 
         store = _open_store(db_path)
         stack.callback(store.close)
+        # No [api] token configured: one made at first start next to the store, root only (docs/api.md).
+        from ksift.interfaces.settings import with_generated_token
+
+        config = with_generated_token(config, db_path)
         sinks = _build_sinks(config, rules, store, json_lines, stdout)
         for sink in reversed(sinks):
             stack.callback(_closer(sink))

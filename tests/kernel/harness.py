@@ -50,6 +50,11 @@ class AgentRun:
     def db_path(self) -> Path:
         return self.workdir / "alerts.db"
 
+    @property
+    def api_token(self) -> str:
+        """The API token the agent made next to its store at start (when no [api] token is configured)."""
+        return (self.workdir / "api.token").read_text().strip()
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -523,9 +528,10 @@ def assert_released(held: tuple[set[int], set[int]]) -> None:
     assert not (held[1] & links), f"links left in the kernel: {sorted(held[1] & links)}"
 
 
-def get_json(url: str) -> dict:
-    """GET a JSON document (a test's own loopback servers: Prometheus, the agent's API)."""
-    with urllib.request.urlopen(url, timeout=5) as response:
+def get_json(url: str, token: str | None = None) -> dict:
+    """GET a JSON document (a test's own loopback servers: Prometheus, the agent's API with its token)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as response:
         return json.loads(response.read())
 
 

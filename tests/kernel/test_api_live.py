@@ -37,9 +37,10 @@ def rules_file(tmp_path: Path) -> Path:
     return write_rules(tmp_path / "rules.toml", packaged_rule("fork_storm"))
 
 
-def get(url: str) -> tuple[int, bytes]:
+def get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -60,8 +61,9 @@ def metric(text: str, name: str, **labels: str) -> float | None:
 class SseReader(threading.Thread):
     """Reads /api/v1/events in the background and keeps every parsed event."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, token: str):
         super().__init__(daemon=True)
+        self.token = token
         self.conn = http.client.HTTPConnection(host, port, timeout=DEADLINE_S)
         self.events: list[tuple[str, dict]] = []
         self.connected = threading.Event()
@@ -69,7 +71,7 @@ class SseReader(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.conn.request("GET", "/api/v1/events")
+            self.conn.request("GET", "/api/v1/events", headers={"Authorization": f"Bearer {self.token}"})
             response = self.conn.getresponse()
             assert response.status == 200, response.status
             self.connected.set()
@@ -97,11 +99,13 @@ def test_fork_storm_reaches_the_api_the_stream_and_the_metrics(tmp_path):
     try:
         agent.wait_ready()
         wait_http_ok(base + "/readyz", DEADLINE_S)
-        status = json.loads(get(base + "/api/v1/status")[1])
+        # No [api] token configured: the agent made one next to its store, root only; root reads it.
+        token = agent.api_token
+        status = json.loads(get(base + "/api/v1/status", token)[1])
         [sensor] = status["sensors"]
         assert sensor["name"] == "process" and "ks_fork" in sensor["attached"]
 
-        stream = SseReader("127.0.0.1", port)
+        stream = SseReader("127.0.0.1", port, token)
         stream.start()
         assert stream.connected.wait(DEADLINE_S), stream.error
 
@@ -111,7 +115,7 @@ def test_fork_storm_reaches_the_api_the_stream_and_the_metrics(tmp_path):
         forker.start()
 
         def our_incident():
-            incidents = json.loads(get(base + "/api/v1/incidents")[1])["incidents"]
+            incidents = json.loads(get(base + "/api/v1/incidents", token)[1])["incidents"]
             return [i for i in incidents if i["subject"]["comm"] == "ks-apifork"]
 
         incident = wait_for("the incident in /api/v1/incidents", our_incident, DEADLINE_S, interval=0.1)[0]
@@ -122,14 +126,14 @@ def test_fork_storm_reaches_the_api_the_stream_and_the_metrics(tmp_path):
         assert work, "the workload did not finish"
 
         def stored(status_wanted: str):
-            code, body = get(base + "/api/v1/alerts?rule=fork_storm&since=10m")
+            code, body = get(base + "/api/v1/alerts?rule=fork_storm&since=10m", token)
             assert code == 200, body
             return [a for a in json.loads(body)["alerts"]
                     if a["subject"]["pid"] == pid and a["status"] == status_wanted]
 
         [opened] = wait_for("the open alert in /api/v1/alerts", lambda: stored("open"), DEADLINE_S, interval=0.1)
         assert opened["summary"].startswith(f"PID {pid} (ks-apifork) forked ")
-        code, body = get(base + f"/api/v1/alerts/{opened['id']}")
+        code, body = get(base + f"/api/v1/alerts/{opened['id']}", token)
         assert code == 200 and json.loads(body)["incident_id"] == incident["incident_id"]
 
         def streamed(status_wanted: str):
@@ -141,9 +145,9 @@ def test_fork_storm_reaches_the_api_the_stream_and_the_metrics(tmp_path):
         wait_for("the resolution on the SSE stream", lambda: streamed("resolved"), DEADLINE_S, interval=0.1)
 
         # /metrics counts what this agent alerted: ours, plus any other storm on the host.
-        text = get(base + "/metrics")[1].decode()
+        text = get(base + "/metrics", token)[1].decode()
         opened_total = metric(text, "ksift_alerts_opened_total", rule="fork_storm", severity="warning")
-        code, body = get(base + "/api/v1/alerts?rule=fork_storm&status=open&limit=10000")
+        code, body = get(base + "/api/v1/alerts?rule=fork_storm&status=open&limit=10000", token)
         assert opened_total == len(json.loads(body)["alerts"]) >= 1
         assert metric(text, "ksift_alerts_resolved_total", rule="fork_storm", severity="warning") >= 1
         assert metric(text, "ksift_kernel_events_total", sensor="process", counter="fork_seen") >= work["forks"]
@@ -153,7 +157,7 @@ def test_fork_storm_reaches_the_api_the_stream_and_the_metrics(tmp_path):
         assert metric(text, "ksift_process_resident_memory_bytes") > 0
         assert metric(text, "ksift_bpf_stats_enabled") in (0, 1)
 
-        funnel = json.loads(get(base + "/api/v1/funnel")[1])
+        funnel = json.loads(get(base + "/api/v1/funnel", token)[1])
         # The funnel in one line: hundreds of forks in, a handful of records and one alert out.
         assert funnel["summary"]["kernel_events"] >= work["forks"]
         assert funnel["summary"]["records_read"] * 20 <= funnel["summary"]["kernel_events"]

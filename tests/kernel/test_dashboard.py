@@ -71,7 +71,10 @@ def test_fork_storm_appears_in_the_dashboard(tmp_path, browser):
     try:
         agent.wait_ready()
         wait_http_ok(base + "/readyz", DEADLINE_S)
+        # No [api] token configured: the agent made one; the browser gives it once for a session cookie.
         browser.get(base + "/")
+        assert 'action="/login"' in browser.page_source  # not logged in yet: the login form
+        browser.get(f"{base}/?token={agent.api_token}")
         wait_page(browser, lambda d: d.find_element(By.ID, "stream-status").text == "live", "the live stream")
         wait_page(browser, lambda d: d.find_element(By.ID, "host-status").text == "ready", "the agent ready")
 

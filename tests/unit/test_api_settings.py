@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from ksift.config import AgentConfig, parse_config
 from ksift.errors import ConfigError
-from ksift.interfaces.settings import ApiSettings, apply_api_override, override_listen, parse_api
+from ksift.interfaces.settings import (
+    ApiSettings,
+    TokenFileError,
+    apply_api_override,
+    load_or_create_token,
+    override_listen,
+    parse_api,
+    with_generated_token,
+)
 
 SRC = "agent.toml"
 TOKEN = "0123456789abcdef0123"
@@ -157,3 +168,87 @@ def test_override_replaces_only_the_api_section():
     assert updated.section("api").port == 9999
     assert config.section("api").port == 9466  # the original is untouched (frozen)
     assert apply_api_override(config, "off").section("api").enabled is False
+
+
+def test_connection_limits_are_checked():
+    settings = parse_api({"max_connections": 100, "max_connections_per_peer": 10, "header_timeout": "2s",
+                          "idle_timeout": "1m", "fd_reserve": 64}, SRC)
+    assert (settings.max_connections, settings.max_connections_per_peer, settings.fd_reserve) == (100, 10, 64)
+    assert (settings.header_timeout_s, settings.idle_timeout_s) == (2.0, 60.0)
+    refused({"max_connections": 0}, "api.max_connections", "from 1 to 1000000")
+    refused({"max_connections": "many"}, "api.max_connections", "'many'")
+    refused({"max_connections": 10, "max_connections_per_peer": 20}, "api.max_connections_per_peer",
+            "more than max_connections (10)")
+    refused({"header_timeout": "0s"}, "api.header_timeout", "between")
+    refused({"idle_timeout": "2h"}, "api.idle_timeout", "between")
+    refused({"fd_reserve": 8}, "api.fd_reserve", "from 16 to 1000000")
+    refused({"auth": "maybe"}, "api.auth", "token, none")
+    refused({"auth": "none", "token": TOKEN}, "api.auth", "remove one")
+    refused({"auth": "none", "listen": "0.0.0.0:9466"}, "api.listen", "needs a token")
+
+
+def test_the_connection_cap_leaves_the_reserve():
+    from ksift.interfaces.api import ApiStartError, connection_budget
+
+    assert connection_budget(512, 256, limit=524288, in_use=60).connections == 512
+    assert connection_budget(512, 256, limit=1024, in_use=600).connections == 1024 - 600 - 256
+    with pytest.raises(ApiStartError, match="fd_reserve"):
+        connection_budget(512, 256, limit=1024, in_use=900)
+
+
+# -- the token made at first start (issue 16 section 2) ------------------------------------
+
+
+def test_a_token_is_made_once_root_only_and_reused(tmp_path):
+    path = tmp_path / "api.token"
+    token = load_or_create_token(str(path))
+    assert len(token) == 64 and int(token, 16) >= 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_uid == os.geteuid()
+    assert path.read_text() == token + "\n"
+    assert load_or_create_token(str(path)) == token  # a later start uses the same one
+
+
+def test_a_token_file_that_others_could_have_made_or_read_is_refused(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("0123456789abcdef0123456789\n")
+    target.chmod(0o600)
+    link = tmp_path / "link.token"
+    link.symlink_to(target)
+    with pytest.raises(TokenFileError, match="symbolic link"):
+        load_or_create_token(str(link))
+    assert target.read_text() == "0123456789abcdef0123456789\n"  # never written through the link
+    loose = tmp_path / "loose.token"
+    loose.write_text("0123456789abcdef0123456789\n")
+    loose.chmod(0o644)
+    with pytest.raises(TokenFileError, match="mode 0644"):
+        load_or_create_token(str(loose))
+    short = tmp_path / "short.token"
+    short.write_text("abc\n")
+    short.chmod(0o600)
+    with pytest.raises(TokenFileError, match="at least 16"):
+        load_or_create_token(str(short))
+    if os.geteuid() == 0:
+        foreign = tmp_path / "foreign.token"
+        foreign.write_text("0123456789abcdef0123456789\n")
+        foreign.chmod(0o600)
+        os.chown(foreign, 65534, 65534)
+        with pytest.raises(TokenFileError, match="owned by uid 65534"):
+            load_or_create_token(str(foreign))
+    with pytest.raises(TokenFileError, match="cannot create"):
+        load_or_create_token(str(tmp_path / "no-such-dir" / "api.token"))
+
+
+def test_run_makes_a_token_next_to_the_store_unless_one_is_configured(tmp_path):
+    db = str(tmp_path / "alerts.db")
+    made = with_generated_token(AgentConfig(), db).section("api")
+    assert made.token_file == str(tmp_path / "api.token") and made.token == (tmp_path / "api.token").read_text().strip()
+    configured = parse_config_text(tmp_path, f'[api]\ntoken = "{TOKEN}"\n')
+    assert with_generated_token(configured, db) is configured
+    opted_out = parse_config_text(tmp_path, '[api]\nauth = "none"\n')
+    assert with_generated_token(opted_out, db).section("api").token is None
+    off = parse_config_text(tmp_path, "[api]\nenabled = false\n")
+    assert with_generated_token(off, db) is off
+
+
+def parse_config_text(tmp_path, text: str) -> AgentConfig:
+    return parse_config(text, SRC)

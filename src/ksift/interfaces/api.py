@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata, resources
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -77,7 +78,23 @@ _DASHBOARD_FILES = {  # route -> (file in ksift/interfaces/dashboard, content ty
 }
 _ALERT_PARAMS = ("rule", "severity", "status", "since", "limit")
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-_OPEN_PATHS = ("/healthz",)  # answered without the token
+# Answered without the token (docs/api.md, Authentication): liveness and readiness carry no alert data and
+# probes (systemd, Kubernetes, a load balancer) must not need a secret; /login is where the token is given.
+_OPEN_PATHS = ("/healthz", "/readyz", "/login")
+# Answered without the token to clients on this host (loopback, the unix socket): counts and names of
+# rules and sensors, never a command line, pid, user or path; a local Prometheus scrapes it as before.
+_LOCAL_PATHS = ("/metrics",)
+_LOGIN_PAGE = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>ksift: log in</title></head>
+<body><h1>ksift</h1>
+<form method="post" action="/login">
+<label>API token <input type="password" name="token" autocomplete="current-password" autofocus required></label>
+<button type="submit">Log in</button>
+</form>
+<p>Without a configured token the agent makes one at first start: <code>api.token</code> next to its
+alert store (for example <code>sudo cat /var/lib/ksift/api.token</code>), readable by root only.</p>
+</body></html>
+"""
 # The dashboard loads nothing from elsewhere and runs no inline script.
 _SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
@@ -370,6 +387,7 @@ class ApiServer:
         r.get("/api/v1/status", self._status)
         r.get("/openapi.json", self._openapi)
         r.get("/metrics", self._metrics)
+        r.post("/login", self._login)
         for route, (filename, content_type) in _DASHBOARD_FILES.items():
             # "/" takes ?token= (the dashboard login, answered before routing).
             r.get(route, functools.partial(self._dashboard_file, filename, content_type),
@@ -382,17 +400,22 @@ class ApiServer:
 
     async def _handle(self, request: Request) -> Response | StreamResponse:
         """Every request: access control, then the route; errors become JSON."""
-        if request.path not in _OPEN_PATHS:
+        local_and_open = request.path in _LOCAL_PATHS and self._from_this_host(request)
+        if request.path not in _OPEN_PATHS and not local_and_open:
             if self.settings.token:
                 if request.path == "/" and "token" in request.query:
-                    return self._dashboard_login(request)
+                    return self._dashboard_login(request, request.single("token") or "")
                 if not self._authorized(request):
+                    if request.path == "/" and request.method in ("GET", "HEAD"):  # a browser: the login form
+                        return Response(401, _LOGIN_PAGE, [("WWW-Authenticate", 'Bearer realm="ksift"'),
+                                                           ("Cache-Control", "no-store")],
+                                        content_type="text/html; charset=utf-8")
                     return json_response({"error": "authentication required: send Authorization: Bearer <token>"},
                                          status=401, headers=[("WWW-Authenticate", 'Bearer realm="ksift"')])
             elif not self._host_allowed(request):
-                # Without a token only loopback clients get here; a foreign Host header means a web
-                # page re-pointed its own name at 127.0.0.1 (DNS rebinding) to read the API.
-                return error_response(403, f"Host {request.host!r} is not allowed: use 127.0.0.1 or localhost")
+                return self._foreign_host(request)
+        elif local_and_open and not self._host_allowed(request):
+            return self._foreign_host(request)
         try:
             return await self._router.dispatch(request)
         except StoreError as exc:
@@ -411,10 +434,27 @@ class ApiServer:
             return request.method in _SAFE_METHODS or request.header("Origin") == f"http://{request.host}"
         return False
 
-    def _dashboard_login(self, request: Request) -> Response:
-        """GET /?token=T: a browser cannot send headers with EventSource, so trade the token for a cookie."""
+    @staticmethod
+    def _foreign_host(request: Request) -> Response:
+        # Without a token only loopback clients get here; a foreign Host header means a web
+        # page re-pointed its own name at 127.0.0.1 (DNS rebinding) to read the API.
+        return error_response(403, f"Host {request.host!r} is not allowed: use 127.0.0.1 or localhost")
+
+    @staticmethod
+    def _from_this_host(request: Request) -> bool:
+        return request.peer is None or is_loopback(request.peer)
+
+    async def _login(self, request: Request) -> Response:
+        """POST /login (the login form: token=T): the token for the session cookie."""
+        if not self.settings.token:
+            raise HttpError(404, "no token is configured: there is nothing to log in to")
+        values = parse_qs(request.body.decode("utf-8", "replace")).get("token", [""])
+        return self._dashboard_login(request, values[0].strip())
+
+    def _dashboard_login(self, request: Request, token: str) -> Response:
+        """The token given once (GET /?token=T or the login form) traded for a session cookie: a browser
+        cannot send headers with EventSource."""
         assert self.settings.token is not None and self._session is not None
-        token = request.single("token") or ""
         if not hmac.compare_digest(token.encode(), self.settings.token.encode()):
             return error_response(401, "wrong token")
         # 303 to /: the token leaves the address bar and the history.

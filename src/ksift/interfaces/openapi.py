@@ -50,7 +50,7 @@ _PATHS: dict[str, Any] = {
                      public=True, operation_id="healthz"),
     "/readyz": _get("Readiness: the loop runs and every sensor is attached",
                     {"200": _json("ready", _OBJECT), "503": _json("not ready, with the reason", _OBJECT)},
-                    operation_id="readyz"),
+                    public=True, operation_id="readyz"),
     "/api/v1/alerts": _get(
         "Stored alerts, newest `limit` of them, oldest first",
         {"200": _json("matching alerts", {
@@ -93,11 +93,21 @@ _PATHS: dict[str, Any] = {
         {"200": _json("agent status", _OBJECT)}, operation_id="status"),
     "/openapi.json": _get("This description", {"200": _json("OpenAPI 3.1 document", _OBJECT)},
                           operation_id="openapi"),
-    "/metrics": _get("Prometheus metrics, read from the agent at scrape time",
+    "/metrics": _get("Prometheus metrics, read from the agent at scrape time (no token needed from this host: "
+                     "loopback or the unix socket)",
                      {"200": _text("Prometheus text format 0.0.4", "text/plain")}, operation_id="metrics"),
-    "/": _get("The dashboard (with a token set, open /?token=TOKEN once: it sets a session cookie)",
+    "/": _get("The dashboard (with a token set, open /?token=TOKEN once, or log in with the form served "
+              "here: it sets a session cookie)",
               {"200": _text("HTML page", "text/html"), "303": {"description": "token accepted, cookie set"}},
+              parameters=[_query("token", "the API token, traded once for a session cookie", {"type": "string"})],
               operation_id="dashboard"),
+    "/login": {"post": {
+        "summary": "The dashboard's login form: the token (form field `token`) traded for a session cookie",
+        "operationId": "login", "security": [],
+        "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+            "type": "object", "properties": {"token": {"type": "string"}}, "required": ["token"]}}}},
+        "responses": {"303": {"description": "token accepted: session cookie set, redirect to /"},
+                      "401": _error("wrong token"), "404": _error("no token is configured")}}},
     "/dashboard/app.js": _get("Dashboard script", {"200": _text("JavaScript", "text/javascript")},
                               operation_id="dashboardScript"),
     "/dashboard/style.css": _get("Dashboard style sheet", {"200": _text("CSS", "text/css")},

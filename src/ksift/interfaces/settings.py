@@ -5,7 +5,8 @@
     listen = "127.0.0.1:9466"     # host:port ("[::1]:9466" for IPv6); "" serves only on unix_socket
     unix_socket = "/run/ksift/api.sock"   # optional, alongside or instead of listen
     token = "..."                 # or token_file = "/etc/ksift/api.token"; Bearer auth on every endpoint
-                                  # but /healthz. Required when listen is not a loopback address.
+                                  # but /healthz and /readyz. Required when listen is not a loopback address.
+    auth = "token"                # "none": no token at all, loopback only (any local user reads alerts)
     heartbeat = "15s"             # SSE comment sent to idle clients
     sse_queue = 1000              # events buffered per SSE client; a slower client loses (and counts) the rest
     max_connections = 512         # open connections at once (SSE streams included)
@@ -15,25 +16,36 @@
     fd_reserve = 256              # open files the API never takes: they stay for the funnel
 
 The token is read from token_file once, when the config is parsed, so a
-missing or empty file is a config error at start, not a 401 later.
+missing or empty file is a config error at start, not a 401 later. With no
+token configured (and auth not "none"), `ksift run` makes one at first start in
+api.token next to the alert store, readable by root only, and reuses it after
+(with_generated_token).
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import logging
+import os
+import secrets
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
 from ksift.config import AgentConfig
-from ksift.errors import ConfigError
-from ksift.settings_fields import FROM_TO, boolean, duration_between, integer_between, non_empty_path
+from ksift.errors import ConfigError, KsiftError
+from ksift.settings_fields import FROM_TO, boolean, choice, duration_between, integer_between, non_empty_path
+
+log = logging.getLogger("ksift.api")
 
 DEFAULT_LISTEN = "127.0.0.1:9466"
 MIN_TOKEN_CHARS = 16
+TOKEN_FILE_NAME = "api.token"  # the generated token, next to the alert store
 _FIELDS = ("enabled", "listen", "unix_socket", "token", "token_file", "heartbeat", "sse_queue", "max_connections",
-           "max_connections_per_peer", "header_timeout", "idle_timeout", "fd_reserve")
+           "max_connections_per_peer", "header_timeout", "idle_timeout", "fd_reserve", "auth")
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,7 @@ class ApiSettings:
     unix_socket: str | None = None
     token: str | None = field(default=None, repr=False)  # never printed
     token_file: str | None = None
+    auth: str = "token"  # "none": no token, loopback only
     heartbeat_s: float = 15.0
     sse_queue: int = 1000
     max_connections: int = 512
@@ -81,6 +94,10 @@ def parse_api(table: dict, source: str, read_text: Callable[[str], str] | None =
         if not path.startswith("/"):
             raise ConfigError(source, f"invalid value {path!r}: must be an absolute path", field="api.unix_socket")
         values["unix_socket"] = path
+    if "auth" in table:
+        values["auth"] = choice(table["auth"], source, "api.auth", ("token", "none"))
+        if values["auth"] == "none" and ("token" in table or "token_file" in table):
+            raise ConfigError(source, 'auth = "none" with a token: remove one of them', field="api.auth")
     if "token" in table and "token_file" in table:
         raise ConfigError(source, "set token or token_file, not both", field="api.token_file")
     if "token" in table:
@@ -199,6 +216,76 @@ def _token(value: object, source: str, field_name: str, shown: str | None = None
             field=field_name,
         )
     return value
+
+
+class TokenFileError(KsiftError):
+    """The generated API token's file cannot be made or is not safe to use."""
+
+
+def with_generated_token(config: AgentConfig, store_path: str) -> AgentConfig:
+    """The config with [api] token set from api.token next to the store (made at first start), when
+    the API is on and neither a token nor auth = "none" is configured. Otherwise config unchanged."""
+    api = config.section("api")
+    if not api.enabled or api.token is not None or api.auth == "none":
+        return config
+    path = os.path.join(os.path.dirname(os.path.abspath(store_path)), TOKEN_FILE_NAME)
+    token = load_or_create_token(path)
+    api = replace(api, token=token, token_file=path)
+    return replace(config, extensions=MappingProxyType({**config.extensions, "api": api}))
+
+
+def load_or_create_token(path: str) -> str:
+    """The token in path, made there first (random, 0600, O_EXCL|O_NOFOLLOW) if there is no file.
+
+    A file that is not ours to trust is refused rather than used: a link, not a regular file, owned
+    by another user, or readable or writable by group or others (anyone who could write it could
+    choose the token; anyone who could read it could use it).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        return _read_private_token(path)
+    except OSError as exc:
+        raise TokenFileError(f"cannot create the API token file {path}: {exc.strerror or exc} (set [api] token_file, "
+                             "or put the store where ksift may write)") from None
+    token = secrets.token_hex(32)
+    try:
+        os.write(fd, f"{token}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    log.info("API token created in %s (root only): send it as Authorization: Bearer, or open "
+             "http://HOST:PORT/?token=<it> once in a browser", path)
+    return token
+
+
+def _read_private_token(path: str) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        why = "it is a symbolic link" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+        raise TokenFileError(f"refusing the API token file {path}: {why}; remove it and restart "
+                             "(ksift makes a new one)") from None
+    try:
+        info = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(info.st_mode):
+            problem = "not a regular file"
+        elif info.st_uid != os.geteuid():
+            problem = f"owned by uid {info.st_uid}, not by the agent's user"
+        elif info.st_mode & 0o077:
+            problem = f"mode {stat.S_IMODE(info.st_mode):04o} lets others read or write it"
+        if problem:
+            raise TokenFileError(f"refusing the API token file {path}: {problem}; remove it and restart "
+                                 "(ksift makes a new one, mode 0600)")
+        text = os.read(fd, 4096).decode("utf-8", "replace").strip()
+    finally:
+        os.close(fd)
+    try:
+        return _token(text, path, "api token file", shown=f"the content of {path}")
+    except ConfigError as exc:
+        raise TokenFileError(f"{exc}; remove it and restart (ksift makes a new one)") from None
 
 
 def _read_file(path: str) -> str:
