@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,19 @@ def dist(tmp_path_factory):
     from shipping import build_dist
 
     return build_dist(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(scope="session")
+def ksift_image(dist, tmp_path_factory) -> str:
+    """The container image of this wheel (deploy/container/), built the offline way once per wheel
+    content and kept in podman's storage; skipped, saying why, where podman cannot run."""
+    from shipping import CACHE, build_image, podman_missing
+
+    missing = podman_missing()
+    if missing:
+        pytest.skip(f"cannot build or run the image: {missing}")
+    tag, took = build_image(dist, tmp_path_factory.mktemp("image") / "build.log")
+    if took:
+        with open(CACHE / "image-build-times.log", "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {tag} {took:.1f}s\n")
+    return tag

@@ -267,3 +267,47 @@ def _configmap_files(name: str, workdir: Path) -> Path:
             text = text.replace(enabled, '[kubernetes]\nenabled = false\n')
         (where / key).write_text(text)
     return where
+
+
+UNIT = REPO / "deploy" / "systemd" / "ksift.service"
+REMEDIATION_DROP_IN = REPO / "deploy" / "systemd" / "remediation.conf"
+
+# The ksift image with systemd as its init, the unit installed as docs/deploy.md installs it
+# (the wheel's venv at /opt/ksift, /usr/local/bin/ksift, /etc/systemd/system/ksift.service).
+SYSTEMD_CONTAINERFILE = """\
+ARG BASE
+FROM ${BASE}
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd \\
+    && rm -rf /var/lib/apt/lists/* && ln -s /opt/ksift/bin/ksift /usr/local/bin/ksift
+COPY ksift.service /etc/systemd/system/ksift.service
+COPY config.toml /etc/ksift/config.toml
+RUN systemctl enable ksift.service
+ENTRYPOINT ["/lib/systemd/systemd"]
+"""
+# No API (agents of other tests on this host may hold the port), alerts as JSON lines in the journal.
+SYSTEMD_CONFIG = '[api]\nenabled = false\n\n[output]\njson = true\n'
+
+
+def build_systemd_image(ksift_image: str, workdir: Path) -> str:
+    """The ksift image plus systemd and the unit, built once per ksift image and unit text."""
+    import fcntl
+
+    key = hashlib.sha256((ksift_image + SYSTEMD_CONTAINERFILE + UNIT.read_text() + SYSTEMD_CONFIG).encode())
+    tag = f"localhost/ksift-systemd:test-{key.hexdigest()[:16]}"
+    with open(CACHE / "image.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if image_exists(tag):
+            return tag
+        (workdir / "Containerfile").write_text(SYSTEMD_CONTAINERFILE)
+        shutil.copy(UNIT, workdir / "ksift.service")
+        (workdir / "config.toml").write_text(SYSTEMD_CONFIG)
+        done = subprocess.run([*PODMAN, "build", "--network", "host", *ulimit_options(), "--build-arg",
+                               f"BASE={ksift_image}", "-t", tag, str(workdir)], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        listed = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}",
+                                 "localhost/ksift-systemd"], capture_output=True, text=True).stdout.split()
+        for old in listed:
+            if old != tag:
+                subprocess.run(["podman", "rmi", old], capture_output=True)
+        return tag

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -30,13 +29,10 @@ from harness import (
     wait_for,
 )
 from shipping import (
-    CACHE,
     PODMAN,
     SYSTEM_PYTHON,
-    build_image,
     copy_workload,
     daemonset_pod,
-    podman_missing,
     storm_command,
     ulimit_options,
 )
@@ -44,16 +40,9 @@ from shipping import (
 NOBODY = 65534
 
 
-@pytest.fixture(scope="module")
-def image(dist, tmp_path_factory) -> str:
-    missing = podman_missing()
-    if missing:
-        pytest.skip(f"cannot build or run the image: {missing}")
-    tag, took = build_image(dist, tmp_path_factory.mktemp("image") / "build.log")
-    if took:
-        with open(CACHE / "image-build-times.log", "a") as log:
-            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {tag} {took:.1f}s\n")
-    return tag
+@pytest.fixture
+def image(ksift_image: str) -> str:
+    return ksift_image
 
 
 def podman_run(image: str, options: list[str], *args: str, entrypoint: str | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 import time
@@ -42,10 +43,12 @@ def test_the_wheel_is_tagged_for_its_platform_and_carries_every_object(dist):
 
 @pytest.fixture(scope="module")
 def installed(dist, tmp_path_factory) -> Path:
-    """A virtualenv holding only the wheel and its dependencies, in a directory outside the checkout."""
-    where = tmp_path_factory.mktemp("wheel-user")
-    assert REPO not in where.parents
-    return make_venv(where / "venv", dist.wheel)
+    """A virtualenv holding only the wheel and its dependencies, in a directory outside the checkout:
+    <root>/opt/ksift, the path docs/deploy.md installs it at, under a root of its own."""
+    root = tmp_path_factory.mktemp("wheel-user")
+    assert REPO not in root.parents
+    (root / "opt").mkdir()
+    return make_venv(root / "opt" / "ksift", dist.wheel)
 
 
 def run_installed(venv: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -76,7 +79,7 @@ def test_the_installed_doctor_says_all_good(installed: Path):
 
 
 def test_the_installed_agent_catches_a_fork_storm(installed: Path):
-    work = installed.parent / "run"
+    work = installed.parent.parent / "run"
     work.mkdir()
     forker = copy_workload("forker.py", work)
     cmd = [str(installed / "bin" / "ksift"), "run", "--json", "--api", "off", "--db", str(work / "alerts.db"),
@@ -105,3 +108,32 @@ def test_the_installed_agent_catches_a_fork_storm(installed: Path):
     assert str(forker) in subject["cmdline"]
     assert agent.stats()["kernel"]["process"]["fork_seen"] > 0
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("with_drop_in", [False, True])
+def test_the_unit_verifies_against_the_installed_paths(installed: Path, with_drop_in: bool):
+    """systemd-analyze verify of deploy/systemd/ksift.service as docs/deploy.md installs it (the wheel's
+    venv in /opt/ksift, /usr/local/bin/ksift, the unit in /etc/systemd/system), in a root of its own:
+    ExecStart must name the installed command, every directive must be known to this systemd."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (Debian's systemd package)")
+    root = installed.parent.parent
+    (root / "usr" / "local" / "bin").mkdir(parents=True, exist_ok=True)
+    link = root / "usr" / "local" / "bin" / "ksift"
+    if not link.is_symlink():
+        link.symlink_to("/opt/ksift/bin/ksift")  # as the docs say; resolved inside --root
+    units = root / "etc" / "systemd" / "system"
+    units.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "deploy" / "systemd" / "ksift.service", units / "ksift.service")
+    drop_in = units / "ksift.service.d" / "remediation.conf"
+    if with_drop_in:
+        drop_in.parent.mkdir(exist_ok=True)
+        shutil.copy(REPO / "deploy" / "systemd" / "remediation.conf", drop_in)
+    else:
+        drop_in.unlink(missing_ok=True)
+    # The targets the unit names (network-online, multi-user) come from this host's systemd.
+    if not (root / "lib" / "systemd" / "system").exists():
+        shutil.copytree("/lib/systemd/system", root / "lib" / "systemd" / "system", symlinks=True)
+    done = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "/etc/systemd/system/ksift.service"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr

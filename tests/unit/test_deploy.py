@@ -379,6 +379,28 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path, with_drop_in: bool):
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
 
 
+EXPOSURE = 3.2  # systemd-analyze security's overall exposure of the unit, as docs/deploy.md reports it
+
+
+def test_unit_exposure_is_what_the_docs_say(tmp_path: Path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    copy = tmp_path / "ksift.service"
+    copy.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={shutil.which('true')}", UNIT.read_text(), flags=re.M))
+    done = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--threshold={round(EXPOSURE * 10)}",
+                           str(copy)], capture_output=True, text=True, timeout=60)
+    score = re.search(r"Overall exposure level for ksift.service: ([0-9.]+)", done.stdout)
+    assert score and float(score.group(1)) == EXPOSURE, done.stdout[-500:] + done.stderr
+    assert done.returncode == 0  # at or under the threshold
+    assert f"exposure level {EXPOSURE}" in DOCS.read_text()
+
+
+def test_unit_restarts_on_failure_but_not_on_bad_input():
+    service = read_unit()["Service"]
+    assert service["Restart"] == ["on-failure"] and service["RestartPreventExitStatus"] == ["2"]
+    assert int(service["LimitNOFILE"][0]) >= 4096  # the API's connections (docs/api.md)
+
+
 def test_every_privilege_is_explained_in_the_docs(k8s):
     text = DOCS.read_text()
     for cap in CAPS | REMEDIATION_CAPS:
