@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from records_helpers import unstarted_sensor
 
@@ -199,6 +199,9 @@ _header = st.one_of(
 
 
 @FUZZ
+# Found by this test: a committed header whose record ends past the producer (only a corrupt ring holds
+# one) moved consumer_pos past producer_pos, after which the kernel sees a full ring and drops everything.
+@example(headers=[records.RECORD_SIZE], bodies=b"", cut=8, cons_start=0)
 @given(headers=st.lists(_header, min_size=0, max_size=40), bodies=st.binary(min_size=0, max_size=4096),
        cut=st.integers(min_value=0, max_value=DATA), cons_start=st.integers(min_value=0, max_value=2**40))
 def test_the_reader_never_raises_and_never_passes_the_producer(ring_file, headers, bodies, cut, cons_start):
