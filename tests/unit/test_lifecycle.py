@@ -100,19 +100,18 @@ class FakeExeMap:
 # -- exit statuses -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status, fields, phrase", [
-    (3 << 8, {"exit_status": 3, "signal": None, "core_dumped": False}, "exited with status 3"),
-    (255 << 8, {"exit_status": 255, "signal": None}, "exited with status 255"),
-    (11, {"exit_status": None, "signal": "SIGSEGV", "signal_number": 11, "core_dumped": False},
-     "was killed by SIGSEGV"),
-    (6 | 0x80, {"signal": "SIGABRT", "core_dumped": True}, "was killed by SIGABRT (core dumped)"),
-    (9, {"signal": "SIGKILL"}, "was killed by SIGKILL"),
-    (100, {"signal": "signal 100", "signal_number": 100}, "was killed by signal 100"),
+@pytest.mark.parametrize("status, fields, name", [
+    (3 << 8, {"exit_status": 3, "signal": None, "core_dumped": False}, "exit 3"),
+    (255 << 8, {"exit_status": 255, "signal": None}, "exit 255"),
+    (11, {"exit_status": None, "signal": "SIGSEGV", "signal_number": 11, "core_dumped": False}, "SIGSEGV"),
+    (6 | 0x80, {"signal": "SIGABRT", "core_dumped": True}, "SIGABRT (core dumped)"),
+    (9, {"signal": "SIGKILL"}, "SIGKILL"),
+    (100, {"signal": "signal 100", "signal_number": 100}, "signal 100"),
 ])
-def test_exit_status_reads_like_wait(status, fields, phrase):
+def test_exit_status_reads_like_wait(status, fields, name):
     described = lifecycle.describe_exit(status)
     assert {k: described[k] for k in fields} == fields
-    assert lifecycle.exit_phrase(status) == phrase
+    assert lifecycle.exit_name(status) == name
 
 
 # -- what reaches the kernel ---------------------------------------------------
@@ -348,6 +347,8 @@ def test_a_loop_holds_while_it_fails_within_window_and_its_resolution_reads_the_
     assert not s.holds("exec_churn", PARENT) and not s.holds("crash_loop", lifecycle.CrashKey(1, 0, "x"))
 
     inc.status, inc.resolved_ns, inc.latest_total = "resolved", 2101 * NS, 8
+    # The sentence is built first (build_alert), and already reads the whole run.
+    assert s.summarize(inc, "resolved").endswith(" stopped failing: 8 failures in 2097s (exit 1 x8)")
     details = s.details(inc, "resolved")
     assert details["failures"] == 8 and details["exits"][0]["count"] == 8
     assert details["restart_delays_s"] == [20.0, 40.0, 80.0, 160.0, 300.0, 300.0]

@@ -118,14 +118,6 @@ def describe_exit(status: int) -> dict[str, Any]:
     return {"exit_status": (status >> 8) & 0xFF, "signal": None, "signal_number": None, "core_dumped": False}
 
 
-def exit_phrase(status: int) -> str:
-    """'exited with status 3', 'was killed by SIGSEGV (core dumped)'."""
-    d = describe_exit(status)
-    if d["signal"] is None:
-        return f"exited with status {d['exit_status']}"
-    return f"was killed by {d['signal']}" + (" (core dumped)" if d["core_dumped"] else "")
-
-
 def exit_name(status: int) -> str:
     """A wait() status in a few characters: 'exit 3', 'SIGSEGV', 'SIGABRT (core dumped)'."""
     d = describe_exit(status)
@@ -434,6 +426,8 @@ class LifecycleSensor(Sensor):
             return (f"{who} exec churn is over{end}: {inc.count:,} short-lived children in {lasted} "
                     f"(peak {inc.peak_window_count:,} in {window})")
         if self.crash_rule is not None and inc.rule.name == self.crash_rule.name:
+            if status != "open":
+                self._refresh_run(inc)  # the sentence is built before details(): give it the whole run
             return crash_summary(inc, status)
         return None
 
