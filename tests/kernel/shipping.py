@@ -147,13 +147,18 @@ def build_image(dist: Dist, log: Path) -> tuple[str, float]:
                                   timeout=900, env=clean_env(PODMAN=" ".join(PODMAN), BUILD_OPTS=" ".join(options)))
         assert done.returncode == 0, f"image build failed:\n{log.read_text()[-4000:]}"
         took = time.monotonic() - started
-        # Older test images of other wheels go; the base stays for the next build.
-        listed = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}", "localhost/ksift"],
-                                capture_output=True, text=True).stdout.split()
-        for old in listed:
-            if old.startswith("localhost/ksift:test-") and old != tag:
-                subprocess.run(["podman", "rmi", old], capture_output=True)
+        remove_old_images("localhost/ksift", keep=tag)
         return tag, took
+
+
+def remove_old_images(repository: str, keep: str) -> None:
+    """Test images of other wheels made over an hour ago (a session still using a newer one keeps
+    it; an image in use is refused by podman anyway). The mmdebstrap base stays for the next build."""
+    listed = subprocess.run(["podman", "images", "--filter", "until=1h", "--filter", f"reference={repository}",
+                             "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True, text=True).stdout.split()
+    for old in listed:
+        if old.startswith(f"{repository}:test-") and old != keep:
+            subprocess.run(["podman", "rmi", old], capture_output=True)
 
 
 @dataclass
@@ -305,9 +310,5 @@ def build_systemd_image(ksift_image: str, workdir: Path) -> str:
                                f"BASE={ksift_image}", "-t", tag, str(workdir)], capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        listed = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}",
-                                 "localhost/ksift-systemd"], capture_output=True, text=True).stdout.split()
-        for old in listed:
-            if old != tag:
-                subprocess.run(["podman", "rmi", old], capture_output=True)
+        remove_old_images("localhost/ksift-systemd", keep=tag)
         return tag
