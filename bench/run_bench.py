@@ -24,7 +24,11 @@ What it measures (docs/benchmarks.md explains the method and the numbers):
    share of one core (process CPU clock) per phase, VmHWM after each, and the
    in-kernel run time of EVERY program the agent holds (its program ids from
    /proc/<pid>/fdinfo; BPF_ENABLE_STATS on during the first idle phase and the
-   storm), per fork and per program.
+   storm), per fork and per program. Then (--hog-phase, on by default) a new
+   CPU hog, `python3 -c 'while 1: pass'`, runs until its cpu_hog alert: its
+   stacks are symbolized for the first time (kallsyms, the interpreter's ELF
+   symbols), and VmHWM after it is the peak RSS with a hog symbolized, reported
+   apart from the peak without one.
 
 3. Detection latency: fork storm start to the fork_storm alert's arrival on
    the agent's --json stdout, a few tries on a fresh agent.
@@ -68,6 +72,8 @@ SETTLE_S = 0.5  # pause after an agent/bpftrace is ready (and before "without" r
 FOOTPRINT_SETTLE_S = 1.0
 STORM_TAIL_S = 0.25  # let the agent hand the end of the storm over
 POST_STORM_S = 2.0  # the storm's incident resolves (window + grace) before the long idle starts
+HOG_TIMEOUT_S = 60.0  # the hog phase waits this long for the hog's cpu_hog alert (5 s sustained by default)
+HOG_CMD = ("/usr/bin/python3", "-c", "while 1: pass")
 LATENCY_STORM_S = 1.5  # each latency try: a paced storm this long
 LATENCY_TIMEOUT_S = 5.0
 FLOOD_SIDE_AT_S = 3.0  # the small fork storm during the flood starts this far in...
@@ -805,17 +811,47 @@ def bench_footprint(args, forkloop: Path, workdir: Path) -> dict:
             slices = sleep_sampled(agent, args.idle_seconds)
         out["phases"]["long_idle"] = long_idle.result(slices)
         out["memory"]["after_long_idle"] = long_idle.b.memory()
+        if args.hog_phase == "on":
+            out["hog"] = hog_phase(agent, out)
         agent.stop()
         out["funnel"] = funnel_of(agent.stats())
         out["alerts"] = agent.alerts()
         out["agent_exit"] = agent.exit_code
         out["agent_warnings"] = agent.warnings()[-20:]
-    out["vm_hwm_kib_max"] = max(m["vm_hwm_kib"] for m in out["memory"].values())
+    # The peak as before (start-up, storm, idle) and, apart, the peak once a hog was symbolized.
+    out["vm_hwm_kib_max"] = max(m["vm_hwm_kib"] for k, m in out["memory"].items() if k != "after_hog")
+    if "after_hog" in out["memory"]:
+        out["vm_hwm_kib_with_hog"] = out["memory"]["after_hog"]["vm_hwm_kib"]
     for name, ph in out["phases"].items():
         log(f"  {name}: {core_pct(ph['agent']):.3f}% of a core, host busy {ph['host']['busy_pct']:.0f}%, "
             f"crossings {ph['happened']['crossings'] or 'none'}")
     log(f"  VmHWM {out['vm_hwm_kib_max'] / 1024:.1f} MiB; BPF {fmt(out['bpf'].get('ns_per_fork'), ',.0f')} ns/fork")
     return out
+
+
+def hog_phase(agent: Agent, out: dict) -> dict:
+    """A new CPU hog until its cpu_hog alert (its stacks symbolized: the first time for this binary), then
+    killed; the phase's CPU and VmHWM go in out["phases"]["hog"] and out["memory"]["after_hog"]."""
+    log(f"  hog: {' '.join(HOG_CMD)} until its cpu_hog alert (up to {HOG_TIMEOUT_S:g}s)")
+    with Phase(agent) as phase:
+        t0 = time.monotonic()
+        # nice -10: on a shared machine the hog must really get a core for the rule's 5 s.
+        hog = subprocess.Popen(HOG_CMD, stdout=subprocess.DEVNULL, preexec_fn=lambda: os.nice(-10))
+        try:
+            hit = agent.wait_alert(lambda a: a.get("rule") == "cpu_hog" and a.get("status") == "open"
+                                   and a.get("subject", {}).get("pid") == hog.pid, HOG_TIMEOUT_S)
+        finally:
+            hog.kill()
+            hog.wait()
+    out["phases"]["hog"] = phase.result(alert_latency_s=round(hit[0] - t0, 3) if hit else None)
+    out["memory"]["after_hog"] = phase.b.memory()
+    stack = hit[1].get("stack") if hit else None
+    top = stack[0] if stack else {}
+    frames = (top.get("user") or top.get("kernel") or [None])[0] if top else None
+    return {"alerted": hit is not None, "alert_latency_s": out["phases"]["hog"]["alert_latency_s"],
+            "stacks": len(stack or ()), "top_frame": frames,
+            "vm_hwm_kib_before": out["memory"]["after_long_idle"]["vm_hwm_kib"],
+            "vm_hwm_kib_after": out["memory"]["after_hog"]["vm_hwm_kib"]}
 
 
 def bpf_per_fork(idle: dict, storm: dict, idle_s: float, storm_s: float, forks: int, host_forks: int) -> dict:
@@ -1109,6 +1145,13 @@ def print_report(result: dict, out=sys.stdout) -> None:
             w(f"  memory {k.replace('_', ' ')}: RSS {v['vm_rss_kib'] / 1024:.1f} MiB "
               f"(anon {v['rss_anon_kib'] / 1024:.1f}, file {v['rss_file_kib'] / 1024:.1f}), "
               f"VmHWM {v['vm_hwm_kib'] / 1024:.1f} MiB\n")
+        hog = fp.get("hog")
+        if hog:
+            seen = (f"its cpu_hog alert after {fmt(hog['alert_latency_s'], '.1f')} s" if hog["alerted"]
+                    else "no cpu_hog alert (the hog never got a core for long enough)")
+            w(f"  a new hog symbolized: {seen}, {hog['stacks']} stack(s), top frame {hog['top_frame']}; VmHWM "
+              f"{hog['vm_hwm_kib_before'] / 1024:.1f} -> {hog['vm_hwm_kib_after'] / 1024:.1f} MiB "
+              "(the peak RSS with a hog symbolized)\n")
         bpf = fp["bpf"]
         if fp.get("bpf_stats_error"):
             w(f"  in-kernel cost not measured: {fp['bpf_stats_error']}\n")
@@ -1187,6 +1230,9 @@ def parse_args(argv=None):
     p.add_argument("--flood-agent-wakeup", action="store_true",
                    help="submit flood records like the sensors (forced wake-ups past the watermark) instead of "
                         "with flags 0")
+    p.add_argument("--hog-phase", choices=("on", "off"), default="on",
+                   help="after the long idle, a new CPU hog until its alert: the peak RSS with a hog symbolized "
+                        "(default on; about 10 s)")
     p.add_argument("--agent-api", choices=("on", "off"), default="on",
                    help="the footprint agent's HTTP API: on as shipped (default), or off to see what it costs")
     p.add_argument("--skip", action="append", default=[], choices=("overhead", "footprint", "latency", "flood"),
