@@ -1214,6 +1214,98 @@ def print_report(result: dict, out=sys.stdout) -> None:
                 w(f"      {r['note']}\n")
 
 
+# -- 5. pressure: the idle agent's cost with N watched cgroups ---------------------------------
+
+CGROUP2 = Path("/sys/fs/cgroup/unified") if Path("/sys/fs/cgroup/unified/cgroup.procs").exists() \
+    else Path("/sys/fs/cgroup")
+
+
+def trigger_fds(pid: int) -> int:
+    """The agent's open pressure files: its PSI triggers (the host's and every watched cgroup's)."""
+    n = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        n += target.endswith(".pressure") or target.startswith("/proc/pressure/")
+    return n
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
+
+
+def rules_without_pressure(path: Path) -> Path:
+    """The packaged rules with the three pressure rules disabled: the baseline of the pressure runs."""
+    import tomllib
+
+    from ksift.rules.parse import default_rules_text
+
+    rules = tomllib.loads(default_rules_text())["rule"]
+    with open(path, "w", encoding="utf-8") as fh:
+        for rule in rules:
+            if rule["signal"].startswith("pressure."):
+                rule["enabled"] = False
+            fh.write("[[rule]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in rule.items()) + "\n")
+    return path
+
+
+def bench_pressure(args, workdir: Path) -> dict:
+    """The packaged rules (cpu/memory/io_pressure among them) with N extra cgroups holding a
+    sleeping process each: the agent idles while every trigger is armed. Per N: its CPU share over
+    --pressure-seconds, the trigger fds, and what the cgroup walks ([pressure] rescan) and any
+    notifications cost (the sensor's own counters). N = -1: the same agent with the pressure
+    rules disabled, the baseline."""
+    out: dict = {}
+    for n in args.pressure_cgroups:
+        tag = f"pressure{n}" if n >= 0 else "nopressure"
+        groups = [CGROUP2 / f"ksift-bench-{os.getpid()}-{i}" for i in range(max(n, 0))]
+        sleepers = []
+        config = workdir / f"{tag}.toml"
+        # Room for the host's own populated cgroups as well as the bench's.
+        config.write_text(f"[pressure]\nmax_cgroups = {max(n, 0) + 64}\n")
+        extra = ("--rules", str(rules_without_pressure(workdir / "nopressure.rules.toml"))) if n < 0 else ()
+        log(f"pressure: {n} extra cgroups, each with a sleeping process, {args.pressure_seconds:g}s idle"
+            if n >= 0 else f"pressure: the pressure rules disabled (baseline), {args.pressure_seconds:g}s idle")
+        try:
+            for g in groups:
+                g.mkdir()
+                sleepers.append(subprocess.Popen(["sh", "-c", f"echo $$ > {g}/cgroup.procs; exec sleep 3600"]))
+            with Agent(args.ksift, workdir, tag, ("--config", str(config), "--api", "off", *extra)).start() as agent:
+                time.sleep(FOOTPRINT_SETTLE_S)
+                with Phase(agent) as idle:
+                    slices = sleep_sampled(agent, args.pressure_seconds)
+                fds = trigger_fds(agent.proc.pid)
+                agent.stop()
+                counters = agent.stats().get("kernel", {}).get("pressure", {})
+                out[tag] = {**idle.result(slices), "trigger_fds": fds, "sensor": counters}
+        finally:
+            for p in sleepers:
+                p.kill()
+                p.wait()
+            for g in groups:
+                for _ in range(50):
+                    try:
+                        g.rmdir()
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError:
+                        time.sleep(0.1)
+        r = out[tag]
+        rescans = max(r["sensor"].get("rescans", 0), 1)
+        log(f"  {tag}: {core_pct(r['agent']):.3f}% of a core (median slice {r.get('slice_median_pct', 0):.3f}%), "
+            f"{r['trigger_fds']} trigger fds, {r['sensor'].get('cgroups_watched', 0)} cgroups watched, "
+            f"{r['sensor'].get('rescan_us', 0) / rescans / 1000:.2f} ms per walk, "
+            f"{r['sensor'].get('notifications', 0)} notifications")
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="ksift overhead, footprint, latency and flood benchmark (run as root)")
     p.add_argument("--rounds", type=int, default=10,
@@ -1235,7 +1327,12 @@ def parse_args(argv=None):
                         "(default on; about 10 s)")
     p.add_argument("--agent-api", choices=("on", "off"), default="on",
                    help="the footprint agent's HTTP API: on as shipped (default), or off to see what it costs")
-    p.add_argument("--skip", action="append", default=[], choices=("overhead", "footprint", "latency", "flood"),
+    p.add_argument("--pressure-cgroups", type=int, nargs="+", default=[-1, 0, 10, 100],
+                   help="extra watched cgroups per pressure run; -1: the pressure rules disabled, the baseline "
+                        "(default -1 0 10 100)")
+    p.add_argument("--pressure-seconds", type=float, default=30.0, help="idle per pressure run (default 30)")
+    p.add_argument("--skip", action="append", default=[],
+                   choices=("overhead", "footprint", "latency", "flood", "pressure"),
                    help="leave a part out (repeatable)")
     p.add_argument("--ksift", type=Path, default=DEFAULT_KSIFT, help="the ksift executable")
     p.add_argument("--out", type=Path, help="JSON result file (default: a new file in the temp dir)")
@@ -1289,6 +1386,8 @@ def main(argv=None) -> int:
             result["footprint"] = bench_footprint(args, forkloop, workdir)
         if args.latency_tries > 0 or flood_obj is not None:
             result["latency_flood"] = bench_latency_and_flood(args, forkloop, workdir, flood_obj)
+        if "pressure" not in args.skip:
+            result["pressure"] = bench_pressure(args, workdir)
     except BenchError as exc:
         print(f"run_bench.py: {exc}", file=sys.stderr)
         print(f"run_bench.py: agent logs kept in {workdir}", file=sys.stderr)

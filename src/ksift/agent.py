@@ -172,7 +172,7 @@ class Agent:
             loop.add_signal_handler(sig, self._stop.set)
         if self.core is not None:
             loop.add_reader(self.core.events_fd, self._on_readable)
-        # Sensors with an fd of their own (the pressure sensor's PSI triggers, behind one epoll fd).
+        # Sensors with an fd of their own (the pressure sensor's: a pipe its PSI-trigger thread writes to).
         owned = [(sensor, fd) for sensor in self.sensors if (fd := sensor.event_fd()) is not None]
         for sensor, fd in owned:
             loop.add_reader(fd, self._on_sensor_event, sensor)

@@ -117,8 +117,8 @@ class Alert(_Model):
     ts: str = _field("RFC 3339 UTC time of the alert (the kernel's timestamp of the crossing for `open`)",
                      column=True, format="date-time")
     rule: str = _field("the rule that fired", column=True)
-    severity: str = _field("the rule's severity: `info`, `warning` or `critical`", column=True,
-                           enum=list(SEVERITIES))
+    severity: str = _field("the rule's severity (or `critical`, when a pressure rule's critical level was "
+                           "reached): `info`, `warning` or `critical`", column=True, enum=list(SEVERITIES))
     summary: str = _field("one sentence: `PID 1234 (bash) forked 57 times in the last 1s`", column=True)
     count: int = _field("events by the key since the incident's first hot window began (for `resolved`: the total)")
     peak_window_count: int = _field("the most events seen in one window")

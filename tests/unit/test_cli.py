@@ -27,7 +27,7 @@ def test_rules_check_accepts_the_default_rules(tmp_path):
     path.write_text(default_rules_text())
     done = ksift("rules", "check", str(path))
     assert done.returncode == 0, done.stderr
-    assert "10 rule(s), 9 enabled" in done.stdout
+    assert "13 rule(s), 12 enabled" in done.stdout
     assert "enabled  fork_storm" in done.stdout and "disabled fd_burst" in done.stdout
 
 

@@ -119,7 +119,7 @@ def test_config_check_accepts_a_config_and_the_rules_file_it_names(tmp_path):
                        f'[store]\ndb = "{tmp_path / "a.db"}"\n[api]\nlisten = "127.0.0.1:9999"\n'.encode())
     done = ksift("config", "check", str(config))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [f"{config}: ok", f"  rules: {rules}: 10 rule(s), 9 enabled",
+    assert done.stdout.splitlines() == [f"{config}: ok", f"  rules: {rules}: 13 rule(s), 12 enabled",
                                         f"  store: {tmp_path / 'a.db'}", "  sections: api"]
     assert not (tmp_path / "a.db").exists()  # checking builds nothing
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+CAP_SYS_RESOURCE = 24
 BPF_MAP_TYPE_RINGBUF = 27
 
 
@@ -85,6 +86,37 @@ def check_cgroup2() -> Check:
     if mount:
         return Check("ok", "cgroup v2", f"mounted at {mount}: cgroup paths and container ids can be resolved")
     return Check("warn", "cgroup v2", "no cgroup2 mount: alerts will carry cgroup ids but no paths or containers")
+
+
+def _try_trigger(path: str, text: bytes) -> OSError | None:
+    """Set a PSI trigger and close it at once: None if the kernel took it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc
+    try:
+        os.write(fd, text)
+        return None
+    except OSError as exc:
+        return exc
+    finally:
+        os.close(fd)
+
+
+def check_pressure() -> Check:
+    """The pressure rules' PSI triggers, and the windows this process may use (tried for real)."""
+    path = "/proc/pressure/cpu"
+    failed = _try_trigger(path, b"some 500000 2000000\0")
+    if failed is not None:
+        return Check("warn", "pressure (PSI)", f"no PSI trigger on {path} ({failed.strerror}): the cpu/memory/"
+                                               "io_pressure rules cannot run (a kernel with CONFIG_PSI, booted "
+                                               "without psi=0)")
+    privileged = _effective_caps() >> CAP_SYS_RESOURCE & 1
+    fine = _try_trigger(path, b"some 100000 1000000\0") is None
+    windows = ("any window from 500ms to 10s" if fine else
+               "only windows that are multiples of 2s (2s, 4s, 6s, 8s, 10s; the kernel refused a 1s one)")
+    return Check("ok", "pressure (PSI)", f"triggers work; {'with' if privileged else 'without'} CAP_SYS_RESOURCE, "
+                                         f"pressure rules may use {windows}")
 
 
 def check_bpf_stats() -> Check:
@@ -169,7 +201,7 @@ def run_doctor(stream: TextIO) -> int:
         checks += check_bpf_side()
     else:
         checks.append(Check("FAIL", "BPF programs", "not tried without the privileges above"))
-    checks += [check_cgroup2(), check_bpf_stats(), check_unused_hooks()]
+    checks += [check_cgroup2(), check_pressure(), check_bpf_stats(), check_unused_hooks()]
     for c in checks:
         print(f"[{c.status:^4}] {c.what}: {c.detail}", file=stream)
     failed = [c for c in checks if c.status == "FAIL"]

@@ -186,7 +186,8 @@ class Sensor:
 
     def event_fd(self) -> int | None:
         """An fd of the sensor's own for the agent's loop to watch besides the ring buffer (the
-        pressure sensor's epoll fd of PSI triggers); when it is readable the agent calls on_event()."""
+        pressure sensor's pipe, written by its thread waiting on the PSI triggers); when it is readable
+        the agent calls on_event()."""
         return None
 
     def on_event(self) -> Decoded:

@@ -80,6 +80,7 @@ WATCH = select.EPOLLPRI | select.EPOLLERR | select.EPOLLONESHOT
 CONTINUES_WINDOWS = 2.5
 # Snapshots kept per resource for the next notification's baseline.
 MAX_SNAPSHOTS = 32
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # Processes read per snapshot at most (a bound on the cost of one notification).
 MAX_SNAPSHOT_PROCESSES = 4096
 
@@ -541,12 +542,18 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _read_bytes(path: str) -> bytes | None:
+def _read_bytes(path: str, size: int = 4096) -> bytes | None:
+    """A small /proc or cgroup file in one read (os.read: a snapshot reads hundreds of them)."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        return os.read(fd, size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _exe(proc_root: str, pid: int) -> str | None:
@@ -567,7 +574,7 @@ def _proc_usage(proc_root: str, pid: str, resource: str) -> ProcUsage | None:
     if resource == "cpu":
         return ProcUsage(start, comm, cpu, last_cpu)
     if resource == "memory":
-        return ProcUsage(start, comm, rss_pages * os.sysconf("SC_PAGE_SIZE"))
+        return ProcUsage(start, comm, rss_pages * PAGE_SIZE)
     io = _read(os.path.join(proc_root, pid, "io"))
     try:
         return ProcUsage(start, comm, parse_io_bytes(io)) if io is not None else None
@@ -588,10 +595,6 @@ def _populated(v2_root: str) -> list[str]:
         stack.extend(sorted(entries, reverse=True))
         if directory == v2_root:
             continue
-        try:
-            with open(os.path.join(directory, "cgroup.procs"), "rb") as fh:
-                if fh.read(16).strip():
-                    out.append("/" + os.path.relpath(directory, v2_root))
-        except OSError:
-            continue
+        if (_read_bytes(os.path.join(directory, "cgroup.procs"), 16) or b"").strip():
+            out.append("/" + os.path.relpath(directory, v2_root))
     return out
