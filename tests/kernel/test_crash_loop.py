@@ -40,6 +40,8 @@ from harness import (
     write_rules,
 )
 
+from ksift.sensors import lifecycle
+
 RUNS, RATE = 20, 10  # 20 failures in about 2 s, 100 ms apart: a loop after the 5th
 
 
@@ -241,15 +243,18 @@ def test_back_off_fixed_fast_and_unit_restarts_are_one_crash_loop_each(tmp_path,
     d = backoff["details"]
     assert d["restart_pattern"] == "back-off" and d["failures"] == 5, d
     for seen, paused in zip(d["restart_delays_s"], (0.1, 0.2, 0.4, 0.8)):
-        assert paused <= seen < paused + 0.1, d["restart_delays_s"]  # the pause, plus the time to start again
+        # The pause, plus the time to start again (a few ms; more on a busy host).
+        assert paused <= seen < paused + 0.25, d["restart_delays_s"]
     assert d["exits"] == [{"exit_status": 1, "signal": None, "core_dumped": False, "count": 5}]
+    shown = ", ".join(lifecycle.approx(seen) for seen in d["restart_delays_s"])
     assert re.search(r"\(exit 1 x5\), each lived about \d+(\.\d+)?(us|ms), restarting with back-off: "
-                     r"1\d\dms, 2\d\dms, 4\d\dms, 8\d\dms$", backoff["summary"]), backoff["summary"]
+                     + re.escape(shown) + "$", backoff["summary"]), backoff["summary"]
 
     (fixed,) = alerts_of(agent, "crash_loop", work["fixed"]["pid"])
     d = fixed["details"]
     assert d["restart_pattern"] == "fixed" and d["exits"][0]["signal"] == "SIGSEGV", d
-    assert re.search(r"\(SIGSEGV x5\), .*, restarting every 3\d\dms$", fixed["summary"]), fixed["summary"]
+    assert re.search(r"\(SIGSEGV x5\), .*, restarting every \d+ms$", fixed["summary"]), fixed["summary"]
+    assert all(0.3 <= seen < 0.55 for seen in d["restart_delays_s"]), d["restart_delays_s"]
 
     fast_pid = work["fast"]["pid"]
     (fast,) = alerts_of(agent, "crash_loop", fast_pid)
@@ -266,7 +271,7 @@ def test_back_off_fixed_fast_and_unit_restarts_are_one_crash_loop_each(tmp_path,
     assert in_unit["details"]["failures"] == 5 and in_unit["details"]["group_cgroup_id"] == slice_id
     assert in_unit["subject"]["systemd_unit"] == unit.name
     assert f" in unit {unit.name} keeps failing: 5 failures in " in in_unit["summary"], in_unit["summary"]
-    assert "restarting every 2" in in_unit["summary"]
+    assert in_unit["details"]["restart_pattern"] == "fixed", in_unit["details"]
     # The make-like burst of successes: exec_churn as ever, never a crash loop.
     assert alerts_of(agent, "crash_loop", make["pid"]) == []
 

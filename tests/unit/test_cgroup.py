@@ -12,6 +12,7 @@ from ksift.enrich.cgroup import (
     ContainerInfo,
     find_cgroup2_mount,
     parse_cgroup_path,
+    path_by_handle,
 )
 
 CID = "0123456789abcdef" * 4
@@ -162,6 +163,41 @@ def test_resolver_is_bounded_and_keeps_the_wanted_id(tmp_path: Path) -> None:
     assert r.cache_size == 4
     (root / "s7.slice").rmdir()
     assert r.path_for_id(wanted) == "/s7.slice"  # served from cache, no rescan
+
+
+def test_resolver_asks_the_kernel_for_one_id_before_walking(cgroot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = []
+
+    def by_handle(root: str, cgroup_id: int) -> str | None:
+        asked.append((root, cgroup_id))
+        return "/kubepods.slice/new.scope" if cgroup_id == 7 else None
+
+    clock = FakeClock()
+    r = CgroupResolver(str(cgroot), clock=clock, by_handle=by_handle)
+    scans = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: scans.append(path) or real_scandir(path))
+    assert r.path_for_id(7) == "/kubepods.slice/new.scope" and scans == []  # no walk for it
+    assert r.path_for_id(7) == "/kubepods.slice/new.scope" and asked == [(str(cgroot), 7)]  # then cached
+    # The kernel cannot say (gone, no privilege): the walk, as before.
+    assert r.path_for_id(ino(cgroot / "system.slice" / "sshd.service")) == "/system.slice/sshd.service"
+    assert scans
+
+
+def test_path_by_handle_on_this_host() -> None:
+    mount = find_cgroup2_mount()
+    if mount is None or os.geteuid() != 0:
+        pytest.skip("needs a cgroup v2 hierarchy and root (open_by_handle_at needs CAP_DAC_READ_SEARCH)")
+    made = Path(mount) / f"ksift-unit-{os.getpid()}"
+    made.mkdir()
+    try:
+        cgroup_id = ino(made)
+        assert path_by_handle(mount, cgroup_id) == f"/{made.name}"
+        assert path_by_handle(mount, ino(Path(mount))) == "/"
+    finally:
+        made.rmdir()
+    assert path_by_handle(mount, cgroup_id) is None  # gone: a stale handle
+    assert path_by_handle("/nonexistent", cgroup_id) is None
 
 
 def test_resolver_without_root_or_with_missing_root(tmp_path: Path) -> None:

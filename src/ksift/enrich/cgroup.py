@@ -7,6 +7,7 @@ directory walk is enough to turn it back into a path.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import time
@@ -98,12 +99,54 @@ def find_cgroup1_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, st
 
 # -- id -> path -------------------------------------------------------------
 
+# A cgroup v2 id is also a kernfs file handle (include/linux/exportfs.h FILEID_KERNFS):
+# open_by_handle_at() on the hierarchy's mount opens the cgroup's directory by id.
+_FILEID_KERNFS = 0xFE
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int), ("f_handle", ctypes.c_ubyte * 8)]
+
+
+def path_by_handle(root: str, cgroup_id: int) -> str | None:
+    """The path of cgroup `cgroup_id` relative to the hierarchy mounted at `root`, asked of the kernel
+    directly (open_by_handle_at, which needs CAP_DAC_READ_SEARCH): one lookup instead of a walk, so
+    a cgroup made a moment ago (a restarted unit or container) is found at once. None when the
+    kernel cannot say: no privilege, the cgroup is gone, or `root` is no cgroup2 mount."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        handle = _FileHandle(8, _FILEID_KERNFS,
+                             (ctypes.c_ubyte * 8).from_buffer_copy(int(cgroup_id).to_bytes(8, "little")))
+        mount_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (OSError, AttributeError, OverflowError):
+        return None
+    try:
+        fd = libc.open_by_handle_at(mount_fd, ctypes.byref(handle), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if fd < 0:
+            return None
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(mount_fd)
+    base = root.rstrip("/")
+    if path == base or path == root:
+        return "/"
+    if not path.startswith(base + "/"):
+        return None  # not below the mount we asked about (a bind mount elsewhere)
+    return path[len(base):]
+
+
 
 class CgroupResolver:
     """Resolves cgroup v2 ids to paths relative to the hierarchy root.
 
-    Lookups are served from a bounded LRU cache. A miss triggers a fresh walk
-    of the hierarchy, but at most once per ``rescan_interval_s`` so a stream of
+    Lookups are served from a bounded LRU cache. A miss asks the kernel for that
+    one id (``by_handle``: open_by_handle_at, root only) and, when it cannot say,
+    triggers a fresh walk of the hierarchy, but at most once per ``rescan_interval_s`` so a stream of
     events from an unknown (e.g. already removed) cgroup cannot make us walk
     the tree over and over. Entries are kept after their cgroup is removed:
     events often arrive after a short-lived container has gone.
@@ -115,6 +158,7 @@ class CgroupResolver:
         clock: Callable[[], float] = time.monotonic,
         rescan_interval_s: float = 5.0,
         max_entries: int = 8192,
+        by_handle: Callable[[str, int], str | None] | None = path_by_handle,
     ):
         if max_entries <= 0:
             raise ValueError(f"max_entries must be positive, got {max_entries}")
@@ -124,6 +168,7 @@ class CgroupResolver:
         self.max_entries = max_entries
         self._cache: OrderedDict[int, str] = OrderedDict()
         self._last_scan: float | None = None
+        self._by_handle = by_handle  # asked first on a miss; None: walks only
 
     @property
     def cache_size(self) -> int:
@@ -138,6 +183,11 @@ class CgroupResolver:
         if path is not None:
             self._cache.move_to_end(cgroup_id)
             return path
+        if self._by_handle is not None:
+            path = self._by_handle(self.root, cgroup_id)
+            if path is not None:
+                self._remember(cgroup_id, path)
+                return path
         now = self._clock()
         if self._last_scan is not None and now - self._last_scan < self.rescan_interval_s:
             return None
