@@ -31,7 +31,7 @@ from ksift.transport import records
 from ksift.transport.ringbuf import BUSY_BIT, DISCARD_BIT, RingBufferReader
 from ksift.units import parse_duration
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SOURCE = "fuzz.toml"
 
 # --- TOML documents built from the fields the parsers know, with values of every TOML type
