@@ -10,9 +10,13 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import urllib.parse
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ksift.interfaces.http import HttpServer, Limits, Request, Router, StreamResponse, json_response
 
@@ -65,7 +69,9 @@ def split(response: bytes) -> tuple[int, dict[str, str], bytes]:
     head, _, body = response.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, body[:int(headers["content-length"])]
+    if "content-length" in headers:
+        body = body[:int(headers["content-length"])]
+    return int(lines[0].split()[1]), headers, body
 
 
 async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
@@ -252,3 +258,94 @@ def test_accept_errors_are_counted_logged_once_and_do_not_spin(tmp_path):
 def _cpu_seconds(pid: int) -> float:
     fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks (USER_HZ = 100)
+
+
+# -- fuzzing: query strings and raw bytes against the real API (issue 16 section 4) ----------------
+
+class LiveApi:
+    """The real ApiServer (store, every route, auth off) in a loop of its own thread, for blocking clients."""
+
+    def __init__(self, tmp_path):
+        from ksift.interfaces.api import ApiServer
+        from ksift.interfaces.settings import parse_api
+        from ksift.store.sqlite import AlertStore
+
+        self.store = AlertStore(tmp_path / "alerts.db")
+        self.api = ApiServer(parse_api({"listen": "127.0.0.1:0", "auth": "none", "header_timeout": "1s"}, "test"),
+                             self.store)
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.api.start())
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(DEADLINE_S)
+        self.port = int(self.api.addresses[0].rpartition(":")[2])
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.api.stop(), self.loop).result(DEADLINE_S)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(DEADLINE_S)
+        self.store.close()
+
+    def raw(self, data: bytes) -> bytes:
+        """Send data, end our side, read the answer until the server closes."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE_S) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+@pytest.fixture(scope="module")
+def live_api(tmp_path_factory):
+    api = LiveApi(tmp_path_factory.mktemp("fuzz"))
+    yield api
+    api.close()
+
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+_PATHS = ["/api/v1/alerts", "/api/v1/alerts/a1", "/api/v1/incidents", "/api/v1/funnel", "/healthz", "/openapi.json",
+          "/", "/nothing", "/api/v1/events"]
+_NAMES = st.one_of(st.sampled_from(["rule", "severity", "status", "since", "limit", "token", ""]), st.text(max_size=8))
+_VALUES = st.one_of(st.sampled_from(["warning", "open", "10m", "1", "0", "99999999999999999999", "", " ", "nan",
+                                     "2026-11-25T12:00:00Z", "-1d"]), st.text(max_size=12))
+
+
+@FUZZ
+@given(path=st.sampled_from(_PATHS), params=st.lists(st.tuples(_NAMES, _VALUES), max_size=4))
+def test_any_query_string_gets_json_and_never_a_500(live_api, path, params):
+    query = urllib.parse.urlencode(params)
+    status, headers, body = split(live_api.raw(
+        f"GET {path}?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()))
+    assert status in (200, 400, 404, 503), (status, body)
+    if status != 200 or headers["content-type"].startswith("application/json"):
+        data = json.loads(body)
+    if status == 400:
+        name = data["parameter"]  # named as given, or as its repr when it is unprintable
+        assert name in {n for n, _ in params} and (name in data["error"] or repr(name) in data["error"]), data
+    elif status == 404:
+        assert "no " in data["error"]
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=600),
+                      st.builds(lambda verb, target, rest: verb + b" " + target + b" HTTP/1.1\r\n" + rest,
+                                st.sampled_from([b"GET", b"POST", b"HEAD", b"G\x00T", b""]),
+                                st.binary(max_size=80), st.binary(max_size=300))))
+def test_random_bytes_get_a_json_error_or_a_close_and_the_server_stays_up(live_api, data):
+    answer = live_api.raw(data)
+    if answer:
+        status, headers, body = split(answer)
+        assert status < 500, answer[:300]
+        if status >= 400:
+            assert "error" in json.loads(body), answer[:300]
+    status, _, body = split(live_api.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    assert status == 200 and json.loads(body) == {"status": "ok"}
