@@ -56,9 +56,10 @@ struct {
 	__type(value, struct ksift_churn_exe);
 } ks_churn_exe SEC(".maps");
 
+/* Keys of failing executables only: far fewer than processes. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 2048);
 	__type(key, struct ksift_crash_key);
 	__type(value, struct ksift_crash_state);
 } ks_crash_state SEC(".maps");
@@ -322,6 +323,9 @@ static __always_inline bool crash_count(struct task_struct *task, struct task_st
 		run->hist[slot].lifetime_us = lifetime / 1000;
 	}
 	run->hist_n++;
+	if (key->cgroup_id)
+		bpf_probe_read_kernel_str(st->cgroup_name, sizeof(st->cgroup_name),
+					  BPF_CORE_READ(task->cgroups->dfl_cgrp, kn, name));
 	st->last_exit_ns = now;
 	st->last_tgid = task->tgid;
 	st->win.total++;

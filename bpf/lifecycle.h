@@ -77,6 +77,8 @@ struct ksift_churn_crossing {
 #define KSIFT_CRASH_HISTORY 6
 #define KSIFT_CRASH_NO_GAP (-2147483647 - 1) /* hist gap of a run's first failure: none before it */
 #define KSIFT_CRASH_STREAK_GAP_NS 1000000000ULL /* a failure within 1 s of the last keeps the streak */
+/* A cgroup's name (its directory: "web.service", "cri-containerd-<64 hex>.scope"). */
+#define KSIFT_CGROUP_NAME_LEN 96
 
 /* What a crash loop is keyed by: its executable and, when the process lives in
  * its parent's cgroup, the parent (a supervisor restarting a child in place);
@@ -118,6 +120,11 @@ struct ksift_crash_state {
 	__u32 last_tgid;
 	__u32 pad;
 	struct ksift_crash_run run;
+	/* Keyed by cgroup: the name of the last failure's own cgroup (the unit's,
+	 * the container's), taken at its exit. Its supervisor may remove the
+	 * cgroup a moment later (systemd does between restarts), and with it the
+	 * only way user space could name it from the cgroup id. */
+	char cgroup_name[KSIFT_CGROUP_NAME_LEN];
 };
 
 struct ksift_crash_crossing {

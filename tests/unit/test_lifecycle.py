@@ -295,6 +295,24 @@ def test_restarts_from_new_parents_in_one_slice_are_one_incident():
     assert first[0].details["keyed_by"] == "cgroup" and first[0].details["group_cgroup_id"] == group
 
 
+def test_a_loop_keyed_by_cgroup_names_its_unit_or_container_from_the_kernels_cgroup_name():
+    s = sensor(crash_rule())
+    name = "cri-containerd-" + "cd" * 32 + ".scope"
+    st = crash_state(4 * NS, 5 * NS, BACKOFF, {256: 5}, 5)
+    st["cgroup_name"] = name.encode()
+    key = lifecycle.CrashKey(0, 4242, "/usr/bin/worker")
+    s._crash_state = OneKey(lifecycle.crash_key_bytes(key), st)
+    inc = open_incident(s, crash_crossing(parent=3000, child=3001, group=4242))
+    assert inc.key == key and inc.details["cgroup_name"] == name
+    # The cgroup was gone when the alert was built: enrichment found nothing, the kept name says it.
+    inc.context = {"subject": {"cgroup": None, "container_id": None, "systemd_unit": None}}
+    assert " (supervisord) in container cdcdcdcdcdcd keeps failing: " in s.summarize(inc, "open")
+    inc.details["cgroup_name"] = "web.service"
+    assert " in unit web.service keeps failing: " in s.summarize(inc, "open")
+    # Keyed by parent: no lookup, no name.
+    assert sensor(crash_rule()).decode(crash_crossing()).crossings[0].details["cgroup_name"] is None
+
+
 def test_crash_alert_says_how_often_how_long_and_how_it_is_restarted():
     s = sensor(crash_rule())
     inc = open_incident(s, crash_crossing(codes={256: 4, 11: 1}, ktime_ns=4 * NS + 150 * NS))

@@ -1,7 +1,7 @@
 """Workload: a supervisor that restarts one program each time it exits.
 
 usage: crasher.py --exe PATH [--arg A ...] --runs N (--rate R | --pause S [--backoff F])
-                  [--comm NAME] [--cgroup DIR ...] [--unit DIR]
+                  [--comm NAME] [--cgroup DIR ...] [--unit DIR [--recreate]]
 
 Runs the program (posix_spawn), waits for it, and starts it again, N times in
 all; core dumps are off. Pacing: --rate starts it at most R times a second;
@@ -10,7 +10,9 @@ each restart with --backoff (2: 1 s, 2 s, 4 s ... as Kubernetes' back-off).
 --cgroup moves the supervisor into a cgroup first (repeat for v1 and v2).
 --unit starts each run the way systemd or a container runtime does: from a
 new intermediate process each time (a new parent, as conmon is), with the
-program moved into the cgroup DIR of its own before it execs. Prints one JSON
+program moved into the cgroup DIR of its own before it execs; with
+--recreate that cgroup is made before each run and removed after it, as
+systemd does between a unit's restarts. Prints one JSON
 line at the end with the wait() statuses it saw, as the kernel's raw numbers,
 and the pid of each run's parent:
 {"pid": ..., "runs": ..., "statuses": {"768": 20}, "parents": [...], "elapsed_s": ...}.
@@ -55,6 +57,9 @@ def main() -> None:
     ap.add_argument("--backoff", type=float, default=1.0, help="the pause is multiplied by this after each run")
     ap.add_argument("--cgroup", action="append", default=[], help="cgroup directory to move into first")
     ap.add_argument("--unit", help="cgroup directory each run's program is moved into, from a new parent")
+    ap.add_argument("--recreate", action="store_true",
+                    help="make the --unit cgroup before each run and remove it after, as systemd does between "
+                         "a unit's restarts: each run has a new cgroup id")
     args = ap.parse_args()
     if (args.rate is None) == (args.pause is None):
         ap.error("give one of --rate and --pause")
@@ -71,8 +76,12 @@ def main() -> None:
     start = time.monotonic()
     for n in range(1, args.runs + 1):
         if args.unit:
+            if args.recreate:
+                os.mkdir(args.unit)
             status, parent = run_in_unit(args.exe, argv, args.unit, pipe)
             parents.append(parent)
+            if args.recreate:
+                os.rmdir(args.unit)
         else:
             pid = os.posix_spawn(args.exe, argv, os.environ)
             _, status = os.waitpid(pid, 0)

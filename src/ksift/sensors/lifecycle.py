@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ksift.enrich.cgroup import parse_cgroup_path
 from ksift.loader.bpf_object import BpfMap
 from ksift.rules.incidents import NS, Crossing, Incident, KeyState
 from ksift.rules.model import Rule
@@ -80,8 +81,10 @@ CRASH_RUN = np.dtype(
         ("hist", CRASH_EVENT, (CRASH_HISTORY,)),
     ]
 )
+CGROUP_NAME_LEN = 96  # KSIFT_CGROUP_NAME_LEN
 CRASH_STATE = np.dtype(
-    [("win", WINDOW), ("last_exit_ns", "<u8"), ("last_tgid", "<u4"), ("pad", "<u4"), ("run", CRASH_RUN)]
+    [("win", WINDOW), ("last_exit_ns", "<u8"), ("last_tgid", "<u4"), ("pad", "<u4"), ("run", CRASH_RUN),
+     ("cgroup_name", f"S{CGROUP_NAME_LEN}")]
 )
 CRASH_CROSSING = np.dtype(
     [
@@ -221,11 +224,15 @@ def churn_crossing(rule: str, row: np.void, p: np.void) -> Crossing:
     return window_crossing(rule, row, p, details=details)
 
 
-def crash_crossing(rule: str, row: np.void, p: np.void, min_gap_s: float) -> Crossing:
-    """A crash loop crossing, keyed by CrashKey: the failing process is the subject."""
+def crash_crossing(rule: str, row: np.void, p: np.void, min_gap_s: float,
+                   cgroup_name_of: Callable[[CrashKey], str | None] | None = None) -> Crossing:
+    """A crash loop crossing, keyed by CrashKey: the failing process is the subject.
+    cgroup_name_of(key), for a loop keyed by cgroup: the name of the failing process's own cgroup as
+    the kernel kept it, to name its unit or container once the cgroup is gone."""
     task = records.task_context(row["task"])
     parent = int(p["parent_tgid"])
     group = int(p["group_cgroup_id"])
+    key = CrashKey(0 if group else parent, group, task.exe)
     parent_comm = next((comm for pid, comm in task.ancestry[:1] if pid == parent), None)
     status = int(p["exit_code"])
     history = run_history(p["run"])
@@ -236,6 +243,7 @@ def crash_crossing(rule: str, row: np.void, p: np.void, min_gap_s: float) -> Cro
         # a unit, a container) the cgroup above its own, whoever restarts it.
         "keyed_by": "cgroup" if group else "parent",
         "group_cgroup_id": group or None,
+        "cgroup_name": (cgroup_name_of(key) if group and cgroup_name_of is not None else None) or None,
         "failures": int(p["head"]["window_count"]),
         **run_details(p["run"], min_gap_s),
         **describe_exit(status),
@@ -243,7 +251,6 @@ def crash_crossing(rule: str, row: np.void, p: np.void, min_gap_s: float) -> Cro
         "last_pid": task.tgid,
         "last_lifetime_s": round(history[-1][1], 6) if history else None,
     }
-    key = CrashKey(0 if group else parent, group, task.exe)
     return window_crossing(rule, row, p, task=task, key=key, details=details)
 
 
@@ -348,9 +355,16 @@ class LifecycleSensor(Sensor):
 
     def _decode_crash(self, batch: np.ndarray, rule: str, out: Decoded) -> None:
         min_gap = float(self.crash_rule.param("min_gap")) if self.crash_rule is not None else 0.0
+
         out.crossings += self.decode_records(batch, REC_CRASH_CROSSING, CRASH_CROSSING,
-                                             lambda row, p: crash_crossing(rule, row, p, min_gap), out,
-                                             "crash loop")
+                                             lambda row, p: crash_crossing(rule, row, p, min_gap,
+                                                                           self._cgroup_name_of),
+                                             out, "crash loop")
+
+    def _cgroup_name_of(self, key: CrashKey) -> str | None:
+        """The name the kernel kept of the failing process's own cgroup (one lookup per crossing)."""
+        st = self._crash_state_of(key)
+        return records.text(bytes(st["cgroup_name"])) if st is not None else None
 
     # -- live state ----------------------------------------------------------
 
@@ -432,9 +446,14 @@ class LifecycleSensor(Sensor):
         return None
 
 
-def where(subject: dict) -> str:
+def where(subject: dict, cgroup_name: str | None = None) -> str:
     """' in container web (pod shop/web-1)', ' in unit foo.service', or '': where the failing
-    process ran, from the enrichment of its cgroup."""
+    process ran, from the enrichment of its cgroup, else from its cgroup's name as the kernel kept
+    it (the cgroup may be gone by the time the alert is built: systemd removes a unit's between
+    restarts, a runtime a container's)."""
+    if not (subject.get("container_id") or subject.get("systemd_unit")) and cgroup_name:
+        info = parse_cgroup_path("/" + cgroup_name)
+        subject = {"container_id": info.container_id, "systemd_unit": info.systemd_unit}
     if subject.get("container_name") or subject.get("container_id"):
         name = subject.get("container_name") or str(subject["container_id"])[:12]
         pod = subject.get("pod_name")
@@ -452,7 +471,7 @@ def crash_summary(inc: Incident, status: str) -> str:
     exe = d.get("exe") or inc.task.exe or inc.task.comm
     parent = d.get("parent") or {}
     who = f"{exe} under PID {parent.get('pid')} ({parent.get('comm') or '?'})"
-    who += where((inc.context or {}).get("subject") or {})
+    who += where((inc.context or {}).get("subject") or {}, d.get("cgroup_name"))
     if status == "open":
         failures = max(int(d.get("failures") or 0), inc.count)
         span = approx(max(inc.opened_ns - inc.first_window_ns, 0) / NS)
