@@ -1182,7 +1182,10 @@ def print_report(result: dict, out=sys.stdout) -> None:
     fl = lf.get("flood")
     if fl:
         run, acc, d = fl["run"], fl["accounting"], fl["agent_during_flood"]
-        w(f"\n4. Flood of the running agent (ring buffer {fl['ringbuf_bytes'] // 1024} KiB, 512 bytes a record, "
+        from ksift.transport.records import RECORD_SIZE, RINGBUF_HDR_SIZE  # the record's size, as the agent reads it
+
+        w(f"\n4. Flood of the running agent (ring buffer {fl['ringbuf_bytes'] // 1024} KiB, "
+          f"{RECORD_SIZE + RINGBUF_HDR_SIZE} bytes a record, "
           f"submitted with {fl['submit']})\n")
         w(f"  offered {run['offered']:,} in {run['elapsed_s']:.2f} s ({run['offered_per_s']:,.0f}/s, "
           f"{run['runs']:,} runs of {run['batch']}, {run['late_runs']} late)\n")

@@ -45,6 +45,21 @@ struct {
 	__type(value, struct ksift_marks);
 } ks_marks SEC(".maps");
 
+/* Room to resolve an executable's full path (read_exe_path): the names of its
+ * directories, then the path written out, with a whole name of slack past the
+ * first KSIFT_PATH_LEN bytes. Per CPU and per object; only crossings use it. */
+struct ksift_exe_scratch {
+	const unsigned char *names[KSIFT_EXE_DEPTH];
+	char buf[2 * KSIFT_PATH_LEN];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ksift_exe_scratch);
+} ks_exe_scratch SEC(".maps");
+
 /* This object's own per-CPU counters: what its programs saw, filtered,
  * aggregated and emitted (read on demand: /metrics, the API, --stats). */
 struct {
@@ -175,19 +190,145 @@ static __always_inline struct ksift_exec *exec_of(struct task_struct *task)
 	return bpf_task_storage_get(&ks_exec_path, task->group_leader, 0, 0);
 }
 
-/* The executable: the exec path ksift saw, else the basename (enrichment adds
- * the full path from /proc while the process lives). `task` must be a BTF
- * pointer (see exec_of). Call after fill_task(). */
+/* One step of the walk from an executable file up to its namespace's root
+ * (read_exe_path): the state bpf_loop() hands each step. */
+struct ksift_exe_walk {
+	struct dentry *d;
+	struct mount *mnt;
+	__u32 n;    /* names collected in ks_exe_scratch, the file's first */
+	__u32 done; /* reached the root */
+};
+
+/* A bpf_loop() callback: verified once, where a loop whose steps branch two
+ * ways (a name, or a mount crossed) would be verified once per path. */
+static long exe_walk_step(__u32 i, void *ctx)
+{
+	struct ksift_exe_walk *w = ctx;
+	/* Locals, not w->...: a CO-RE read relocates every access in its argument. */
+	struct dentry *d = w->d, *parent = BPF_CORE_READ(d, d_parent);
+	struct mount *mnt = w->mnt, *up;
+	struct ksift_exe_scratch *s;
+	__u32 zero = 0;
+
+	if (d == BPF_CORE_READ(mnt, mnt.mnt_root) || d == parent) {
+		/* A mount's root: the path goes on at its mount point in the parent mount. */
+		up = BPF_CORE_READ(mnt, mnt_parent);
+		if (up == mnt || !up) {
+			w->done = 1; /* the root of the namespace */
+			return 1;
+		}
+		w->d = BPF_CORE_READ(mnt, mnt_mountpoint);
+		w->mnt = up;
+		return 0;
+	}
+	s = bpf_map_lookup_elem(&ks_exe_scratch, &zero);
+	if (!s || w->n >= KSIFT_EXE_DEPTH)
+		return 1; /* too deep: not resolved */
+	s->names[w->n & (KSIFT_EXE_DEPTH - 1)] = BPF_CORE_READ(d, d_name.name);
+	w->n++;
+	w->d = parent;
+	return 0;
+}
+
+/* The full path of `task`'s executable file (what /proc/PID/exe shows, as
+ * seen from the root of the process's mount namespace) into
+ * out[KSIFT_PATH_LEN], by walking its dentries and mounts up to that root:
+ * bpf_d_path is not allowed from tracepoints. Needs the process's memory map
+ * (none in a kernel thread, nor at sched_process_exit on kernels that release
+ * it before tracing the exit). Returns the path's length, or 0 when it could not be resolved
+ * whole (no executable, deeper than KSIFT_EXE_DEPTH, longer than
+ * KSIFT_PATH_LEN - 1): the caller falls back to the exec path or the basename.
+ * A function of its own (not inlined): every crossing site shares one copy. */
+static __noinline long read_exe_path(char *out, struct task_struct *task)
+{
+	struct file *file = BPF_CORE_READ(task, mm, exe_file);
+	struct ksift_exe_walk w = {};
+	struct ksift_exe_scratch *s;
+	__u32 zero = 0, i, off = 0, at;
+	long len;
+
+	if (!file)
+		return 0;
+	w.d = BPF_CORE_READ(file, f_path.dentry);
+	w.mnt = (void *)BPF_CORE_READ(file, f_path.mnt) - bpf_core_field_offset(struct mount, mnt);
+	bpf_loop(2 * KSIFT_EXE_DEPTH, exe_walk_step, &w, 0);
+	s = bpf_map_lookup_elem(&ks_exe_scratch, &zero);
+	if (!s || !w.done || w.n == 0 || w.n > KSIFT_EXE_DEPTH)
+		return 0;
+	/* Then written out root first: "/" and a name, for each. */
+	__builtin_memset(s->buf, 0, KSIFT_PATH_LEN);
+	for (i = 0; i < KSIFT_EXE_DEPTH && i < w.n; i++) {
+		if (off >= KSIFT_PATH_LEN - 1)
+			return 0;
+		at = off & (KSIFT_PATH_LEN - 1);
+		s->buf[at] = '/';
+		len = bpf_probe_read_kernel_str(&s->buf[at + 1], KSIFT_PATH_LEN,
+						s->names[(w.n - 1 - i) & (KSIFT_EXE_DEPTH - 1)]);
+		if (len <= 1)
+			return 0;
+		off = at + len; /* at + 1 + (len - 1): past the name, on its NUL */
+	}
+	if (off >= KSIFT_PATH_LEN)
+		return 0;
+	__builtin_memcpy(out, s->buf, KSIFT_PATH_LEN);
+	return off;
+}
+
+/* The first bytes of the arg area [start, end) of the current process's
+ * memory (argv, NUL-separated: what /proc/PID/cmdline shows) into
+ * args[KSIFT_ARGS_LEN]. Returns the area's whole size (more than
+ * KSIFT_ARGS_LEN: cut short), or 0 when nothing was read. Only the current
+ * process's memory can be read here (bpf_probe_read_user), and only the
+ * arguments: the environment right after them is never copied. */
+static __always_inline __u32 read_args(char *args, unsigned long start, unsigned long end)
+{
+	unsigned long size, len;
+
+	if (!start || end <= start)
+		return 0;
+	size = end - start;
+	len = size < KSIFT_ARGS_LEN ? size : KSIFT_ARGS_LEN;
+	/* The compiler's min() may not bound the very register the call gets: say it again there. */
+	barrier_var(len);
+	if (len > KSIFT_ARGS_LEN)
+		return 0;
+	if (bpf_probe_read_user(args, len, (void *)start))
+		return 0;
+	return size < 0xffffffffUL ? size : 0xffffffffU;
+}
+
+/* The executable and its arguments, as of now: the executable file's full
+ * path while the process has its memory map, else the path of the exec ksift
+ * saw (the core object keeps it), else the basename; the arguments of that
+ * exec, else, when the task is in the current process, those in its memory now
+ * (a forked child that never exec'd, a process started before ksift). `task`
+ * must be a BTF pointer (see exec_of). Call after fill_task(). Crossings only:
+ * never on a per-event path. */
 static __always_inline void fill_exe(struct ksift_task *out, struct task_struct *task)
 {
 	struct ksift_exec *exec = exec_of(task);
+	struct mm_struct *mm = task->mm;
 
-	if (exec) {
+	if (mm && read_exe_path(out->exe, task) > 0)
+		out->ctx_flags = KSIFT_CTX_EXE_EVENT;
+	else if (exec) {
 		__builtin_memcpy(out->exe, exec->path, sizeof(out->exe));
+		out->ctx_flags = KSIFT_CTX_EXE_EXEC;
+	} else {
+		/* Exec'd before ksift started: the basename is what the kernel keeps handy. */
+		read_exe_name(out->exe, task);
+	}
+	if (exec && exec->args_size) {
+		__builtin_memcpy(out->args, exec->args, sizeof(out->args));
+		out->args_size = exec->args_size;
+		out->ctx_flags |= KSIFT_CTX_ARGS_EXEC;
 		return;
 	}
-	/* Exec'd before ksift started: the basename is what the kernel keeps handy. */
-	read_exe_name(out->exe, task);
+	if (!mm || out->tgid != bpf_get_current_pid_tgid() >> 32)
+		return; /* no memory map (exited), or another process's memory: not readable here */
+	out->args_size = read_args(out->args, mm->arg_start, mm->arg_end);
+	if (out->args_size)
+		out->ctx_flags |= KSIFT_CTX_ARGS_EVENT;
 }
 
 /* A key's state in `map`, created from `init` at its first event; NULL

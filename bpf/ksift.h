@@ -12,6 +12,9 @@
 
 #define KSIFT_COMM_LEN 16
 #define KSIFT_PATH_LEN 128
+/* Bytes of a process's arguments (its arg area: argv, NUL-separated) a record
+ * carries; a longer command line is cut here and says so (args_size). */
+#define KSIFT_ARGS_LEN 504
 #define KSIFT_ANCESTRY_MAX 8
 
 /* Address families (include/linux/socket.h: #defines, so not in vmlinux.h),
@@ -20,8 +23,9 @@
 #define KSIFT_AF_INET6 10
 
 /* Total size of one record as submitted to the ring buffer. With the ring
- * buffer's own 8-byte header every record occupies exactly 512 bytes. */
-#define KSIFT_RECORD_SIZE 504
+ * buffer's own 8-byte header every record occupies exactly 1024 bytes: the
+ * task's context (with its command line) and a payload of up to 144 bytes. */
+#define KSIFT_RECORD_SIZE 1016
 
 /* Record types (ksift_record.type): one range per sensor, so a type names its
  * sensor in any dump. Each sensor's own header (bpf/<sensor>.h) defines its
@@ -87,11 +91,27 @@ struct ksift_marks {
 };
 
 /* The last exec of a process (task storage on its group leader, shared by every
- * object through the core object): which executable a record names, even when
- * the process is gone by the time user space reads it. */
+ * object through the core object): which executable a record names and with
+ * which arguments, even when the process is gone by the time user space reads it. */
 struct ksift_exec {
 	char path[KSIFT_PATH_LEN]; /* bprm->filename, NUL-padded (copied whole into hashed keys) */
+	__u32 args_size;           /* bytes of the new arg area (argv, NUL-separated) at exec */
+	__u32 pad;
+	char args[KSIFT_ARGS_LEN]; /* its first min(args_size, KSIFT_ARGS_LEN) bytes, then zeros */
 };
+
+/* Where a record's executable and arguments came from (ksift_task.ctx_flags). */
+enum ksift_ctx_flag {
+	KSIFT_CTX_EXE_EXEC = 1 << 0,   /* exe: the exec path the core object kept */
+	KSIFT_CTX_ARGS_EXEC = 1 << 1,  /* args: copied at exec by the core object */
+	KSIFT_CTX_ARGS_EVENT = 1 << 2, /* args: read from the process's memory at the event (no exec seen) */
+	KSIFT_CTX_EXE_EVENT = 1 << 3,  /* exe: the full path of its executable file, resolved at the event */
+};
+/* Neither EXE flag: exe is the executable's basename, or empty. */
+
+/* Directories a resolved executable path may have (deeper: the exec path or
+ * the basename instead). */
+#define KSIFT_EXE_DEPTH 32
 
 struct ksift_ancestor {
 	__u32 pid;
@@ -112,6 +132,9 @@ struct ksift_task {
 	char comm[KSIFT_COMM_LEN];
 	struct ksift_ancestor ancestry[KSIFT_ANCESTRY_MAX];
 	char exe[KSIFT_PATH_LEN]; /* exec filename if seen, else exe basename */
+	__u32 args_size;        /* bytes of the process's arg area (0: none captured) */
+	__u32 ctx_flags;        /* enum ksift_ctx_flag: where exe and args came from */
+	char args[KSIFT_ARGS_LEN]; /* argv, NUL-separated: its first min(args_size, KSIFT_ARGS_LEN) bytes */
 };
 
 struct ksift_record {

@@ -343,6 +343,9 @@ static __always_inline bool crash_count(struct task_struct *task, struct task_st
 	/* Its executable as the key names it: at exit its memory is gone, so
 	 * without an exec path the basename is too and the key falls back to comm. */
 	__builtin_memcpy(rec->task.exe, key->exe, sizeof(rec->task.exe));
+	/* ... and says so: the exec path when there was one, else only a name. */
+	rec->task.ctx_flags = (rec->task.ctx_flags & ~(KSIFT_CTX_EXE_EVENT | KSIFT_CTX_EXE_EXEC)) |
+			      (exec ? KSIFT_CTX_EXE_EXEC : 0);
 	cross = KSIFT_PAYLOAD(rec, struct ksift_crash_crossing);
 	cross->group_cgroup_id = key->cgroup_id;
 	cross->parent_tgid = ptgid;

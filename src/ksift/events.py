@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 class TaskContext:
     """Who a task was at event time, as captured in the kernel.
 
-    Every field stays valid after the process exits; enrichment adds what only
-    /proc can tell (full exe path, cmdline) when the process is still there.
+    Every field stays valid after the process exits; enrichment prefers /proc
+    (the full exe path, the live cmdline) while the process is still there.
     """
 
     tgid: int
@@ -23,3 +23,7 @@ class TaskContext:
     comm: str
     exe: str  # exec filename if the kernel saw the exec, else the exe basename, or ""
     ancestry: tuple[tuple[int, str], ...] = field(default_factory=tuple)  # (tgid, comm), parent first
+    exe_source: str | None = None  # "event": full path resolved at the event; "exec": as exec'd; "exe_name"
+    cmdline: tuple[str, ...] | None = None  # argv as the kernel captured it (None: not captured)
+    cmdline_truncated: bool = False  # cut at KSIFT_ARGS_LEN bytes: the last argument is partial
+    cmdline_source: str | None = None  # "exec": copied at exec; "event": read from its memory at the event

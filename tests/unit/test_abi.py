@@ -112,6 +112,15 @@ def test_record_stride_is_fixed():
     assert records.RECORD.itemsize == records.RECORD_SIZE
 
 
+def test_every_payload_fits_a_record():
+    # The C side asserts it per cast (KSIFT_PAYLOAD); the mirrors must agree, or a payload decodes
+    # past the end of the record's bytes.
+    for sensor in SENSORS:
+        for cname, (dtype, _) in sensor.abi.items():
+            if cname.endswith(("_crossing", "_exit", "_kill", "_request", "_step")):
+                assert dtype.itemsize <= records.PAYLOAD_SIZE, f"{sensor.name}: {cname} does not fit a record"
+
+
 # -- constants and enums from the C text ---------------------------------------------------------
 
 _INT = re.compile(r"\b(0[xX][0-9a-fA-F]+|\d+)[uUlL]*\b")
@@ -209,6 +218,11 @@ def python_record_types(module_name: str) -> dict[str, int]:
 @pytest.mark.parametrize("python, c_name", [
     (records.COMM_LEN, "KSIFT_COMM_LEN"),
     (records.PATH_LEN, "KSIFT_PATH_LEN"),
+    (records.ARGS_LEN, "KSIFT_ARGS_LEN"),
+    (records.CTX_EXE_EXEC, "KSIFT_CTX_EXE_EXEC"),
+    (records.CTX_ARGS_EXEC, "KSIFT_CTX_ARGS_EXEC"),
+    (records.CTX_ARGS_EVENT, "KSIFT_CTX_ARGS_EVENT"),
+    (records.CTX_EXE_EVENT, "KSIFT_CTX_EXE_EVENT"),
     (records.ANCESTRY_MAX, "KSIFT_ANCESTRY_MAX"),
     (records.AF_INET, "KSIFT_AF_INET"),
     (records.AF_INET6, "KSIFT_AF_INET6"),
@@ -268,6 +282,11 @@ def test_common_counter_names_match_header():
 def test_transport_counter_names_match_header():
     assert tuple(enum_names("ksift_transport_counter", "KSIFT_TR_")) == records.TRANSPORT_COUNTER_NAMES
     assert len(records.TRANSPORT_COUNTER_NAMES) <= records.TRANSPORT_SLOTS
+
+
+def test_context_flags_are_the_whole_enum():
+    assert [n for n, _ in ENUMS["ksift_ctx_flag"]] == ["KSIFT_CTX_EXE_EXEC", "KSIFT_CTX_ARGS_EXEC",
+                                                       "KSIFT_CTX_ARGS_EVENT", "KSIFT_CTX_EXE_EVENT"]
 
 
 def test_core_counter_names_match_core_object():

@@ -19,7 +19,7 @@ from ksift.transport.ringbuf import BUSY_BIT, DISCARD_BIT, RingBufferReader
 
 PAGE = mmap.PAGESIZE
 DATA = 16 * PAGE
-STRIDE = 512
+STRIDE = 1024  # KSIFT_RECORD_SIZE (1016) + the ring header (8)
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 bpf/core.bpf.c creates the maps every object declares in common.bpf.h (the
 ks_events ring buffer, the ks_transport counters, the ks_exec_path task
-storage) and keeps exec paths with its one hook (sched_process_exec). Each
+storage) and keeps each exec's path and arguments with its one hook
+(sched_process_exec). Each
 sensor's object then reuses those maps (`shared_fds`), so the agent maps one
 ring buffer, waits on one fd, and reads one counter map to see any loss.
 """
@@ -20,7 +21,7 @@ from ksift.transport.ringbuf import RingBufferReader
 
 SHARED_MAPS = ("ks_events", "ks_transport", "ks_exec_path", "ks_marks")
 # enum ksift_core_counter (bpf/core.bpf.c), from records.SENSOR_COUNTER_BASE on.
-CORE_COUNTER_NAMES = ("exec_seen", "exec_stored")
+CORE_COUNTER_NAMES = ("exec_seen", "exec_stored", "args_stored")
 
 
 class CoreObject:
@@ -69,7 +70,7 @@ class CoreObject:
         return records.read_counters(self._transport, records.TRANSPORT_COUNTER_NAMES) or {}
 
     def counters(self) -> dict[str, int]:
-        """The core object's own counters (exec paths seen and kept)."""
+        """The core object's own counters (execs seen, paths and arguments kept)."""
         return records.read_counters(self._counters, records.COMMON_COUNTER_NAMES + CORE_COUNTER_NAMES) or {}
 
     def close(self) -> None:

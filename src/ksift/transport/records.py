@@ -6,16 +6,19 @@ the built BPF objects, so a drift between C and Python fails the build.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ksift.events import TaskContext
 
 COMM_LEN = 16
 PATH_LEN = 128
+ARGS_LEN = 504  # KSIFT_ARGS_LEN: bytes of a process's arguments a record carries
 ANCESTRY_MAX = 8
 AF_INET = 2  # KSIFT_AF_INET: address families as the net and request records carry them
 AF_INET6 = 10
-RECORD_SIZE = 504
+RECORD_SIZE = 1016
 RINGBUF_HDR_SIZE = 8
 
 # enum ksift_counter's transport slots, in order: the same in every object.
@@ -39,8 +42,18 @@ TASK = np.dtype(
         ("comm", f"S{COMM_LEN}"),
         ("ancestry", ANCESTOR, (ANCESTRY_MAX,)),
         ("exe", f"S{PATH_LEN}"),
+        ("args_size", "<u4"),
+        ("ctx_flags", "<u4"),
+        ("args", f"V{ARGS_LEN}"),  # raw bytes: an "S" field would drop the trailing NULs that end argv
     ]
 )
+
+# enum ksift_ctx_flag: where a record's exe and args came from.
+CTX_EXE_EXEC = 1 << 0  # exe is the exec path the core object kept
+CTX_ARGS_EXEC = 1 << 1  # args were copied at exec by the core object
+CTX_ARGS_EVENT = 1 << 2  # args were read from the process's memory at the event
+CTX_EXE_EVENT = 1 << 3  # exe is its executable file's full path, resolved at the event
+# Neither EXE flag: exe is the executable's basename (or empty).
 
 PAYLOAD_SIZE = RECORD_SIZE - 16 - TASK.itemsize
 
@@ -66,8 +79,8 @@ TRANSPORT_COUNTER_NAMES = ("emitted", "dropped", "wakeups")
 TRANSPORT_SLOTS = 8
 TRANSPORT = np.dtype([("v", "<u8", (TRANSPORT_SLOTS,))])
 
-# struct ksift_exec: the last exec path of a process (core object's task storage).
-EXEC = np.dtype([("path", f"S{PATH_LEN}")])
+# struct ksift_exec: the last exec of a process, path and arguments (core object's task storage).
+EXEC = np.dtype([("path", f"S{PATH_LEN}"), ("args_size", "<u4"), ("pad", "<u4"), ("args", f"V{ARGS_LEN}")])
 
 def payloads(batch: np.ndarray, rec_type: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """The records of one type in a batch and their payloads decoded as `dtype`."""
@@ -81,10 +94,44 @@ def text(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+def decode_args(raw: bytes, size: int) -> tuple[tuple[str, ...], bool]:
+    """argv from the first bytes of a process's arg area (NUL-separated) whose whole size is `size`:
+    (the arguments, whether they were cut short). A cut-short list ends with the part of the
+    argument the cut fell in. Empty arguments stay ("" between two NULs); odd bytes decode as
+    os.fsdecode does (surrogateescape), as /proc's cmdline does."""
+    size = max(int(size), 0)
+    truncated = size > len(raw)
+    data = bytes(raw[: min(size, len(raw))])
+    if not data:
+        return (), truncated
+    if not truncated and data.endswith(b"\0"):
+        data = data[:-1]  # the NUL that ends the last argument
+    return tuple(os.fsdecode(part) for part in data.split(b"\0")), truncated
+
+
+def exe_source(flags: int, exe: str) -> str | None:
+    """Where a record's exe came from: "event" (its executable file's full path, resolved in the
+    kernel at the event), "exec" (the path the process was exec'd with, kept since), "exe_name"
+    (only the executable's file name), or None."""
+    if not exe:
+        return None
+    if flags & CTX_EXE_EVENT:
+        return "event"
+    return "exec" if flags & CTX_EXE_EXEC else "exe_name"
+
+
 def task_context(task: np.void) -> TaskContext:
     """One decoded ksift_task as a TaskContext."""
     n = min(int(task["ancestry_len"]), ANCESTRY_MAX)
     chain = tuple((int(a["pid"]), text(bytes(a["comm"]))) for a in task["ancestry"][:n])
+    flags = int(task["ctx_flags"])
+    exe = text(bytes(task["exe"]))
+    cmdline: tuple[str, ...] | None = None
+    cut = False
+    source = None
+    if flags & (CTX_ARGS_EXEC | CTX_ARGS_EVENT):
+        cmdline, cut = decode_args(bytes(task["args"]), int(task["args_size"]))
+        source = "exec" if flags & CTX_ARGS_EXEC else "event"
     return TaskContext(
         tgid=int(task["tgid"]),
         pid=int(task["pid"]),
@@ -94,8 +141,12 @@ def task_context(task: np.void) -> TaskContext:
         cgroup_id=int(task["cgroup_id"]),
         start_boottime_ns=int(task["start_boottime_ns"]),
         comm=text(bytes(task["comm"])),
-        exe=text(bytes(task["exe"])),
+        exe=exe,
         ancestry=chain,
+        exe_source=exe_source(flags, exe),
+        cmdline=cmdline,
+        cmdline_truncated=cut,
+        cmdline_source=source,
     )
 
 
