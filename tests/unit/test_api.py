@@ -584,3 +584,39 @@ def test_cli_refuses_a_public_api_address_without_a_token(tmp_path, capsys):
     assert err.startswith("ksift: error: --api:") and "needs a token" in err
     assert cli_main(["run", "--api", "nowhere", "--db", str(tmp_path / "a.db")]) == 2
     assert "host:port" in capsys.readouterr().err
+
+
+IMPORTS = """
+import sys
+from pathlib import Path
+from agent_helpers import fork_storm_rules, plain_enricher
+from ksift.agent import Agent
+from ksift.config import parse_config
+from ksift.sinks.factory import configured_sinks
+from ksift.store.sqlite import AlertStore
+config, rules = parse_config(sys.argv[2], "agent.toml"), fork_storm_rules()
+sinks = configured_sinks(config, rules, AlertStore(Path(sys.argv[1]) / "a.db"))
+Agent(config, rules, [], plain_enricher(), sinks)  # binds the API
+api = [s for s in sinks if s.name == "api"][0]
+before = {m: m in sys.modules for m in ("aiohttp", "httpx", "prometheus_client")}
+api.registry
+print(before, "prometheus_client" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("", "{'aiohttp': False, 'httpx': False, 'prometheus_client': False} True"),
+    ('[sinks.webhook]\nurl = "http://127.0.0.1:1/"\n',
+     "{'aiohttp': False, 'httpx': True, 'prometheus_client': False} True"),
+])
+def test_the_http_stack_loads_only_what_is_configured(tmp_path, config, expected):
+    """Issue 9 (peak memory): the API never imports aiohttp (~15 MiB resident) nor httpx (~5.6 MiB, only with a
+    network sink), and prometheus_client only when /metrics is first read."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", IMPORTS, str(tmp_path), config],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected

@@ -36,8 +36,6 @@ from importlib import metadata, resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from ksift.errors import KsiftError, StoreError
 from ksift.interfaces.http import (
     HttpError,
@@ -51,7 +49,6 @@ from ksift.interfaces.http import (
     error_response,
     json_response,
 )
-from ksift.interfaces.metrics import build_registry, read_bpf_stats_enabled
 from ksift.interfaces.openapi import build_spec
 from ksift.interfaces.settings import ApiSettings, is_loopback
 from ksift.rules.model import SEVERITIES
@@ -185,17 +182,17 @@ class ApiServer:
     def __init__(self, settings: ApiSettings, store: AlertStore | None, *,
                  route_providers: Iterable[RouteProvider] = (), version: str | None = None,
                  clock: Callable[[], float] = time.time,
-                 bpf_stats_enabled: Callable[[], bool] = read_bpf_stats_enabled):
+                 bpf_stats_enabled: Callable[[], bool] | None = None):
         self.settings = settings
         self.store = store
         self.route_providers: list[RouteProvider] = list(route_providers)
         self.version = version or _package_version()
         self.clock = clock
-        self.bpf_stats_enabled = bpf_stats_enabled
+        self.bpf_stats_enabled = bpf_stats_enabled  # None: read kernel.bpf_stats_enabled
         self.delivered = 0
         self.failed = 0
         self.agent: AgentView | None = None
-        self.registry = None  # prometheus registry, built in bind()
+        self._registry = None  # prometheus registry, built at the first scrape
         # (status, rule, severity) -> alerts seen by emit(); the metrics read it.
         self.alert_counts: Counter[tuple[str, str, str]] = Counter()
         # Ids already counted: an alert sent again (its remediation decision changed) is streamed, not recounted.
@@ -222,8 +219,19 @@ class ApiServer:
     def bind(self, agent: AgentView) -> None:
         """Called by the Agent it serves, with its view (the API reads it at request time)."""
         self.agent = agent
-        self.registry = build_registry(agent, lambda: dict(self.alert_counts), self.sse_stats, self.version,
-                                       self.bpf_stats_enabled, server_stats=self.server_stats)
+        self._registry = None
+
+    @property
+    def registry(self):
+        """This agent's Prometheus registry (None before bind), made at the first scrape:
+        prometheus_client (2-3 MiB resident) is imported only once something reads the metrics."""
+        if self._registry is None and self.agent is not None:
+            from ksift.interfaces.metrics import build_registry, read_bpf_stats_enabled
+
+            self._registry = build_registry(self.agent, lambda: dict(self.alert_counts), self.sse_stats,
+                                            self.version, self.bpf_stats_enabled or read_bpf_stats_enabled,
+                                            server_stats=self.server_stats)
+        return self._registry
 
     def emit(self, alert: dict[str, Any]) -> None:
         try:
@@ -658,6 +666,8 @@ class ApiServer:
 
     async def _metrics(self, request: Request) -> Response:
         self._need_agent()
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
         body = generate_latest(self.registry)
         return Response(body=body, content_type=CONTENT_TYPE_LATEST)
 
