@@ -252,3 +252,23 @@ def test_run_makes_a_token_next_to_the_store_unless_one_is_configured(tmp_path):
 
 def parse_config_text(tmp_path, text: str) -> AgentConfig:
     return parse_config(text, SRC)
+
+
+RAISE = """
+import resource
+from ksift.compose import raise_open_file_limit
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+print(raise_open_file_limit() == (64, hard), resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+print(raise_open_file_limit() == (64, 64), resource.getrlimit(resource.RLIMIT_NOFILE) == (64, 64))
+"""
+
+
+def test_run_raises_the_soft_open_file_limit_to_the_hard_one():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", RAISE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "True", "True"]
