@@ -100,7 +100,9 @@ class Agent:
         self.sinks = sinks
         self.clocks = clocks or Clocks(wall=time.time, mono_ns=time.monotonic_ns)
         self.grace_ns = int(TRANSIT_GRACE_S * NS)
-        self.engine = IncidentEngine(rules.enabled(), grace_ns=self.grace_ns)
+        # An incident keeps the context of its first crossing: /proc is read then, while the process
+        # that crossed most likely still runs (it may be gone a moment later, or when `sustain` ends).
+        self.engine = IncidentEngine(rules.enabled(), grace_ns=self.grace_ns, capture=enricher.context)
         self.funnel = Funnel()
         # Alerts whose stacks are still being symbolized (off the loop) wait here, in order, before the sinks.
         self.stack_gate = StackGate(self._to_sinks, sensors)

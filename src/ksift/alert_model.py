@@ -74,13 +74,16 @@ class Ancestor(_Model):
 
 @dataclass(frozen=True)
 class Subject(_Model):
-    """The process an alert is about, as captured when its incident opened."""
+    """The process an alert is about, as captured at its incident's first crossing."""
 
     pid: int = _field("process id (the thread group id)")
     ppid: int = _field("parent's process id")
     comm: str = _field("command name, captured in the kernel")
-    exe: str | None = _field("executable: from /proc while the process lives, else the exec path the kernel saw")
-    cmdline: list[str] | None = _field("arguments, from /proc; null once the process is gone")
+    exe: str | None = _field("executable, as of the incident's first crossing: its full path (`exe_source` says "
+                             "where it came from)")
+    cmdline: list[str] | None = _field("arguments, as of the incident's first crossing, even if the process "
+                                       "exited a moment later (`cmdline_source`, `cmdline_truncated`); null "
+                                       "when none could be captured")
     uid: int = _field("user id")
     start_boottime_ns: int = _field("start time (CLOCK_BOOTTIME ns); with pid, the process's identity")
     cgroup_id: int = _field("cgroup v2 id (inode of the cgroup directory)")
@@ -92,6 +95,18 @@ class Subject(_Model):
     pod_name: str | None = _field("Kubernetes pod name ([kubernetes] enabled only)")
     pod_namespace: str | None = _field("Kubernetes namespace ([kubernetes] enabled only)")
     container_name: str | None = _field("container name in the pod ([kubernetes] enabled only)")
+    exe_source: str | None = _field(
+        "where `exe` came from: `proc` (/proc/PID/exe at the first crossing), `event` (its executable file's "
+        "full path, resolved in the kernel at the event), `exec` (the path it was exec'd with, kept by the kernel "
+        "since: its memory was gone at the event), `exe_name` (only the file name: neither was at hand)",
+        default=None, enum=["proc", "event", "exec", "exe_name", None])
+    cmdline_source: str | None = _field(
+        "where `cmdline` came from: `proc` (/proc/PID/cmdline at the first crossing), `exec` (copied by the "
+        "kernel at its exec), `event` (read by the kernel from the process's memory at the event: ksift did not "
+        "see its exec)", default=None, enum=["proc", "exec", "event", None])
+    cmdline_truncated: bool = _field(
+        "the kernel's copy of the arguments was cut at 504 bytes: the last argument is partial",
+        default=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Subject:

@@ -38,14 +38,15 @@ def build_alert(tr: Transition, enricher: Enricher, clocks: Clocks,
                 summarize: Callable[[Incident, str], str | None] | None = None,
                 details: Callable[[Incident, str], dict | None] | None = None) -> dict:
     """The alert for one transition, as the dict every sink receives (Alert.to_dict()).
-    Context is captured once, when the incident opens.
+    Context is captured once: at the incident's first crossing (IncidentEngine's capture),
+    else here when it opens.
 
     summarize and details come from the sensor that owns the rule: its sentence
     and its signal's own figures (request path, exit status, address...).
     """
     inc = tr.incident
     if not inc.context:
-        inc.context = {"subject": enricher.subject(inc.task), "ancestry": enricher.ancestry(inc.task)}
+        inc.context = enricher.context(inc.task)
     started = clocks.wall_of(inc.first_window_ns)
     resolved = clocks.wall_of(inc.resolved_ns) if inc.resolved_ns is not None else None
     now = clocks.wall_of(inc.opened_ns) if tr.kind == "open" else (resolved or clocks.wall())

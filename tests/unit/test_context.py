@@ -22,6 +22,7 @@ POD = "1a2b3c4d-5e6f-7a8b-9c0d-112233445566"
 SUBJECT_KEYS = {
     "pid", "ppid", "comm", "exe", "cmdline", "uid", "start_boottime_ns", "cgroup_id", "cgroup",
     "container_id", "container_runtime", "pod_uid", "systemd_unit", "pod_name", "pod_namespace", "container_name",
+    "exe_source", "cmdline_source", "cmdline_truncated",
 }
 
 
@@ -62,11 +63,12 @@ def task(
     cgroup_id: int = 0,
     exe: str = "curl",
     ancestry: tuple[tuple[int, str], ...] = (),
+    **kernel,
 ) -> TaskContext:
     return TaskContext(
         tgid=tgid, pid=tgid, ppid=ppid, uid=1000, gid=1000, cgroup_id=cgroup_id,
         start_boottime_ns=start_ticks * NS_PER_TICK + 1234, comm="curl", exe=exe,
-        ancestry=ancestry,
+        ancestry=ancestry, **kernel,
     )
 
 
@@ -108,6 +110,7 @@ def test_subject_of_a_live_process_uses_proc_and_cgroup_id(proc: Path, cgroot: P
         "cgroup": f"/system.slice/docker-{CID}.scope", "container_id": CID,
         "container_runtime": "docker", "pod_uid": None, "systemd_unit": None,
         "pod_name": None, "pod_namespace": None, "container_name": None,
+        "exe_source": "proc", "cmdline_source": "proc", "cmdline_truncated": False,
     }
 
 
@@ -124,10 +127,43 @@ def test_subject_of_a_gone_process_keeps_kernel_fields(proc: Path, cgroot: Path)
     s = enricher(proc, cgroot).subject(task(cgroup_id=cg_id, exe="/usr/bin/curl"))
     assert (s["pid"], s["ppid"], s["comm"], s["uid"]) == (100, 50, "curl", 1000)
     assert s["exe"] == "/usr/bin/curl"
-    assert s["cmdline"] is None
+    assert s["cmdline"] is None and s["cmdline_source"] is None
     assert s["cgroup"] == "/system.slice/cron.service"
     assert s["systemd_unit"] == "cron.service"
     assert s["container_id"] is None
+
+
+def test_subject_of_a_gone_process_keeps_what_the_kernel_captured_at_exec(proc: Path) -> None:
+    t = task(exe="/usr/bin/curl", exe_source="exec", cmdline=("curl", "-s", "http://x"), cmdline_source="exec")
+    s = enricher(proc, None).subject(t)
+    assert (s["exe"], s["exe_source"]) == ("/usr/bin/curl", "exec")
+    assert (s["cmdline"], s["cmdline_source"], s["cmdline_truncated"]) == (["curl", "-s", "http://x"], "exec", False)
+
+
+def test_a_cut_kernel_cmdline_says_so(proc: Path) -> None:
+    t = task(exe="curl", exe_source="exe_name", cmdline=("curl", "-d", "abc"), cmdline_source="event",
+             cmdline_truncated=True)
+    s = enricher(proc, None).subject(t)
+    assert (s["exe"], s["exe_source"]) == ("curl", "exe_name")
+    assert (s["cmdline"], s["cmdline_source"], s["cmdline_truncated"]) == (["curl", "-d", "abc"], "event", True)
+
+
+def test_a_live_process_is_read_from_proc_over_the_kernel_copy(proc: Path) -> None:
+    make_proc(proc, 100, "curl", 50, 5000, exe="/usr/bin/curl", cmdline=b"curl\0-s\0http://x\0")
+    t = task(exe="./curl", exe_source="exec", cmdline=("./curl", "-s"), cmdline_source="exec",
+             cmdline_truncated=True)
+    s = enricher(proc, None).subject(t)
+    assert (s["exe"], s["exe_source"]) == ("/usr/bin/curl", "proc")
+    assert (s["cmdline"], s["cmdline_source"], s["cmdline_truncated"]) == (["curl", "-s", "http://x"], "proc", False)
+
+
+def test_a_zombie_keeps_the_kernel_cmdline(proc: Path) -> None:
+    # Exited, not yet reaped: /proc has its pid and start time, but no exe and an empty cmdline.
+    make_proc(proc, 100, "curl", 50, 5000, exe=None, cmdline=b"")
+    t = task(exe="/usr/bin/curl", exe_source="exec", cmdline=("curl", "-s"), cmdline_source="exec")
+    s = enricher(proc, None).subject(t)
+    assert (s["exe"], s["exe_source"]) == ("/usr/bin/curl", "exec")
+    assert (s["cmdline"], s["cmdline_source"]) == (["curl", "-s"], "exec")
 
 
 def test_subject_of_a_recycled_pid_ignores_the_new_process(proc: Path) -> None:

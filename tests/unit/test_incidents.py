@@ -153,3 +153,56 @@ def test_sustained_incident_counts_from_the_start_of_the_run():
     e.observe(crossing(0, count=51, total=61))  # 10 forks before the run
     out = e.observe(crossing(S, count=60, total=160, at=S + S // 2))
     assert out[0].incident.count == 150
+
+
+def capturing_engine(rule_):
+    """An engine whose capture records which task it was asked about, and when."""
+    seen = []
+
+    def capture(task):
+        seen.append(task)
+        return {"subject": {"pid": task.tgid, "comm": task.comm}, "ancestry": []}
+
+    ids = (f"inc{i}" for i in itertools.count(1))
+    return IncidentEngine([rule_], new_id=lambda: next(ids), capture=capture), seen
+
+
+def later_task(comm):
+    return TaskContext(tgid=1234, pid=1234, ppid=1, uid=0, gid=0, cgroup_id=1, start_boottime_ns=5,
+                       comm=comm, exe="/bin/bash")
+
+
+def test_context_is_captured_at_the_first_crossing_of_a_sustained_run():
+    # The process first looked interesting at 0 s: what it was then is what the incident keeps,
+    # even though it opens at 2 s (and may be gone by then).
+    e, seen = capturing_engine(rule(sustain_s=2.0))
+    e.observe(crossing(0))
+    e.observe(Crossing(rule="fork_storm", key=1234, ktime_ns=S + S // 4, window_start_ns=S, window_count=51,
+                       total=102, task=later_task("renamed")))
+    [opened] = e.observe(Crossing(rule="fork_storm", key=1234, ktime_ns=2 * S + S // 4, window_start_ns=2 * S,
+                                  window_count=51, total=153, task=later_task("renamed")))
+    assert [t.comm for t in seen] == ["bash"]  # one capture, at the first crossing
+    assert opened.incident.context["subject"] == {"pid": 1234, "comm": "bash"}
+    # Later crossings and the resolution keep it.
+    e.observe(crossing(3 * S))
+    [resolved] = e.tick(6 * S)
+    assert resolved.incident.context["subject"]["comm"] == "bash" and len(seen) == 1
+
+
+def test_a_broken_run_captures_anew_and_a_stale_pending_context_is_dropped():
+    e, seen = capturing_engine(rule(sustain_s=2.0))
+    e.observe(crossing(0))
+    assert ("fork_storm", 1234) in e._run_context
+    e.observe(Crossing(rule="fork_storm", key=1234, ktime_ns=5 * S, window_start_ns=5 * S, window_count=51,
+                       total=102, task=later_task("second")))  # a whole quiet window between: a new run
+    assert [t.comm for t in seen] == ["bash", "second"]
+    e.tick(400 * S)  # idle long enough to be evicted: its pending context goes with it
+    assert e._run_context == {}
+
+
+def test_a_crossing_that_opens_at_once_is_captured_once():
+    e, seen = capturing_engine(rule())
+    [opened] = e.observe(crossing(0))
+    e.observe(crossing(0, count=52, total=52))  # the same window reported again
+    assert len(seen) == 1 and opened.incident.context["subject"]["comm"] == "bash"
+    assert e._run_context == {}

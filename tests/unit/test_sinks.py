@@ -111,6 +111,14 @@ def test_text_format_degraded_and_resolved():
     assert "  RESOLVED after 3.2s\n" in text
 
 
+def test_text_format_marks_a_cmdline_the_kernel_cut_short():
+    def text(**cut):
+        return format_alert_text(make_alert(subject=make_subject(cmdline=["python3", "-c", "xx"], **cut)))
+
+    assert "python3 -c xx..." in text(cmdline_truncated=True)
+    assert "python3 -c xx..." not in text()
+
+
 def test_text_format_truncates_long_cmdlines():
     subject = make_subject(cmdline=["python3", "-c", "x" * 5000])
     text = format_alert_text(make_alert(subject=subject))

@@ -1,9 +1,14 @@
 """Turn a kernel-captured TaskContext into the subject/ancestry an alert shows.
 
-The kernel's view is authoritative (it was taken at event time); /proc only
-adds what the kernel could not cheaply capture, and only while the pid still
-names the same process. Nothing here raises for a single process: a gone,
-recycled or unreadable process just means less detail.
+Called at an incident's first crossing (IncidentEngine's capture), when the
+process first looked interesting. The kernel's view is authoritative for what
+it captured at event time (ids, comm, cgroup, ancestry); /proc gives the full
+executable path and the live command line, but only while the pid still names
+the same process. When it does not (the process exited a moment after the
+crossing, or its pid was recycled), the executable and arguments the kernel
+captured (at exec, or from the process's memory at the event) stand in, and
+`exe_source`/`cmdline_source` say which. Nothing here raises for a single
+process: a gone, recycled or unreadable process just means less detail.
 """
 
 from __future__ import annotations
@@ -32,11 +37,16 @@ class Enricher:
         self.ancestry_limit = ancestry_limit
         self.pods = pods  # Kubernetes names from a cache refreshed in the background; never waits
 
+    def context(self, task: TaskContext) -> dict[str, Any]:
+        """What an incident keeps of its subject: {"subject": ..., "ancestry": [...]}, read now."""
+        return {"subject": self.subject(task), "ancestry": self.ancestry(task)}
+
     # -- subject ------------------------------------------------------------
 
     def subject(self, task: TaskContext) -> dict[str, Any]:
         pid = task.tgid
-        exe = cmdline = proc_cgroup = None
+        exe = proc_cgroup = None
+        cmdline: list[str] | None = None
         if self._same_process(task):
             exe = self._try(self.procfs.exe, pid)
             cmdline = self._try(self.procfs.cmdline, pid)
@@ -45,6 +55,13 @@ class Enricher:
             # if so, none of what we just read belongs to this task.
             if not self._same_process(task):
                 exe = cmdline = proc_cgroup = None
+        exe_source = "proc" if exe else None
+        if not exe:
+            exe, exe_source = task.exe or None, task.exe_source if task.exe else None
+        # A zombie's /proc cmdline is empty: the kernel's copy is then the better word.
+        cmdline_source, truncated = ("proc" if cmdline else None), False
+        if not cmdline and task.cmdline is not None:
+            cmdline, cmdline_source, truncated = list(task.cmdline), task.cmdline_source, task.cmdline_truncated
 
         # The id is what the kernel saw at event time; /proc shows where the
         # process is now, which only differs if it was moved since.
@@ -60,8 +77,8 @@ class Enricher:
             "pid": pid,
             "ppid": task.ppid,
             "comm": task.comm,
-            "exe": exe or task.exe or None,
-            "cmdline": cmdline,
+            "exe": exe,
+            "cmdline": cmdline or None,
             "uid": task.uid,
             "start_boottime_ns": task.start_boottime_ns,  # with pid, the process's identity
             "cgroup_id": task.cgroup_id,
@@ -73,6 +90,9 @@ class Enricher:
             "pod_name": pod.pod_name if pod else None,
             "pod_namespace": pod.pod_namespace if pod else None,
             "container_name": pod.container_name if pod else None,
+            "exe_source": exe_source,
+            "cmdline_source": cmdline_source if cmdline else None,
+            "cmdline_truncated": truncated,
         }
 
     # -- ancestry -----------------------------------------------------------

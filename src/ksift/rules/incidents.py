@@ -83,7 +83,7 @@ class Incident:
     records_lost: int = 0
     held_until_ns: int = 0  # its sensor said the cause is still there: not judged again before this
     severity: str | None = None  # set when a crossing asked for more than the rule's severity
-    context: dict = field(default_factory=dict)  # enrichment captured when it opened
+    context: dict = field(default_factory=dict)  # enrichment captured at its first crossing
     details: dict = field(default_factory=dict)  # the signal's own figures, first crossing then updates
     stack: Any = None
 
@@ -104,7 +104,7 @@ class IncidentEngine:
 
     def __init__(self, rules: list[Rule] | tuple[Rule, ...], grace_ns: int = 0,
                  new_id: Callable[[], str] = lambda: uuid.uuid4().hex, max_open: int = 10_000,
-                 loss_memory: int = 1024):
+                 loss_memory: int = 1024, capture: Callable[[TaskContext], dict] | None = None):
         self.rules = {r.name: r for r in rules}
         self.grace_ns = grace_ns  # transit slack: a record may reach us one tick late
         self.new_id = new_id
@@ -114,6 +114,11 @@ class IncidentEngine:
         self._cooldown_until: dict[tuple[str, Hashable], int] = {}
         self._cooldown_folded: dict[tuple[str, Hashable], int] = {}
         self._run_base: dict[tuple[str, Hashable], int] = {}  # key's total before its current hot run (sustain)
+        # capture(task): the context an incident keeps (the enricher's subject and ancestry), taken at
+        # the first crossing of a hot run, when the process first looked interesting: with `sustain`
+        # it may be gone by the time the incident opens. Without it the alert builds it at opening.
+        self._capture = capture
+        self._run_context: dict[tuple[str, Hashable], tuple[int, dict]] = {}  # (run start, context)
         self._losses: deque[tuple[int, int]] = deque(maxlen=loss_memory)
         self.stats = {"crossings": 0, "opened": 0, "resolved": 0, "folded": 0, "cooldown_suppressed": 0,
                       "pending": 0, "refused_full": 0, "unknown_rule": 0}
@@ -160,6 +165,7 @@ class IncidentEngine:
         if run_start == c.window_start_ns:
             # A new run of hot windows: its count starts from this window's first event.
             self._run_base[ident] = c.total - c.window_count
+        context = self._first_context(ident, run_start, c.task)
         if windows.sustained_ns(c.key) < int(rule.sustain_s * NS):
             self.stats["pending"] += 1
             return []
@@ -175,13 +181,24 @@ class IncidentEngine:
             last_window_ns=c.window_start_ns,
             suppressed=self._cooldown_folded.pop(ident, 0),
             records_lost=self.losses_between(c.window_start_ns - int(rule.window_s * NS), c.ktime_ns),
-            details=dict(c.details), stack=c.stack,
+            details=dict(c.details), stack=c.stack, context=context,
             severity=c.severity if c.severity is not None and
             severity_rank(c.severity) > severity_rank(rule.severity) else None,
         )
+        self._run_context.pop(ident, None)
         self.open[ident] = inc
         self.stats["opened"] += 1
         return [Transition("open", inc)]
+
+    def _first_context(self, ident: tuple[str, Hashable], run_start: int, task: TaskContext) -> dict:
+        """The context of the run's first crossing: captured now if this crossing is it."""
+        if self._capture is None:
+            return {}
+        kept = self._run_context.get(ident)
+        if kept is None or kept[0] != run_start:
+            kept = (run_start, self._capture(task))
+            self._run_context[ident] = kept
+        return kept[1]
 
     def refresh(self, rule: str, key: Hashable, total: int, window_start_ns: int, window_count: int) -> None:
         """Fresh totals of an open incident's key, read from the kernel's map."""
@@ -249,6 +266,9 @@ class IncidentEngine:
             self._run_base.pop(next(iter(self._run_base)))
         for windows in self.windows.values():
             windows.evict_idle(now_ns)
+        # A pending run's context lives as long as its run: gone once its key went idle or ran anew.
+        self._run_context = {ident: kept for ident, kept in self._run_context.items()
+                             if self.windows[ident[0]].run_start_ns(ident[1]) == kept[0]}
         return out
 
     def next_deadline_ns(self) -> int | None:

@@ -123,8 +123,10 @@ def _process(subject: dict[str, Any]) -> str:
         parts.append(_clean(exe))
     cmdline = subject.get("cmdline")
     if isinstance(cmdline, (list, tuple)) and cmdline:
-        # shlex quoting keeps argument boundaries visible and copy-pasteable.
-        parts.append(_truncate(_clean(shlex.join(str(arg) for arg in cmdline)), MAX_CMDLINE_CHARS))
+        # shlex quoting keeps argument boundaries visible and copy-pasteable; "..." marks a command line
+        # the kernel captured cut short (cmdline_truncated), as it marks one cut here.
+        text = _clean(shlex.join(str(arg) for arg in cmdline)) + ("..." if subject.get("cmdline_truncated") else "")
+        parts.append(_truncate(text, MAX_CMDLINE_CHARS))
     elif isinstance(cmdline, str) and cmdline:
         parts.append(_truncate(_clean(cmdline), MAX_CMDLINE_CHARS))
     if not parts and subject.get("comm"):
