@@ -1259,34 +1259,56 @@ def rules_without_pressure(path: Path) -> Path:
 
 
 def bench_pressure(args, workdir: Path) -> dict:
-    """The packaged rules (cpu/memory/io_pressure among them) with N extra cgroups holding a
-    sleeping process each: the agent idles while every trigger is armed. Per N: its CPU share over
-    --pressure-seconds, the trigger fds, and what the cgroup walks ([pressure] rescan) and any
-    notifications cost (the sensor's own counters). N = -1: the same agent with the pressure
-    rules disabled, the baseline."""
+    """What the pressure rules cost an idle agent with N extra cgroups (each holding a sleeping
+    process) to watch. Two agents run side by side over the same --pressure-seconds, so the
+    shared host's load hits both alike: the packaged rules as shipped (cpu/memory/io_pressure
+    among them) and the same rules with the pressure rules disabled. Per N: both agents' CPU
+    share of a core (mean and median 1-s slice), the per-slice difference, the trigger fds, and
+    the sensor's own counters (cgroup walks, notifications, snapshots)."""
     out: dict = {}
+    baseline_rules = rules_without_pressure(workdir / "nopressure.rules.toml")
     for n in args.pressure_cgroups:
-        tag = f"pressure{n}" if n >= 0 else "nopressure"
-        groups = [CGROUP2 / f"ksift-bench-{os.getpid()}-{i}" for i in range(max(n, 0))]
+        groups = [CGROUP2 / f"ksift-bench-{os.getpid()}-{i}" for i in range(n)]
         sleepers = []
-        config = workdir / f"{tag}.toml"
+        config = workdir / f"pressure{n}.toml"
         # Room for the host's own populated cgroups as well as the bench's.
-        config.write_text(f"[pressure]\nmax_cgroups = {max(n, 0) + 64}\n")
-        extra = ("--rules", str(rules_without_pressure(workdir / "nopressure.rules.toml"))) if n < 0 else ()
-        log(f"pressure: {n} extra cgroups, each with a sleeping process, {args.pressure_seconds:g}s idle"
-            if n >= 0 else f"pressure: the pressure rules disabled (baseline), {args.pressure_seconds:g}s idle")
+        config.write_text(f"[pressure]\nmax_cgroups = {n + 64}\n")
+        log(f"pressure: {n} extra cgroups, each with a sleeping process; {args.pressure_seconds:g}s idle, "
+            "side by side with the pressure rules off")
         try:
             for g in groups:
                 g.mkdir()
                 sleepers.append(subprocess.Popen(["sh", "-c", f"echo $$ > {g}/cgroup.procs; exec sleep 3600"]))
-            with Agent(args.ksift, workdir, tag, ("--config", str(config), "--api", "off", *extra)).start() as agent:
+            with Agent(args.ksift, workdir, f"pressure{n}", ("--config", str(config), "--api", "off")).start() as on, \
+                    Agent(args.ksift, workdir, f"nopressure{n}", ("--rules", str(baseline_rules),
+                                                                  "--api", "off")).start() as off:
                 time.sleep(FOOTPRINT_SETTLE_S)
-                with Phase(agent) as idle:
-                    slices = sleep_sampled(agent, args.pressure_seconds)
-                fds = trigger_fds(agent.proc.pid)
-                agent.stop()
-                counters = agent.stats().get("kernel", {}).get("pressure", {})
-                out[tag] = {**idle.result(slices), "trigger_fds": fds, "sensor": counters}
+                a_on, a_off = on.sample(), off.sample()
+                diffs, on_slices, off_slices = [], [], []
+                end = time.monotonic() + args.pressure_seconds
+                while (left := end - time.monotonic()) > 0:
+                    time.sleep(min(1.0, left))
+                    b_on, b_off = on.sample(), off.sample()
+                    if None not in (a_on.cpu_ns, b_on.cpu_ns, a_off.cpu_ns, b_off.cpu_ns):
+                        x = 100 * (b_on.cpu_ns - a_on.cpu_ns) / 1e9 / max(b_on.wall - a_on.wall, 1e-9)
+                        y = 100 * (b_off.cpu_ns - a_off.cpu_ns) / 1e9 / max(b_off.wall - a_off.wall, 1e-9)
+                        on_slices.append(round(x, 3))
+                        off_slices.append(round(y, 3))
+                        diffs.append(round(x - y, 3))
+                    a_on, a_off = b_on, b_off
+                fds = trigger_fds(on.proc.pid)
+                on.stop()
+                off.stop()
+                counters = on.stats().get("kernel", {}).get("pressure", {})
+            out[str(n)] = {
+                "on_pct": round(statistics.fmean(on_slices), 3) if on_slices else None,
+                "off_pct": round(statistics.fmean(off_slices), 3) if off_slices else None,
+                "on_median_pct": round(median(on_slices), 3) if on_slices else None,
+                "off_median_pct": round(median(off_slices), 3) if off_slices else None,
+                "diff_median_pct": round(median(diffs), 3) if diffs else None,
+                "diff_mean_pct": round(statistics.fmean(diffs), 3) if diffs else None,
+                "slices": len(diffs), "trigger_fds": fds, "sensor": counters,
+            }
         finally:
             for p in sleepers:
                 p.kill()
@@ -1300,12 +1322,15 @@ def bench_pressure(args, workdir: Path) -> dict:
                         break
                     except OSError:
                         time.sleep(0.1)
-        r = out[tag]
-        rescans = max(r["sensor"].get("rescans", 0), 1)
-        log(f"  {tag}: {core_pct(r['agent']):.3f}% of a core (median slice {r.get('slice_median_pct', 0):.3f}%), "
-            f"{r['trigger_fds']} trigger fds, {r['sensor'].get('cgroups_watched', 0)} cgroups watched, "
-            f"{r['sensor'].get('rescan_us', 0) / rescans / 1000:.2f} ms per walk, "
-            f"{r['sensor'].get('notifications', 0)} notifications")
+        r = out[str(n)]
+        c = r["sensor"]
+        log(f"  {n} cgroups: pressure rules on {fmt(r['on_pct'], '.3f')}% / off {fmt(r['off_pct'], '.3f')}% "
+            f"of a core (medians {fmt(r['on_median_pct'], '.3f')}% / {fmt(r['off_median_pct'], '.3f')}%, "
+            f"median difference {fmt(r['diff_median_pct'], '.3f')}%), {r['trigger_fds']} trigger fds, "
+            f"{c.get('cgroups_watched', 0)} cgroups watched, "
+            f"{c.get('rescan_us', 0) / max(c.get('rescans', 0), 1) / 1000:.2f} ms per walk, "
+            f"{c.get('notifications', 0)} notifications, "
+            f"{c.get('snapshot_us', 0) / max(c.get('snapshots', 0), 1) / 1000:.2f} ms per snapshot")
     return out
 
 
@@ -1330,9 +1355,8 @@ def parse_args(argv=None):
                         "(default on; about 10 s)")
     p.add_argument("--agent-api", choices=("on", "off"), default="on",
                    help="the footprint agent's HTTP API: on as shipped (default), or off to see what it costs")
-    p.add_argument("--pressure-cgroups", type=int, nargs="+", default=[-1, 0, 10, 100],
-                   help="extra watched cgroups per pressure run; -1: the pressure rules disabled, the baseline "
-                        "(default -1 0 10 100)")
+    p.add_argument("--pressure-cgroups", type=int, nargs="+", default=[0, 10, 100],
+                   help="extra watched cgroups per pressure run (default 0 10 100)")
     p.add_argument("--pressure-seconds", type=float, default=30.0, help="idle per pressure run (default 30)")
     p.add_argument("--skip", action="append", default=[],
                    choices=("overhead", "footprint", "latency", "flood", "pressure"),
