@@ -550,8 +550,18 @@ class AgentView:
         for s in self._agent.sensors:
             obj = s.obj
             out.append(SensorInfo(s.name, s.object_file, tuple(r.name for r in s.rules()),
-                                  tuple(obj.attached) if obj is not None else (), s.counter_names,
+                                  s.attached_names(), s.counter_names,
                                   obj.program_stats if obj is not None else dict))
+        return out
+
+    def scrape_metrics(self) -> list:
+        """What each sensor reads for a scrape (Sensor.scrape_metrics: the pressure files)."""
+        out = []
+        for s in self._agent.sensors:
+            try:
+                out += s.scrape_metrics()
+            except Exception:
+                log.exception("sensor %s could not read its metrics", s.name)
         return out
 
     def sink_problems(self) -> list[str]:

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from harness import (
     REPO,
     MemoryLimitedCgroup,
     ScratchCgroup,
+    free_port,
     remove_cgroup,
     start_agent,
     workload_command,
@@ -43,9 +45,9 @@ def agent_config(tmp_path: Path, extra: str = "") -> Path:
     return path
 
 
-def run_agent(tmp_path: Path, *rules: dict, extra: str = ""):
+def run_agent(tmp_path: Path, *rules: dict, extra: str = "", api: str = "off"):
     agent = start_agent(tmp_path, "--rules", str(write_rules(tmp_path / "rules.toml", *rules)),
-                        "--config", str(agent_config(tmp_path, extra)))
+                        "--config", str(agent_config(tmp_path, extra)), api=api)
     agent.wait_ready()
     return agent
 
@@ -207,7 +209,8 @@ def test_quiet_cgroups_and_churn_raise_nothing_and_leak_no_fd(tmp_path):
     rules = [pressure_rule("cpu", threshold=40, window="10s", sustain="20s"),
              pressure_rule("memory", threshold=20, window="10s", sustain="20s"),
              pressure_rule("io", threshold=40, window="10s", sustain="20s")]
-    agent = run_agent(tmp_path, *rules)
+    port = free_port()
+    agent = run_agent(tmp_path, *rules, api=f"127.0.0.1:{port}")
     prefix = str(CGROUP2_ROOT / "ksift-churn-")
     made = []
     try:
@@ -222,6 +225,10 @@ def test_quiet_cgroups_and_churn_raise_nothing_and_leak_no_fd(tmp_path):
             while pressure_fds(agent.proc.pid, prefix) < 30 and time.monotonic() < deadline:
                 time.sleep(0.2)
             watched = pressure_fds(agent.proc.pid, prefix)
+            # Read at scrape time: each watched cgroup's pressure, one series per rule.
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            series = [line for line in metrics.splitlines()
+                      if line.startswith('ksift_pressure_stalled_ratio{cgroup="/ksift-churn-')]
             for p in sleepers:
                 p.kill()
                 p.wait()
@@ -232,6 +239,7 @@ def test_quiet_cgroups_and_churn_raise_nothing_and_leak_no_fd(tmp_path):
                 time.sleep(0.2)
             left = pressure_fds(agent.proc.pid, prefix)
             assert watched == 30, f"round {round_}: {watched} triggers on the 10 cgroups, expected 3 each"
+            assert len(series) == 30, series
             assert left == 0, f"round {round_}: {left} trigger fd(s) left on removed cgroups"
         assert agent.terminate() == 0, agent.stderr()
     finally:

@@ -61,7 +61,7 @@ class AgentCollector(Collector):
             self._report = {}
         # One failing part must not cost the whole scrape: log it and serve the rest.
         for part in (self._agent, self._kernel, self._transport, self._rules, self._sinks, self._sse,
-                     self._server, self._bpf_programs):
+                     self._server, self._bpf_programs, self._sensor_metrics):
             try:
                 yield from part()
             except Exception:
@@ -196,11 +196,20 @@ class AgentCollector(Collector):
             errors.add_metric([name], n)
         yield errors
 
+    def _sensor_metrics(self) -> Iterator[Metric]:
+        """What sensors read at scrape time (the pressure sensor: each watched cgroup's pressure)."""
+        for kind, name, doc, labels, samples in self.agent.scrape_metrics():
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=list(labels))
+            for values, value in samples:
+                family.add_metric(list(values), value)
+            yield family
+
     def _bpf_programs(self) -> Iterator[Metric]:
         attached = GaugeMetricFamily("ksift_bpf_programs_attached", "BPF programs the sensor has attached now",
                                      labels=["sensor"])
         for sensor in self.agent.sensors():
-            attached.add_metric([sensor.name], len(sensor.attached))
+            if sensor.object_file:  # the pressure sensor has no BPF object (PSI triggers)
+                attached.add_metric([sensor.name], len(sensor.attached))
         yield attached
         enabled = self.bpf_stats_enabled()
         yield GaugeMetricFamily("ksift_bpf_stats_enabled",

@@ -180,6 +180,16 @@ class Sensor:
     def loaded(self) -> None:
         """Called once the object is loaded and attached: pick up the maps the sensor reads."""
 
+    def scrape_metrics(self) -> list[tuple[str, str, str, tuple[str, ...], list[tuple[tuple[str, ...], float]]]]:
+        """Metrics the sensor reads when Prometheus scrapes: (kind "gauge" or "counter", name, help,
+        label names, [(label values, value)]). None by default."""
+        return []
+
+    def attached_names(self) -> tuple[str, ...]:
+        """What the sensor is hooked to now (readiness: empty means its rules see nothing): its
+        attached programs."""
+        return tuple(self.obj.attached) if self.obj is not None else ()
+
     def attached_text(self) -> str:
         """What the sensor watches with, for the log: its attached programs."""
         return ", ".join(self.obj.attached) if self.obj is not None and self.obj.attached else "nothing"

@@ -223,6 +223,31 @@ class PressureSensor(Sensor):
                 f"{'the host and ' if HOST in self._cgroups else ''}"
                 f"{len(self._cgroups) - (HOST in self._cgroups)} cgroup(s), {len(self._by_fd)} fd(s)")
 
+    def attached_names(self) -> tuple[str, ...]:
+        """No BPF program: its PSI triggers, one name per resource, once it watches (readiness)."""
+        if self._waiter is None:
+            return ()
+        return tuple(f"psi:{resource}" for resource in sorted(self.by_resource))
+
+    def scrape_metrics(self) -> list:
+        """Each trigger's pressure file, read now (one pread each): the kernel's avg10 as a ratio, and
+        the total time stalled."""
+        ratio, total = [], []
+        for t in list(self._by_fd.values()):
+            try:
+                line = parse_pressure(os.pread(t.fd, 512, 0).decode("ascii", "replace")).get(str(t.rule.param("stall")))
+            except (OSError, ValueError):
+                continue  # the cgroup went away: its triggers are released when the loop hears of it
+            if line is not None:
+                labels = (t.cgroup, t.resource, str(t.rule.param("stall")))
+                ratio.append((labels, line.avg10 / 100))
+                total.append((labels, line.total_us / 1e6))
+        names = ("cgroup", "resource", "stall")
+        return [("gauge", "ksift_pressure_stalled_ratio", "share of the last 10 s the tasks of a watched cgroup (/: "
+                 "the host) were stalled, the kernel's avg10", names, ratio),
+                ("counter", "ksift_pressure_stalled_seconds", "time the tasks of a watched cgroup (/: the host) "
+                 "were stalled, the kernel's total", names, total)]
+
     def counters(self) -> dict[str, int]:
         self.stats["cgroups_watched"] = len(self._cgroups) - (HOST in self._cgroups)
         self.stats["triggers_open"] = len(self._by_fd)
