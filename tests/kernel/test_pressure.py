@@ -103,6 +103,7 @@ def test_noisy_neighbour_is_named_top_offender_of_the_one_incident(tmp_path):
             work.wait(timeout=30)
         alerts = wait_statuses(agent, victim.rel, ["open", "resolved"], timeout=20)
         assert agent.terminate() == 0, agent.stderr()
+        noisy_alerts = of_cgroup(agent, noisy.rel)
     assert [a["status"] for a in alerts] == ["open", "resolved"], opened
     first = alerts[0]
     d = first["details"]
@@ -112,6 +113,9 @@ def test_noisy_neighbour_is_named_top_offender_of_the_one_incident(tmp_path):
     assert d["offenders"][0]["processes"] == 4 and d["offenders"][0]["hottest_comm"] == "ks-noisy"
     assert first["summary"].startswith(f"CPU pressure: {victim.rel} stalled ")
     assert f"top CPU users meanwhile: {noisy.rel} (4 processes" in first["summary"]
+    # The noisy group stalls too, on its own four spinners: not a victim of anyone, no incident of its own.
+    assert noisy_alerts == [], [a["summary"] for a in noisy_alerts]
+    assert agent.stats()["kernel"]["pressure"]["own_cpu_quiet"] >= 1
     assert_clean(agent)
 
 
