@@ -6,12 +6,14 @@ serves: /healthz took 300-777 ms. Now a worker thread does it (StackGate, enrich
 (a fresh build of tests/workloads/hot.c, and `python3 -c 'while 1: pass'`, whose interpreter is a large
 ELF file) are symbolized in turn by one agent, while a client asks /healthz every 100 ms.
 
-The bound is the strict one, 100 ms. The agent, and the thread that asks, run at the hogs' priority
-(nice -10): on this shared 2-core machine, with both at nice 0, the scheduler alone (other engineers'
-tests, load average up to 35) delayed single answers by 50-240 ms whatever the agent did. At nice -10,
-measured here (load 4-9, and with 4 extra busy loops at nice 0): median 1.4-2.6 ms, slowest 7-60 ms over
-7 runs of both hogs. Symbolizing put back on the loop (the cpu sensor made to wait for its thread: the old
-behaviour) fails it: one answer per run took 413-440 ms.
+The bound: the agent, and the thread that asks, run at the hogs' priority (nice -10), since with both at
+nice 0 the scheduler of this shared 2-core machine alone (other engineers' tests, load average up to 38)
+delayed single answers by 50-240 ms whatever the agent did. At nice -10, measured here over 12 runs of
+both hogs: median 1.4-3.1 ms, slowest 7-87 ms, and twice over 100 ms (106 ms, and one more in a batch of
+kernel tests, at load average 38): the strict 100 ms bound is flaky here. Symbolizing put back on the
+loop (the cpu sensor made to wait for its thread: the old behaviour) gave 344-440 ms, one answer per run.
+So the test fails on any answer over 250 ms: above this machine's noise, below every stall of the old
+behaviour seen here and in the issue (300-777 ms).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from harness import WORKLOADS, free_port, packaged_rule, start_agent, wait_for, write_rules
 
-BOUND_S = 0.10
+BOUND_S = 0.25
 POLL_S = 0.1
 
 
