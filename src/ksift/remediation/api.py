@@ -5,9 +5,10 @@
     POST /api/v1/actions/{id}/approve  approve a pending decision (ask mode)
     POST /api/v1/actions/{id}/reject   reject it
 
-Approving or rejecting needs the API token: without `[api] token` the POST
-routes answer 403, so a process on the host that can reach a loopback port
-cannot approve an action by itself. The API's own middleware checks the token
+Approving or rejecting needs the API token (`[api] token`, or the one the
+agent makes next to its store, root only): a process on the host that can
+reach a loopback port cannot approve an action by itself. With no token at all
+(`[api] auth = "none"`) the POST routes answer 403. The API's own middleware checks the token
 on every route when one is set. Decision changes are streamed by the API as
 SSE `action` events (the engine's listeners).
 """
