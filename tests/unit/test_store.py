@@ -309,3 +309,12 @@ def test_an_immutable_store_is_refused_at_open_not_alert_by_alert(tmp_path):
         assert str(path) in str(info.value)
     finally:
         chattr("-i", path)
+
+
+def test_a_store_another_agent_created_a_moment_before_is_opened(tmp_path, monkeypatch):
+    path = tmp_path / "alerts.db"
+    AlertStore(path).close()
+    # It appears between the check and the O_EXCL create, as when two agents start at once.
+    monkeypatch.setattr(Path, "exists", lambda self: False)
+    with AlertStore(path) as store:
+        assert store.schema_version() == MIGRATIONS[-1][0]

@@ -210,7 +210,13 @@ class AlertStore:
             # sqlite gives the -wal and -shm files the same permissions. O_EXCL|O_NOFOLLOW:
             # never create through a link another user planted.
             if not self.path.exists():
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640))
+                try:
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640))
+                except FileExistsError:
+                    # Another agent starting at once made it first: fine, unless what is there now is
+                    # not a regular file (a link planted meanwhile, which sqlite would follow).
+                    if not stat.S_ISREG(os.lstat(self.path).st_mode):
+                        raise
             else:
                 _tighten(self.path)
         except OSError as exc:
