@@ -153,10 +153,13 @@ def test_nobody_used_it_is_unknown():
 
 def test_sentences():
     base = {"cgroup": "/ksift-victim", "stalled_percent": 62.4, "span_s": 10.0}
-    noisy = {"cgroup": "/ksift-noisy", "processes": 3, "amount": 190.0, "hottest_pid": 7, "hottest_comm": "burner"}
-    text = open_summary("cpu", "some", {**base, "verdict": "contention", "offenders": [noisy]})
+    noisy = {"cgroup": "/ksift-noisy", "processes": 3, "amount": 190.0, "hottest_pid": 7, "hottest_comm": "burner",
+             "hottest_exe": "/usr/bin/burner"}
+    other = {"cgroup": "/", "processes": 1, "amount": 20.0, "hottest_pid": 1, "hottest_comm": "init"}
+    text = open_summary("cpu", "some", {**base, "verdict": "contention", "offenders": [noisy, other]})
     assert text == ("CPU pressure: /ksift-victim stalled 62% of the last 10 s; top CPU users meanwhile: "
-                    "/ksift-noisy (3 processes, 190% of a core, hottest: PID 7 (burner))")
+                    "/ksift-noisy (3 processes, 190% of a core, hottest: PID 7 (burner) /usr/bin/burner), "
+                    "/ (1 process, 20% of a core: PID 1 (init))")
     text = open_summary("cpu", "some", {**base, "verdict": "self-throttled", "throttled_percent": 70})
     assert text.endswith("throttled by its own CPU quota for 70% of that time: self-throttled, no neighbour to blame")
     text = open_summary("memory", "full", {**base, "verdict": "self-limited",

@@ -456,8 +456,8 @@ class PressureSensor(Sensor):
         if memory_limit is not None:
             details["memory_limit"] = memory_limit
         hottest = verdict.offenders[0].hottest_pid if verdict.offenders else None
-        if hottest is not None:
-            details["hottest_exe"] = _exe(self.proc_root, hottest)
+        if hottest is not None:  # the top offender's busiest process: its executable, while it runs
+            details["offenders"][0]["hottest_exe"] = _exe(self.proc_root, hottest)
         critical = int(rule.param("critical"))
         self.stats["crossings"] += 1
         return Crossing(rule=rule.name, key=t.cgroup, ktime_ns=now, window_start_ns=now,

@@ -268,10 +268,9 @@ def offender_text(resource: str, o: Offender | Mapping[str, Any]) -> str:
     d = o.as_dict() if isinstance(o, Offender) else o
     n = d["processes"]
     text = f"{d['cgroup']} ({n} process{'es' if n != 1 else ''}, {amount_text(resource, d['amount'])}"
-    if d.get("hottest_pid") is not None and n > 1:
-        text += f", hottest: PID {d['hottest_pid']} ({d['hottest_comm']})"
-    elif d.get("hottest_pid") is not None:
-        text += f": PID {d['hottest_pid']} ({d['hottest_comm']})"
+    if d.get("hottest_pid") is not None:
+        exe = f" {d['hottest_exe']}" if d.get("hottest_exe") else ""
+        text += f"{', hottest' if n > 1 else ''}: PID {d['hottest_pid']} ({d['hottest_comm']}){exe}"
     return text + ")"
 
 
