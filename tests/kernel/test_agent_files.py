@@ -109,13 +109,17 @@ def readyz(base: str) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def unwritable_count(base: str) -> float:
+def metric(base: str, name: str, *labels: str) -> float:
+    """A sample of /metrics (open from loopback) whose line starts with name and holds every label."""
     with urllib.request.urlopen(base + "/metrics", timeout=5) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith("ksift_sink_events_total{") and 'sink="store"' in line and \
-                    'event="unwritable"' in line:
+            if line.startswith(name) and line[len(name)] in "{ " and all(label in line for label in labels):
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def unwritable_count(base: str) -> float:
+    return metric(base, "ksift_sink_events_total", 'sink="store"', 'event="unwritable"')
 
 
 def test_a_store_that_becomes_unwritable_is_counted_and_makes_the_agent_not_ready(tmp_path):
@@ -136,6 +140,7 @@ def test_a_store_that_becomes_unwritable_is_counted_and_makes_the_agent_not_read
         status, body = wait_for("not ready", lambda: (r := readyz(base))[0] == 503 and r, timeout=30)
         assert "sink store: alert store not writable" in body["reason"] and str(db) in body["reason"], body
         assert unwritable_count(base) >= 1
+        assert metric(base, "ksift_agent_ready") == 0  # as /readyz
         err = agent.stderr()
         assert err.count("alerts are not being saved") == 1, err  # said once, not once per alert
     finally:
@@ -145,5 +150,6 @@ def test_a_store_that_becomes_unwritable_is_counted_and_makes_the_agent_not_read
     wait_for("the second storm stored", lambda: any(a["subject"]["pid"] == again["pid"] for a in stored(db)),
              timeout=30, proc=agent.proc, log=agent.stderr_path)
     wait_for("ready again", lambda: readyz(base)[0] == 200, timeout=30)
+    assert metric(base, "ksift_agent_ready") == 1
     assert agent.terminate() == 0, agent.stderr()
     assert agent.stats()["sinks"]["store"]["unwritable"] >= 1

@@ -212,3 +212,13 @@ def test_an_alert_sent_again_is_not_counted_twice():
     api.emit(alert)
     api.emit(dict(alert, remediation={"status": "done"}))  # the same alert, its decision changed
     assert api.alert_counts[("open", "fork_storm", "warning")] == 1
+
+
+def test_ready_gauge_is_0_while_a_sink_reports_a_problem_as_readyz_says():
+    agent, api = build()
+    agent.ready = True
+    assert value(scrape(api), "ksift_agent_ready") == 1
+    agent.sinks[0].problem = lambda: "alert store not writable, alerts are not saved: disk I/O error"
+    assert value(scrape(api), "ksift_agent_ready") == 0
+    assert agent.view.sink_problems() == ["sink webhook: alert store not writable, alerts are not saved: "
+                                          "disk I/O error"]

@@ -73,8 +73,10 @@ class AgentCollector(Collector):
         info = GaugeMetricFamily("ksift_build_info", "ksift version (always 1)", labels=["version"])
         info.add_metric([self.version], 1)
         yield info
-        yield GaugeMetricFamily("ksift_agent_ready", "1 while the loop runs with every sensor attached",
-                                value=1 if self.agent.ready else 0)
+        # As /readyz: a sink that cannot do its job (an alert store refusing writes) makes it 0 too.
+        ready = self.agent.ready and not self.agent.sink_problems()
+        yield GaugeMetricFamily("ksift_agent_ready", "1 while the loop runs with every sensor attached and no sink "
+                                "reports a problem (GET /readyz says which)", value=1 if ready else 0)
         yield CounterMetricFamily("ksift_agent_ticks", "agent housekeeping runs (at most one per tick)",
                                   value=self._report.get("ticks", 0))
 
