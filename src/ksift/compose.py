@@ -14,8 +14,6 @@ the system, and modules of sinks and interfaces are imported only when configure
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -25,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TextIO
 
+from ksift import heap
 from ksift.config import AgentConfig
 from ksift.errors import BpfError
 from ksift.outfile import write_replacing
@@ -46,6 +45,7 @@ def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lin
     from ksift.transport.core import CoreObject
 
     raise_open_file_limit()  # before anything opens files: the API sizes its connections from it
+    heap.tune()  # before the first big allocation: libbpf's copies of the kernel BTF
     with ExitStack() as stack:
         try:
             lib = Libbpf()
@@ -56,7 +56,7 @@ def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lin
         sensors = build_sensors(lib, objects, config, rules, urgent_rules=_urgent_rules(config, rules))
         start_kernel_side(core, sensors)  # all or nothing
         stack.callback(_close_kernel_side, core, sensors)
-        _release_free_heap()
+        heap.release_free()
 
         from ksift.agent import Agent
         from ksift.enrich.cgroup import CgroupResolver, find_cgroup2_mount
@@ -171,14 +171,3 @@ def _report(agent, stats_path: str | None) -> None:
         # here still lets the ExitStack run every later callback (the agent, sinks, store close):
         # then it reaches the user as one line and exit status 1.
         write_replacing(stats_path, json.dumps(report, indent=2, sort_keys=True), "--stats")
-
-
-def _release_free_heap() -> None:
-    """Hand the heap libbpf freed after loading (the kernel BTF it parsed) back to the system."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass

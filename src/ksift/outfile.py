@@ -10,6 +10,7 @@ itself, never what it points to. The same folder keeps the rename on one file sy
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 
 from ksift.errors import ConfigError, KsiftError
@@ -54,3 +55,22 @@ def write_replacing(path: str, text: str, what: str, mode: int = 0o644) -> None:
 
 def _folder(path: str) -> str:
     return os.path.dirname(os.path.abspath(path))
+
+
+def store_path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` cannot be an alert store (it exists and is not a regular file: a device such as
+    /dev/null, where sqlite would put a world-writable journal beside it; a folder), or None.
+
+    Here rather than in ksift.store.sqlite: `ksift run` checks the path before it loads the
+    kernel side, and sqlite3 is imported only after (see ksift.compose)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot use {os.fspath(path)!r} as the alert store: {exc.strerror or exc}"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
+        stat.S_ISBLK(st.st_mode) else "not a regular file"
+    return f"cannot use {os.fspath(path)!r} as the alert store: it is {kind}, not a regular file"

@@ -254,3 +254,35 @@ def test_real_kallsyms_names_vfs_read():
     with open("/proc/kallsyms") as fh:
         address = next(int(line.split()[0], 16) for line in fh if line.split()[2:3] == ["vfs_read"])
     assert ks.name(address + 4) == "vfs_read"
+
+
+def test_kallsyms_read_in_blocks_matches_a_line_by_line_read(tmp_path, monkeypatch):
+    """Lines cut by a block boundary, module symbols, data symbols and zero addresses: the
+    block-wise numpy parse names every address exactly as reading the file line by line does."""
+    import ksift.enrich.symbols as symbols
+
+    lines, expected = [], {}
+    for i in range(3000):
+        address = 0xFFFFFFFF81000000 + i * 0x40
+        kind = "TtWwDdB"[i % 7]
+        name = f"fn_{i}_{'x' * (i % 23)}"
+        module = f"\t[mod{i % 5}]" if i % 11 == 0 else ""
+        lines.append(f"{address:016x} {kind} {name}{module}\n")
+        if kind in "tTwW":
+            expected[address] = name
+    lines.append("0000000000000000 T hidden\n")  # no address (kptr_restrict): never a match
+    path = tmp_path / "kallsyms"
+    path.write_text("".join(lines[:1500]) + "".join(reversed(lines[1500:])))  # out of order too
+    monkeypatch.setattr(symbols, "_KALLSYMS_BLOCK", 4096)  # many blocks, most ending mid-line
+    ks = KernelSymbols(str(path))
+    assert len(ks._ensure()) == len(expected)
+    for address, name in expected.items():
+        assert ks.name(address) == name and ks.name(address + 3) == name
+    # A data symbol's address falls in the text symbol before it.
+    assert ks.name(0xFFFFFFFF81000000 + 4 * 0x40) == expected[0xFFFFFFFF81000000 + 3 * 0x40]
+
+
+def test_kallsyms_in_another_format_is_refused_not_misread(tmp_path):
+    path = tmp_path / "kallsyms"
+    path.write_text("this is not kallsyms\n")
+    assert not KernelSymbols(str(path)).available

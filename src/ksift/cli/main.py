@@ -157,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _check_store_path(path: str, source: str | None, field: str | None) -> None:
     """Exit 2 now for a store path that is not a regular file (a device such as /dev/null, a folder)."""
-    from ksift.store.sqlite import store_path_problem
+    from ksift.outfile import store_path_problem  # not ksift.store.sqlite: sqlite3 loads after the kernel side
 
     problem = store_path_problem(path)
     if problem is not None:

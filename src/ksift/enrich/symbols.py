@@ -26,21 +26,23 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ksift import heap
 from ksift.enrich.procfs import ProcFS
 from ksift.errors import AccessDenied, ProcessGone
 
 log = logging.getLogger("ksift.enrich.symbols")
 
 _FUNCTION_TYPES = ("STT_FUNC", "STT_GNU_IFUNC")
-# "address type name [module]": text symbols only (t, T; w, W are weak ones).
-_KALLSYMS_TEXT_RE = re.compile(rb"^([0-9a-fA-F]+) [tTwW] (\S+)", re.M)
+# kallsyms lines "address type name[\tmodule]": text symbols only (t, T; w, W are weak ones).
+_KALLSYMS_TEXT_TYPES = np.frombuffer(b"tTwW", dtype=np.uint8)
+_KALLSYMS_BLOCK = 256 << 10  # bytes of /proc/kallsyms parsed at a time
+_NL, _TAB, _SPACE = ord("\n"), ord("\t"), ord(" ")
 # A kernel address this far past the nearest symbol is in no function we know.
 _KERNEL_MAX_DISTANCE = 1 << 20
 # Symbols of size 0 (hand-written assembly) cover up to the next symbol, within reason.
@@ -103,6 +105,61 @@ def find_mapping(maps: Sequence[Mapping], starts: Sequence[int], address: int) -
 # -- ELF files -------------------------------------------------------------
 
 
+@dataclass(frozen=True, eq=False)
+class SymbolTable:
+    """Sorted function symbols as arrays, not one Python object per symbol: a large binary or
+    /proc/kallsyms has 100k+ of them, which as tuples and strings cost tens of MiB (and, while
+    being built, more than that again)."""
+
+    starts: np.ndarray  # uint64, sorted start addresses, one per address
+    ends: np.ndarray  # uint64, start + size (size 0: up to the next symbol, within _SIZELESS_MAX_SPAN)
+    name_offsets: np.ndarray  # uint32, where each name starts in blob
+    blob: bytes  # the names, each ended by a NUL (an ELF file's string table as it is)
+
+    @classmethod
+    def empty(cls) -> SymbolTable:
+        return cls(np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.uint32), b"")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def name_at(self, i: int) -> str:
+        begin = int(self.name_offsets[i])
+        end = self.blob.find(b"\0", begin)
+        return self.blob[begin: end if end >= 0 else len(self.blob)].decode("utf-8", "replace")
+
+    def names(self) -> list[str]:
+        return [self.name_at(i) for i in range(len(self))]
+
+    def index(self, address: int) -> int:
+        """The index of the last symbol starting at or before address, or -1."""
+        if not 0 <= address < 1 << 64 or not len(self.starts):
+            return -1
+        return int(np.searchsorted(self.starts, np.uint64(address), side="right")) - 1
+
+
+def symbol_table(starts: np.ndarray, sizes: np.ndarray, names: np.ndarray, blob: bytes,
+                 max_span: int = _SIZELESS_MAX_SPAN) -> SymbolTable:
+    """A SymbolTable from unsorted symbols: start addresses, sizes, and where their names
+    start in blob (each ended by a NUL). At one start address the largest size wins, then
+    the first name (versioned aliases add nothing); a symbol of size 0 ends at the next one,
+    or max_span after its start."""
+    if sizes.any():
+        order = np.lexsort((np.arange(len(starts)), -sizes.astype(np.int64), starts))
+    else:  # kallsyms: no sizes, so the order of the file among equal starts
+        order = np.argsort(starts, kind="stable")
+    starts, sizes = starts[order].astype(np.uint64), sizes[order].astype(np.uint64)
+    keep = np.ones(len(starts), dtype=bool)
+    keep[1:] = starts[1:] != starts[:-1]
+    order, starts, sizes = order[keep], starts[keep], sizes[keep]
+    span = np.uint64(max_span)
+    following = np.empty_like(starts)
+    following[:-1] = starts[1:]
+    following[-1:] = starts[-1:] + span
+    ends = np.where(sizes > 0, starts + sizes, np.minimum(following, starts + span))
+    return SymbolTable(starts, ends, names[order].astype(np.uint32), blob)
+
+
 @dataclass(frozen=True)
 class ElfSymbols:
     """The function symbols and loadable segments of one ELF file."""
@@ -110,10 +167,12 @@ class ElfSymbols:
     path: str
     build_id: str | None
     segments: tuple[tuple[int, int, int], ...]  # (p_offset, p_filesz, p_vaddr) of each PT_LOAD
-    starts: tuple[int, ...]  # sorted function start addresses
-    ends: tuple[int, ...]  # start + size (size 0: up to the next symbol)
-    names: tuple[str, ...]
+    symbols: SymbolTable
     table: str  # where the names came from: ".symtab", ".dynsym", "debug .symtab" or "none"
+
+    @property
+    def names(self) -> list[str]:
+        return self.symbols.names()
 
     def vaddr_of(self, file_offset: int) -> int | None:
         """The ELF virtual address of a file offset, through the PT_LOAD segment holding it."""
@@ -124,11 +183,12 @@ class ElfSymbols:
 
     def lookup(self, vaddr: int) -> str | None:
         """The function containing vaddr, or None."""
-        i = bisect.bisect_right(self.starts, vaddr) - 1
+        table = self.symbols
+        i = table.index(vaddr)
         # Aliases and nested symbols share starts: look back a little for one that covers vaddr.
         for j in range(i, max(i - 4, -1), -1):
-            if self.starts[j] <= vaddr < self.ends[j]:
-                return self.names[j]
+            if int(table.starts[j]) <= vaddr < int(table.ends[j]):
+                return table.name_at(j)
         return None
 
 
@@ -151,25 +211,36 @@ _ELF64_SYM = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 
 
-def _functions(elf, section_name: str, max_symbols: int) -> list[tuple[int, int, str]]:
+# Function symbols of one table: start addresses, sizes, and where their names start in the
+# string table (NUL-ended), with that string table: symbol_table's input.
+_Functions = tuple[np.ndarray, np.ndarray, np.ndarray, bytes]
+
+
+def _functions(elf, section_name: str, max_symbols: int) -> _Functions | None:
     section = elf.get_section_by_name(section_name)
     if section is None or not hasattr(section, "iter_symbols"):
-        return []
+        return None
     if elf.elfclass == 64 and elf.little_endian and section["sh_entsize"] == _ELF64_SYM.itemsize:
-        return _functions_array(elf, section, section_name, max_symbols)
-    out = []
-    for i, sym in enumerate(section.iter_symbols()):
-        if i >= max_symbols:
-            log.warning("%s: more than %d symbols in %s, the rest ignored", elf.stream.name, max_symbols,
-                        section_name)
-            break
-        if sym["st_info"]["type"] in _FUNCTION_TYPES and sym["st_value"] and sym["st_shndx"] != "SHN_UNDEF":
-            if sym.name:
-                out.append((int(sym["st_value"]), int(sym["st_size"]), sym.name))
-    return out
+        found = _functions_array(elf, section, section_name, max_symbols)
+    else:  # 32-bit or big-endian files: rare on the hosts ksift runs on, read symbol by symbol
+        starts, sizes, names, strings = [], [], [], bytearray()
+        for i, sym in enumerate(section.iter_symbols()):
+            if i >= max_symbols:
+                log.warning("%s: more than %d symbols in %s, the rest ignored", elf.stream.name, max_symbols,
+                            section_name)
+                break
+            if sym["st_info"]["type"] in _FUNCTION_TYPES and sym["st_value"] and sym["st_shndx"] != "SHN_UNDEF":
+                if sym.name:
+                    starts.append(int(sym["st_value"]))
+                    sizes.append(int(sym["st_size"]))
+                    names.append(len(strings))
+                    strings += sym.name.encode("utf-8", "surrogateescape") + b"\0"
+        found = (np.array(starts, dtype=np.uint64), np.array(sizes, dtype=np.uint64),
+                 np.array(names, dtype=np.int64), bytes(strings))
+    return found if len(found[0]) else None
 
 
-def _functions_array(elf, section, section_name: str, max_symbols: int) -> list[tuple[int, int, str]]:
+def _functions_array(elf, section, section_name: str, max_symbols: int) -> _Functions:
     """The function symbols of a 64-bit little-endian symbol table, decoded in bulk."""
     raw = section.data()
     syms = np.frombuffer(raw, dtype=_ELF64_SYM, count=len(raw) // _ELF64_SYM.itemsize)
@@ -177,36 +248,13 @@ def _functions_array(elf, section, section_name: str, max_symbols: int) -> list[
         log.warning("%s: more than %d symbols in %s, the rest ignored", elf.stream.name, max_symbols, section_name)
         syms = syms[:max_symbols]
     kind = syms["info"] & 0xF
-    funcs = syms[((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC)) & (syms["value"] != 0) & (syms["shndx"] != 0)
-                 & (syms["name"] != 0)]
     strtab = elf.get_section(section["sh_link"]).data()
-    out = []
-    for offset, value, size in zip(funcs["name"].tolist(), funcs["value"].tolist(), funcs["size"].tolist()):
-        end = strtab.find(b"\0", offset)
-        name = strtab[offset:end if end >= 0 else len(strtab)].decode("utf-8", "replace")
-        if name:
-            out.append((value, size, name))
-    return out
-
-
-def _symbol_arrays(funcs: list[tuple[int, int, str]]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]]:
-    # One entry per start address (the first name wins: versioned aliases add nothing).
-    funcs.sort(key=lambda f: (f[0], -f[1]))
-    starts, sizes, names = [], [], []
-    for start, size, name in funcs:
-        if starts and starts[-1] == start:
-            continue
-        starts.append(start)
-        sizes.append(size)
-        names.append(name)
-    ends = []
-    for i, (start, size) in enumerate(zip(starts, sizes)):
-        if size > 0:
-            ends.append(start + size)
-        else:
-            following = starts[i + 1] if i + 1 < len(starts) else start + _SIZELESS_MAX_SPAN
-            ends.append(min(following, start + _SIZELESS_MAX_SPAN))
-    return tuple(starts), tuple(ends), tuple(names)
+    funcs = syms[((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC)) & (syms["value"] != 0) & (syms["shndx"] != 0)
+                 & (syms["name"] != 0) & (syms["name"] < len(strtab))]
+    if strtab[-1:] != b"\0":
+        strtab += b"\0"  # every name NUL-ended, even the last of a table cut short
+    return (funcs["value"].astype(np.uint64), funcs["size"].astype(np.uint64), funcs["name"].astype(np.int64),
+            strtab)
 
 
 def load_elf_symbols(path: str, build_id: str | None = None, elf=None, debug_root: str | None = None,
@@ -228,22 +276,21 @@ def load_elf_symbols(path: str, build_id: str | None = None, elf=None, debug_roo
         segments = tuple((int(s["p_offset"]), int(s["p_filesz"]), int(s["p_vaddr"]))
                          for s in elf.iter_segments() if s["p_type"] == "PT_LOAD")
         funcs, table = _functions(elf, ".symtab", max_symbols), ".symtab"
-        if not funcs and build_id and debug_root:
+        if funcs is None and build_id and debug_root:
             funcs, table = _debug_file_functions(debug_root, build_id, max_symbols), "debug .symtab"
-        if not funcs:
+        if funcs is None:
             funcs, table = _functions(elf, ".dynsym", max_symbols), ".dynsym"
-        if not funcs:
+        if funcs is None:
             table = "none"
     except ELFError as exc:
         raise ValueError(f"{path}: not a usable ELF file: {exc}") from exc
     finally:
         if fh is not None:
             fh.close()
-    starts, ends, names = _symbol_arrays(funcs)
-    return ElfSymbols(path, build_id, segments, starts, ends, names, table)
+    return ElfSymbols(path, build_id, segments, symbol_table(*funcs) if funcs else SymbolTable.empty(), table)
 
 
-def _debug_file_functions(debug_root: str, build_id: str, max_symbols: int) -> list[tuple[int, int, str]]:
+def _debug_file_functions(debug_root: str, build_id: str, max_symbols: int) -> _Functions | None:
     """The .symtab of /usr/lib/debug/.build-id/xx/yyyy.debug (distro -dbg/-dbgsym packages), if installed."""
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
@@ -253,7 +300,7 @@ def _debug_file_functions(debug_root: str, build_id: str, max_symbols: int) -> l
         with open(path, "rb") as fh:
             return _functions(ELFFile(fh), ".symtab", max_symbols)
     except (OSError, ELFError):
-        return []
+        return None
 
 
 class ElfCache:
@@ -307,6 +354,7 @@ class ElfCache:
                 if symbols is None:
                     symbols = load_elf_symbols(path, build_id, elf, self.debug_root)
                     self.loads += 1
+                    heap.release_free()  # the section data read to build it
         except (OSError, ELFError, ValueError) as exc:
             log.debug("cannot read symbols of %s: %s", path, exc)
             self._remember(identity, None)
@@ -329,53 +377,112 @@ class ElfCache:
 
 
 class KernelSymbols:
-    """/proc/kallsyms text symbols, read once on first use (about half a second, ~5 MB kept)."""
+    """/proc/kallsyms text symbols, read once on first use.
+
+    Read a block at a time and parsed with numpy, never one Python object per line: the
+    file is ~5 MB and ~120k lines here, and parsed line by line into tuples it took the
+    agent's peak memory from ~26 to ~84 MiB (and kept 12 MiB); now it keeps the addresses
+    and a blob of the text symbols' names (~3.5 MB) and needs about a block more while reading.
+    """
 
     def __init__(self, path: str = "/proc/kallsyms"):
         self.path = path
-        self._starts: np.ndarray | None = None  # sorted addresses
-        self._offsets: np.ndarray | None = None  # where each name starts in _blob
-        self._blob = b""
+        self._table: SymbolTable | None = None
 
     @property
     def available(self) -> bool:
-        self._ensure()
-        return self._starts is not None and len(self._starts) > 0
+        return len(self._ensure()) > 0
 
-    def _ensure(self) -> None:
-        if self._starts is not None:
-            return
-        try:
-            with open(self.path, "rb") as fh:
-                text = fh.read()
-        except OSError as exc:
-            log.warning("cannot read kernel symbols from %s: %s; kernel frames stay addresses", self.path, exc)
-            text = b""
-        # One regex pass in C instead of a Python loop over ~120k lines.
-        pairs = [(int(a, 16), n) for a, n in _KALLSYMS_TEXT_RE.findall(text)]
-        pairs = [p for p in pairs if p[0]]
-        if not pairs:
-            log.info("%s shows no addresses (not root, or kptr_restrict): kernel frames stay addresses", self.path)
-        pairs.sort()
-        self._starts = np.fromiter((a for a, _ in pairs), dtype=np.uint64, count=len(pairs))
-        lengths = np.fromiter((len(n) + 1 for _, n in pairs), dtype=np.int64, count=len(pairs))
-        self._offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(pairs) else lengths
-        self._blob = b"\n".join(n for _, n in pairs)
+    def _ensure(self) -> SymbolTable:
+        if self._table is None:
+            try:
+                self._table = _read_kallsyms(self.path)
+            except (OSError, ValueError) as exc:
+                log.warning("cannot read kernel symbols from %s: %s; kernel frames stay addresses", self.path, exc)
+                self._table = SymbolTable.empty()
+            heap.release_free()  # what reading it took for a moment (about twice what it keeps)
+            if not len(self._table):
+                log.info("%s shows no addresses (not root, or kptr_restrict): kernel frames stay addresses",
+                         self.path)
+        return self._table
 
     def name(self, address: int) -> str | None:
-        self._ensure()
-        starts = self._starts
-        if starts is None or not len(starts) or not 0 <= address < 1 << 64:
+        table = self._ensure()
+        i = table.index(address)
+        if i < 0 or address - int(table.starts[i]) > _KERNEL_MAX_DISTANCE:
             return None
-        i = int(np.searchsorted(starts, np.uint64(address), side="right")) - 1
-        if i < 0 or address - int(starts[i]) > _KERNEL_MAX_DISTANCE:
-            return None
-        begin = int(self._offsets[i])
-        end = self._blob.find(b"\n", begin)
-        return self._blob[begin: end if end >= 0 else len(self._blob)].decode("utf-8", "replace")
+        return table.name_at(i)
 
     def frames(self, addresses: Iterable[int]) -> list[str]:
         return [self.name(a) or f"0x{a:x}" for a in addresses]
+
+
+def _read_kallsyms(path: str) -> SymbolTable:
+    """The text symbols (t, T, w, W) with an address of a kallsyms file, one block of lines at a time."""
+    addresses: list[np.ndarray] = []
+    names: list[np.ndarray] = []
+    blobs: list[bytes] = []
+    packed = 0  # bytes of names packed so far: where the next block's names start
+    rest = b""
+    with open(path, "rb") as fh:
+        while True:
+            data = fh.read(_KALLSYMS_BLOCK)
+            block = rest + data
+            cut = block.rfind(b"\n") + 1 if data else len(block)
+            rest = block[cut:]
+            if cut:
+                found, offsets, blob = _kallsyms_block(block[:cut])
+                addresses.append(found)
+                names.append(offsets + packed)
+                blobs.append(blob)
+                packed += len(blob)
+            if not data:
+                break
+    if not addresses:
+        return SymbolTable.empty()
+    # Each list is let go once joined: the blocks and the whole are never held together for long.
+    starts = np.concatenate(addresses)
+    addresses.clear()
+    offsets = np.concatenate(names)
+    names.clear()
+    blob = b"".join(blobs)
+    blobs.clear()
+    return symbol_table(starts, np.zeros(len(starts), np.uint64), offsets, blob, max_span=_KERNEL_MAX_DISTANCE)
+
+
+def _kallsyms_block(block: bytes) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """Whole lines "ADDRESS TYPE NAME[\tMODULE]": the text symbols with a non-zero address,
+    as (addresses, where each name starts in the blob, the names packed, each ended by a NUL)."""
+    buf = np.frombuffer(block, dtype=np.uint8)
+    line_ends = np.flatnonzero(buf == _NL)
+    if block[-1:] != b"\n":
+        line_ends = np.append(line_ends, len(buf))
+    starts = np.zeros(len(line_ends), dtype=np.int64)
+    starts[1:] = line_ends[:-1] + 1
+    width = block.find(b" ")  # hex digits of an address: 16 on a 64-bit kernel
+    if width not in (8, 16):
+        raise ValueError(f"not a kallsyms line: {block[:80]!r}")
+    whole = line_ends - starts > width + 3
+    starts, line_ends = starts[whole], line_ends[whole]
+    text = ((buf[starts + width] == _SPACE) & (buf[starts + width + 2] == _SPACE)
+            & np.isin(buf[starts + width + 1], _KALLSYMS_TEXT_TYPES))
+    starts, line_ends = starts[text], line_ends[text]
+    digits = buf[starts[:, None] + np.arange(width)].tobytes().decode("ascii")  # ValueError if not ASCII
+    addresses = np.frombuffer(bytes.fromhex(digits), dtype=f">u{width // 2}").astype(np.uint64)
+    named = addresses != 0
+    begins = starts[named] + width + 3
+    # A module's symbol is followed by a tab and [module].
+    tabs = np.flatnonzero(buf == _TAB)
+    ends = line_ends[named]
+    if len(tabs):
+        after = np.searchsorted(tabs, begins)
+        ends = np.minimum(ends, np.where(after < len(tabs), tabs[np.minimum(after, len(tabs) - 1)], len(buf)))
+    # One bytes object per name, for this block only (a few thousand): the blob is what stays.
+    pieces = [block[b:e] for b, e in zip(begins.tolist(), ends.tolist())]
+    offsets = np.zeros(len(pieces), dtype=np.int64)
+    if pieces:
+        offsets[1:] = np.cumsum(ends - begins + 1)[:-1]
+    return addresses[named], offsets, b"\0".join(pieces) + b"\0" if pieces else b""
 
 
 # -- processes -------------------------------------------------------------

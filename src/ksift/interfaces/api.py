@@ -32,7 +32,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata, resources
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -168,6 +168,10 @@ def connection_budget(wanted: int, reserve: int, *, limit: int | None = None,
 
 
 def _package_version() -> str:
+    # importlib.metadata (and the email package it parses metadata with, ~1.4 MiB resident) is
+    # imported the first time something asks for the version, not by every agent at start.
+    from importlib import metadata
+
     try:
         return metadata.version("ksift")
     except metadata.PackageNotFoundError:
@@ -186,7 +190,7 @@ class ApiServer:
         self.settings = settings
         self.store = store
         self.route_providers: list[RouteProvider] = list(route_providers)
-        self.version = version or _package_version()
+        self._version = version
         self.clock = clock
         self.bpf_stats_enabled = bpf_stats_enabled  # None: read kernel.bpf_stats_enabled
         self.delivered = 0
@@ -215,6 +219,13 @@ class ApiServer:
                          if settings.token else None)
 
     # -- the sink side -------------------------------------------------------
+
+    @property
+    def version(self) -> str:
+        """ksift's version, read at its first use (status, metrics, the OpenAPI spec)."""
+        if self._version is None:
+            self._version = _package_version()
+        return self._version
 
     def bind(self, agent: AgentView) -> None:
         """Called by the Agent it serves, with its view (the API reads it at request time)."""

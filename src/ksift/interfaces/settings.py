@@ -28,7 +28,6 @@ import errno
 import ipaddress
 import logging
 import os
-import secrets
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -249,6 +248,10 @@ def load_or_create_token(path: str) -> str:
     except OSError as exc:
         raise TokenFileError(f"cannot create the API token file {path}: {exc.strerror or exc} (set [api] token_file, "
                              "or put the store where ksift may write)") from None
+    # Imported here, not at the top: `secrets` pulls in hmac and OpenSSL's libcrypto (~3.5 MiB), and
+    # `ksift run` reads this module's settings before loading the kernel side (see ksift.compose).
+    import secrets
+
     token = secrets.token_hex(32)
     try:
         os.write(fd, f"{token}\n".encode())

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import ctypes.util
 import errno as errno_mod
 import logging
 import os
@@ -80,7 +79,9 @@ class Libbpf:
             self.so = ctypes.CDLL(soname, use_errno=True)
         except OSError as exc:
             raise OSError(errno_mod.ENOENT, f"cannot load {soname} (apt install libbpf1): {exc}") from exc
-        self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        # The C library this interpreter runs on (dlopen(NULL)): ctypes.util.find_library would import
+        # subprocess and shutil (~1 MiB resident) and may run ldconfig, to find the same library.
+        self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
         self._libc.vsnprintf.restype = ctypes.c_int
         self._libc.syscall.restype = ctypes.c_long

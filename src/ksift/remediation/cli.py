@@ -15,7 +15,7 @@ import pwd
 import sys
 
 from ksift.cli.checks import check_limit, non_empty
-from ksift.remediation.decisions import STATUSES, DecisionError, DecisionStore
+from ksift.remediation import STATUSES
 from ksift.timeparse import rfc3339
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -53,6 +53,7 @@ def _line(decision) -> str:
 
 def cmd_actions(args: argparse.Namespace) -> int:
     from ksift.config import default_db_path
+    from ksift.remediation.decisions import DecisionError, DecisionStore  # sqlite3: see STATUSES
 
     non_empty("--db", args.db)
     path = args.db or default_db_path()

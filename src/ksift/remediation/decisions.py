@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ksift.errors import KsiftError, StoreError
+from ksift.remediation import STATUSES  # defined there for the command line's parser
 from ksift.store.sqlite import check_not_newer, connect
 from ksift.timeparse import rfc3339
 
-STATUSES = ("dry-run", "refused", "pending", "approved", "rejected", "expired", "done", "failed")
 FINAL = frozenset({"dry-run", "refused", "rejected", "expired", "done", "failed"})
 SCHEMA_VERSION = 2
 

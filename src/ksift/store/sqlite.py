@@ -24,6 +24,7 @@ from typing import Any, Callable, Collection, Iterator
 
 from ksift.alert_model import STORE_COLUMNS, store_row
 from ksift.errors import StoreError, StoreWriteError
+from ksift.outfile import store_path_problem
 from ksift.timeparse import rfc3339
 
 # Append-only: never edit a released migration, add a new version instead.
@@ -99,22 +100,6 @@ def _statements(script: str) -> Iterator[str]:
             pending = ""
     if pending.strip(" \t\r\n;"):
         yield pending  # incomplete: let sqlite report the syntax error
-
-
-def store_path_problem(path: str | os.PathLike[str]) -> str | None:
-    """Why `path` cannot be an alert store (it exists and is not a regular file: a device such as
-    /dev/null, where sqlite would put a world-writable journal beside it; a folder), or None."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"cannot use {os.fspath(path)!r} as the alert store: {exc.strerror or exc}"
-    if stat.S_ISREG(st.st_mode):
-        return None
-    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
-        stat.S_ISBLK(st.st_mode) else "not a regular file"
-    return f"cannot use {os.fspath(path)!r} as the alert store: it is {kind}, not a regular file"
 
 
 def _tighten(path: Path) -> None:
