@@ -144,6 +144,7 @@ static __always_inline void fill_task(struct ksift_task *out, struct task_struct
 {
 	struct task_struct *leader = BPF_CORE_READ(task, group_leader);
 	struct task_struct *p = task;
+	const char *cgroup_name;
 	__u32 i, pid;
 
 	out->tgid = BPF_CORE_READ(task, tgid);
@@ -152,6 +153,9 @@ static __always_inline void fill_task(struct ksift_task *out, struct task_struct
 	out->uid = BPF_CORE_READ(task, cred, uid.val);
 	out->gid = BPF_CORE_READ(task, cred, gid.val);
 	out->cgroup_id = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+	cgroup_name = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, name); /* a pointer, not an array */
+	if (cgroup_name)
+		bpf_probe_read_kernel_str(out->cgroup_name, sizeof(out->cgroup_name), cgroup_name);
 	out->start_boottime_ns = BPF_CORE_READ(leader, start_boottime);
 	BPF_CORE_READ_STR_INTO(&out->comm, leader, comm);
 

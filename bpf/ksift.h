@@ -14,7 +14,9 @@
 #define KSIFT_PATH_LEN 128
 /* Bytes of a process's arguments (its arg area: argv, NUL-separated) a record
  * carries; a longer command line is cut here and says so (args_size). */
-#define KSIFT_ARGS_LEN 504
+#define KSIFT_ARGS_LEN 376
+/* Bytes of a cgroup's own name (the last part of its path) a record carries. */
+#define KSIFT_TASK_CGROUP_LEN 128
 #define KSIFT_ANCESTRY_MAX 8
 
 /* Address families (include/linux/socket.h: #defines, so not in vmlinux.h),
@@ -132,6 +134,7 @@ struct ksift_task {
 	char comm[KSIFT_COMM_LEN];
 	struct ksift_ancestor ancestry[KSIFT_ANCESTRY_MAX];
 	char exe[KSIFT_PATH_LEN]; /* exec filename if seen, else exe basename */
+	char cgroup_name[KSIFT_TASK_CGROUP_LEN]; /* its cgroup v2's own name: names it once the cgroup is gone */
 	__u32 args_size;        /* bytes of the process's arg area (0: none captured) */
 	__u32 ctx_flags;        /* enum ksift_ctx_flag: where exe and args came from */
 	char args[KSIFT_ARGS_LEN]; /* argv, NUL-separated: its first min(args_size, KSIFT_ARGS_LEN) bytes */

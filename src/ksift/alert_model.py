@@ -95,6 +95,9 @@ class Subject(_Model):
     pod_name: str | None = _field("Kubernetes pod name ([kubernetes] enabled only)")
     pod_namespace: str | None = _field("Kubernetes namespace ([kubernetes] enabled only)")
     container_name: str | None = _field("container name in the pod ([kubernetes] enabled only)")
+    cgroup_name: str | None = _field(
+        "the cgroup's own name (the last part of its path), kept by the kernel at the event: names the cgroup "
+        "(and its container or unit) when it was gone before its path could be read", default=None)
     exe_source: str | None = _field(
         "where `exe` came from: `proc` (/proc/PID/exe at the first crossing), `event` (its executable file's "
         "full path, resolved in the kernel at the event), `exec` (the path it was exec'd with, kept by the kernel "
@@ -105,7 +108,7 @@ class Subject(_Model):
         "kernel at its exec), `event` (read by the kernel from the process's memory at the event: ksift did not "
         "see its exec)", default=None, enum=["proc", "exec", "event", None])
     cmdline_truncated: bool = _field(
-        "the kernel's copy of the arguments was cut at 504 bytes: the last argument is partial",
+        "the kernel's copy of the arguments was cut at 376 bytes: the last argument is partial",
         default=False)
 
     @classmethod

@@ -26,4 +26,5 @@ class TaskContext:
     exe_source: str | None = None  # "event": full path resolved at the event; "exec": as exec'd; "exe_name"
     cmdline: tuple[str, ...] | None = None  # argv as the kernel captured it (None: not captured)
     cmdline_truncated: bool = False  # cut at KSIFT_ARGS_LEN bytes: the last argument is partial
+    cgroup_name: str = ""  # its cgroup's own name (the path's last part), kept when the cgroup is gone
     cmdline_source: str | None = None  # "exec": copied at exec; "event": read from its memory at the event

@@ -6,16 +6,19 @@ second). Phase 1 runs with the agent stopped (SIGSTOP): each workload crosses it
 is reaped; only then is the agent let go (SIGCONT). It drains the records the kernel kept for it
 and finds every subject gone: whatever the alerts say of the executable and the arguments, the
 kernel captured (the exec path and argv at exec, the executable file's path and the argument area
-at the crossing), and `exe_source`/`cmdline_source` say so. One subject (the HTTP server) started
-before the agent, so its exec was never seen. Phase 2 is memory_growth, whose crossings the
-running agent itself drives (a task iterator once a second): its subject grows, crosses, and is
-OOM-killed a moment later; its incident keeps the context of its first crossing.
+at the crossing), and `exe_source`/`cmdline_source` say so. The cgroup of three of them is removed
+before the agent looks too: their alerts name it by the name the kernel kept (`cgroup_name`). One
+subject (the HTTP server) started before the agent, so its exec was never seen. Phase 2 is
+memory_growth, whose crossings the running agent itself drives (a task iterator once a second):
+its subject grows, crosses, and is OOM-killed a moment later; its incident keeps the context of its
+first crossing.
 
 Every storm runs in a cgroup of its own (pids.max for the bomb), under a deadline, removed after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -121,8 +124,11 @@ def test_every_alert_names_the_executable_and_arguments_of_a_subject_already_gon
     check(gone["slow"]["alert"], PYTHON, [sys.executable, str(WORKLOADS / "slow_http_server.py"), "serve"],
           ({"event"}, {"event"}))
     for name, entry in gone.items():
+        subject = entry["alert"]["subject"]
         if "cgroup" in entry:  # resolved from the id the kernel captured, while the cgroup still existed
-            assert entry["alert"]["subject"]["cgroup"] == entry["cgroup"], (name, entry["alert"]["subject"])
+            assert subject["cgroup"] == entry["cgroup"], (name, subject)
+        if "cgroup_name" in entry:  # removed before the agent looked: the name the kernel kept
+            assert subject["cgroup"] is None and subject["cgroup_name"] == entry["cgroup_name"], (name, subject)
 
     # memory_growth: captured at its first crossing, kept after the OOM kill, the resolution included.
     alerts = [a for a in agent.alerts() if a["rule"] == "memory_growth" and a["subject"]["pid"] == growth["pid"]]
@@ -136,8 +142,11 @@ def phase_gone_before_the_agent_looks(agent, hot: Path, files: Path, server, por
     is stopped; then the agent goes on. Per workload: the subject's argv and its open alert."""
     os.kill(agent.proc.pid, signal.SIGSTOP)
     out: dict[str, dict] = {}
-    with ScratchCgroup() as cg, MemoryLimitedCgroup(64 * MIB) as memcg, \
+    # Removed before the agent goes on, as a unit's or a container's cgroup goes with its process.
+    cg = ScratchCgroup().__enter__()
+    with contextlib.ExitStack() as cleanup, MemoryLimitedCgroup(64 * MIB) as memcg, \
             BombCgroups(pids_max=150, deadline_s=30) as bomb:
+        cleanup.callback(cg.__exit__)
         spawned = {
             "fork": workload_command("forker.py", "--rate", 500, "--seconds", 0.3, "--comm", "ks-ctx-fork",
                                      "--cgroup", cg.path),
@@ -174,8 +183,12 @@ def phase_gone_before_the_agent_looks(agent, hot: Path, files: Path, server, por
             expected = -signal.SIGKILL if name == "oom" else 0
             assert proc.returncode == expected, f"{name} exited {proc.returncode}: {err}"
             out[name] = {"pid": proc.pid, "argv": [str(a) for a in spawned[name]]}
-        # Everything is gone: let the agent read what the kernel kept for it. (The cgroups stay until
-        # the alerts are in: their paths are resolved from the ids the kernel captured.)
+        for name in ("fork", "churn", "crash"):
+            out[name]["cgroup_name"] = cg.path.name
+        cg.__exit__()
+        assert not cg.path.exists()
+        # Everything is gone: let the agent read what the kernel kept for it. (The other cgroups stay
+        # until the alerts are in: their paths are resolved from the ids the kernel captured.)
         os.kill(agent.proc.pid, signal.SIGCONT)
         for name in ("fork", "churn", "connect", "fd", "oom", "cpu"):
             rule = {"fork": "fork_storm", "churn": "exec_churn", "connect": "connect_storm", "fd": "fd_burst",
@@ -187,8 +200,6 @@ def phase_gone_before_the_agent_looks(agent, hot: Path, files: Path, server, por
         out["bomb"] = {"cgroup": bomb.rel,
                        "alert": alert_of(agent, "fork_bomb", lambda s: s["cgroup_id"] == bomb_id)}
         out["slow"] = {"alert": alert_of(agent, "slow_request", lambda s: s["pid"] == server.pid)}
-        for name in ("fork", "churn", "crash"):
-            out[name]["cgroup"] = cg.rel
         out["oom"]["cgroup"] = "/" + memcg.path.name if memcg.v2 else out["oom"]["alert"]["subject"]["cgroup"]
     return out
 

@@ -219,6 +219,7 @@ def python_record_types(module_name: str) -> dict[str, int]:
     (records.COMM_LEN, "KSIFT_COMM_LEN"),
     (records.PATH_LEN, "KSIFT_PATH_LEN"),
     (records.ARGS_LEN, "KSIFT_ARGS_LEN"),
+    (records.TASK_CGROUP_LEN, "KSIFT_TASK_CGROUP_LEN"),
     (records.CTX_EXE_EXEC, "KSIFT_CTX_EXE_EXEC"),
     (records.CTX_ARGS_EXEC, "KSIFT_CTX_ARGS_EXEC"),
     (records.CTX_ARGS_EVENT, "KSIFT_CTX_ARGS_EVENT"),

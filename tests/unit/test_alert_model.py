@@ -22,7 +22,7 @@ ALERT_KEYS = ["id", "incident_id", "status", "ts", "rule", "severity", "summary"
               "started_at", "resolved_at", "duration_s", "subject_exited"]
 SUBJECT_KEYS = ["pid", "ppid", "comm", "exe", "cmdline", "uid", "start_boottime_ns", "cgroup_id", "cgroup",
                 "container_id", "container_runtime", "pod_uid", "systemd_unit", "pod_name", "pod_namespace",
-                "container_name", "exe_source", "cmdline_source", "cmdline_truncated"]
+                "container_name", "cgroup_name", "exe_source", "cmdline_source", "cmdline_truncated"]
 
 
 def built_alerts(records_lost: int = 0) -> tuple[dict, dict]:

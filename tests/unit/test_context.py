@@ -22,7 +22,7 @@ POD = "1a2b3c4d-5e6f-7a8b-9c0d-112233445566"
 SUBJECT_KEYS = {
     "pid", "ppid", "comm", "exe", "cmdline", "uid", "start_boottime_ns", "cgroup_id", "cgroup",
     "container_id", "container_runtime", "pod_uid", "systemd_unit", "pod_name", "pod_namespace", "container_name",
-    "exe_source", "cmdline_source", "cmdline_truncated",
+    "cgroup_name", "exe_source", "cmdline_source", "cmdline_truncated",
 }
 
 
@@ -109,7 +109,7 @@ def test_subject_of_a_live_process_uses_proc_and_cgroup_id(proc: Path, cgroot: P
         # The id the kernel saw beats where /proc says the process is now.
         "cgroup": f"/system.slice/docker-{CID}.scope", "container_id": CID,
         "container_runtime": "docker", "pod_uid": None, "systemd_unit": None,
-        "pod_name": None, "pod_namespace": None, "container_name": None,
+        "pod_name": None, "pod_namespace": None, "container_name": None, "cgroup_name": None,
         "exe_source": "proc", "cmdline_source": "proc", "cmdline_truncated": False,
     }
 
@@ -138,6 +138,15 @@ def test_subject_of_a_gone_process_keeps_what_the_kernel_captured_at_exec(proc: 
     s = enricher(proc, None).subject(t)
     assert (s["exe"], s["exe_source"]) == ("/usr/bin/curl", "exec")
     assert (s["cmdline"], s["cmdline_source"], s["cmdline_truncated"]) == (["curl", "-s", "http://x"], "exec", False)
+
+
+def test_a_gone_cgroup_is_named_by_the_name_the_kernel_kept(proc: Path, cgroot: Path) -> None:
+    # A container's scope is removed right after its process: the id names nothing any more.
+    s = enricher(proc, cgroot).subject(task(cgroup_id=987654, cgroup_name=f"docker-{CID}.scope"))
+    assert s["cgroup"] is None and s["cgroup_name"] == f"docker-{CID}.scope"
+    assert (s["container_id"], s["container_runtime"]) == (CID, "docker")
+    unit = enricher(proc, cgroot).subject(task(cgroup_id=987654, cgroup_name="payments.service"))
+    assert unit["systemd_unit"] == "payments.service" and unit["container_id"] is None
 
 
 def test_a_cut_kernel_cmdline_says_so(proc: Path) -> None:

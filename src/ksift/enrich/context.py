@@ -69,6 +69,10 @@ class Enricher:
         if cgroup is None:
             cgroup = proc_cgroup
         info = parse_cgroup_path(cgroup) if cgroup is not None else None
+        if info is None and task.cgroup_name not in ("", "/"):
+            # The cgroup is gone (a unit or container that ended with its process): its own name,
+            # which the kernel kept, still says which container or unit it was.
+            info = parse_cgroup_path("/" + task.cgroup_name)
         pod = None
         if self.pods is not None and info is not None and (info.pod_uid or info.container_id):
             pod = self.pods.lookup(info.pod_uid, info.container_id)
@@ -90,6 +94,7 @@ class Enricher:
             "pod_name": pod.pod_name if pod else None,
             "pod_namespace": pod.pod_namespace if pod else None,
             "container_name": pod.container_name if pod else None,
+            "cgroup_name": task.cgroup_name or None,
             "exe_source": exe_source,
             "cmdline_source": cmdline_source if cmdline else None,
             "cmdline_truncated": truncated,

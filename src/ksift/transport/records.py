@@ -14,7 +14,8 @@ from ksift.events import TaskContext
 
 COMM_LEN = 16
 PATH_LEN = 128
-ARGS_LEN = 504  # KSIFT_ARGS_LEN: bytes of a process's arguments a record carries
+ARGS_LEN = 376  # KSIFT_ARGS_LEN: bytes of a process's arguments a record carries
+TASK_CGROUP_LEN = 128  # KSIFT_TASK_CGROUP_LEN: bytes of a cgroup's own name a record carries
 ANCESTRY_MAX = 8
 AF_INET = 2  # KSIFT_AF_INET: address families as the net and request records carry them
 AF_INET6 = 10
@@ -42,6 +43,7 @@ TASK = np.dtype(
         ("comm", f"S{COMM_LEN}"),
         ("ancestry", ANCESTOR, (ANCESTRY_MAX,)),
         ("exe", f"S{PATH_LEN}"),
+        ("cgroup_name", f"S{TASK_CGROUP_LEN}"),
         ("args_size", "<u4"),
         ("ctx_flags", "<u4"),
         ("args", f"V{ARGS_LEN}"),  # raw bytes: an "S" field would drop the trailing NULs that end argv
@@ -143,6 +145,7 @@ def task_context(task: np.void) -> TaskContext:
         comm=text(bytes(task["comm"])),
         exe=exe,
         ancestry=chain,
+        cgroup_name=text(bytes(task["cgroup_name"])),
         exe_source=exe_source(flags, exe),
         cmdline=cmdline,
         cmdline_truncated=cut,
