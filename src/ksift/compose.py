@@ -5,11 +5,12 @@ is made, so whatever fails half-way (a store that will not open, a sink's bad
 address, a BPF object the kernel refuses) releases exactly what was already
 made, in reverse order, and a normal exit does the same.
 
-The kernel side is loaded first, before asyncio, the alert store and the
-interfaces' libraries are imported: libbpf parses the kernel's BTF (~10 MiB for
-a moment) for each object, and that moment is the process's peak memory unless
-it comes while the process is still small. What libbpf freed is handed back to
-the system, and modules of sinks and interfaces are imported only when configured.
+The kernel side is loaded first, before numpy, the sensors' modules, asyncio, the
+alert store and the interfaces' libraries are imported (ksift.kernel_side): libbpf
+parses the kernel's BTF (~11 MiB for a moment) for each object, and that moment is
+the process's peak memory unless it comes while the process is still small. What
+libbpf freed is handed back to the system, and modules of sinks and interfaces
+are imported only when configured.
 """
 
 from __future__ import annotations
@@ -39,10 +40,8 @@ def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lin
 
     At exit (normal or not) the funnel report is logged, and written to stats_path when given.
     """
+    from ksift.kernel_side import default_objects_dir, preload
     from ksift.loader.libbpf import Libbpf
-    from ksift.sensors.base import default_objects_dir
-    from ksift.sensors.registry import build_sensors, start_kernel_side
-    from ksift.transport.core import CoreObject
 
     raise_open_file_limit()  # before anything opens files: the API sizes its connections from it
     heap.tune()  # before the first big allocation: libbpf's copies of the kernel BTF
@@ -52,9 +51,18 @@ def running_agent(config: AgentConfig, rules: RuleSet, *, db_path: str, json_lin
         except OSError as exc:
             raise BpfError(str(exc)) from exc
         objects = default_objects_dir()
+        urgent = _urgent_rules(config, rules)
+        # Every object loaded now, before numpy and the sensors' modules (ksift.kernel_side).
+        preloaded = preload(lib, objects, config, rules, os.getpid(), urgent)
+        stack.callback(preloaded.close)  # what no sensor took
+        heap.release_free()  # libbpf's copies of the kernel BTF
+
+        from ksift.sensors.registry import build_sensors, start_kernel_side
+        from ksift.transport.core import CoreObject
+
         core = CoreObject(lib, objects, config, os.getpid())
-        sensors = build_sensors(lib, objects, config, rules, urgent_rules=_urgent_rules(config, rules))
-        start_kernel_side(core, sensors)  # all or nothing
+        sensors = build_sensors(lib, objects, config, rules, urgent_rules=urgent)
+        start_kernel_side(core, sensors, preloaded)  # all or nothing
         stack.callback(_close_kernel_side, core, sensors)
         heap.release_free()
 

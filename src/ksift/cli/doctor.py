@@ -138,9 +138,9 @@ def check_bpf_side(soname: str = "libbpf.so.1") -> list[Check]:
     """libbpf, the built objects, the ring buffer, and every program attached for real."""
     from ksift.config import AgentConfig
     from ksift.errors import KsiftError
+    from ksift.kernel_side import default_objects_dir
     from ksift.loader.bpf_object import BpfObject
     from ksift.loader.libbpf import Libbpf
-    from ksift.sensors.base import default_objects_dir
 
     out = []
     try:

@@ -8,10 +8,8 @@ state into the rule engine's Crossing, KeyExit and KeyState.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,6 +17,7 @@ import numpy as np
 
 from ksift.config import AgentConfig
 from ksift.events import TaskContext
+from ksift.kernel_side import ObjectPlan, default_objects_dir, load_object  # noqa: F401 (tests import it from here)
 from ksift.loader.bpf_object import BpfMap, BpfObject
 from ksift.loader.libbpf import Libbpf
 from ksift.rules.incidents import NS, Crossing, Incident, KeyExit, KeyState
@@ -75,14 +74,6 @@ def window_crossing(rule: str, row: np.void, payload: np.void, *, task: TaskCont
 def how_long(inc: Incident) -> str:
     """How long a resolved incident lasted, from its first window to its resolution."""
     return format_duration(round(max((inc.resolved_ns or 0) - inc.first_window_ns, 0) / NS, 1))
-
-
-def default_objects_dir() -> Path:
-    """Where the compiled *.bpf.o live: $KSIFT_BPF_OBJECTS, else inside the package."""
-    override = os.environ.get("KSIFT_BPF_OBJECTS")
-    if override:
-        return Path(override)
-    return Path(str(resources.files("ksift") / "bpf_objects"))
 
 
 @dataclass
@@ -204,25 +195,24 @@ class Sensor:
         """Its event_fd() is readable: what happened, as crossings for the incident engine."""
         return Decoded()
 
-    def start(self, shared: Mapping[str, int] | None = None) -> None:
+    def plan(self) -> ObjectPlan:
+        """What this sensor's object is loaded with (ksift.kernel_side loads it ahead from this)."""
+        return ObjectPlan(self.object_file, self.rodata(), tuple(self.programs()))
+
+    def start(self, shared: Mapping[str, int] | None = None, loaded: BpfObject | None = None) -> None:
         """open -> configure -> load -> attach; on any failure, everything is torn down.
 
         `shared` maps names of maps every object declares (common.bpf.h: ks_events,
         ks_transport, ks_exec_path) to the fds of the core object's, so all sensors
         write one ring buffer. Without it the object makes its own (tests, doctor).
+        `loaded`: the object already loaded from this sensor's plan() (ksift.kernel_side):
+        only attached here.
         """
-        obj = BpfObject(self.path, self.lib)
-        self.obj = obj
+        self.obj = loaded
         try:
-            obj.open()
-            obj.set_rodata(ksift_tgid=self.self_tgid, wakeup_bytes=self.config.wakeup_bytes, **self.rodata())
-            obj.resize_map("ks_events", self.config.ringbuf_bytes)
-            for name, fd in (shared or {}).items():
-                obj.reuse_map(name, fd)
-            wanted = set(self.programs())
-            for prog in obj.program_names():
-                obj.set_autoload(prog, prog in wanted)
-            obj.load()
+            if self.obj is None:
+                self.obj = load_object(self.lib, self.path, self.config, self.self_tgid, self.plan(), shared)
+            obj = self.obj
             for prog in self.programs():
                 self.attach(obj, prog)
             self._counters = obj.map("ks_counters")

@@ -13,6 +13,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from ksift.config import AgentConfig
+from ksift.kernel_side import Preloaded
 from ksift.loader.libbpf import Libbpf
 from ksift.rules.model import SIGNALS, RuleSet
 from ksift.sensors.base import Sensor
@@ -54,8 +55,8 @@ def all_sensor_classes() -> list[type[Sensor]]:
     return out
 
 
-def build_sensors(lib: Libbpf, objects_dir: Path, config: AgentConfig, rules: RuleSet,
-                  urgent_rules: Collection[str] = ()) -> list[Sensor]:
+def build_sensors(lib: Libbpf | None, objects_dir: Path, config: AgentConfig, rules: RuleSet,
+                  urgent_rules: Collection[str] = (), self_tgid: int | None = None) -> list[Sensor]:
     """Only the sensors an enabled rule needs: an unused hook costs the whole host.
 
     urgent_rules: rules whose crossings must reach user space at once (see Sensor.urgent_rules);
@@ -66,21 +67,31 @@ def build_sensors(lib: Libbpf, objects_dir: Path, config: AgentConfig, rules: Ru
         cls = sensor_class(rule.signal)
         if cls not in classes:
             classes.append(cls)
-    sensors = [cls(lib, objects_dir, config, os.getpid(), rules) for cls in classes]
+    tgid = os.getpid() if self_tgid is None else self_tgid  # given: plans made in a child (ksift.kernel_side)
+    sensors = [cls(lib, objects_dir, config, tgid, rules) for cls in classes]
     for sensor in sensors:
         sensor.urgent_rules = frozenset(urgent_rules)
     return sensors
 
 
-def start_kernel_side(core, sensors: list[Sensor]) -> None:
+def start_kernel_side(core, sensors: list[Sensor], preloaded: Preloaded | None = None) -> None:
     """Load the core object (the shared ring buffer and maps), then attach every sensor to
-    them; all or nothing: on any failure what was started is closed again."""
+    them; all or nothing: on any failure what was started is closed again.
+
+    preloaded: objects already loaded from the sensors' plans (ksift.kernel_side), taken by
+    the core and the sensors whose plan they match, attached here."""
+    preloaded = preloaded or Preloaded()
     started: list[Sensor] = []
     try:
         if core is not None:
-            core.start()
+            core.start(preloaded.take_core())
         for sensor in sensors:
-            sensor.start(core.shared_fds if core is not None else None)
+            loaded = preloaded.take(sensor.plan()) if sensor.object_file else None
+            shared = core.shared_fds if core is not None else None
+            if loaded is not None:
+                sensor.start(shared, loaded=loaded)
+            else:
+                sensor.start(shared)
             started.append(sensor)
             log.info("sensor %s attached: %s", sensor.name, sensor.attached_text())
     except BaseException:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from ksift.config import AgentConfig
 from ksift.errors import BpfError
+from ksift.kernel_side import CORE_OBJECT, SHARED_MAPS, load_object
 from ksift.loader.bpf_object import BpfMap, BpfObject
 from ksift.loader.libbpf import Libbpf
 from ksift.transport import records
 from ksift.transport.ringbuf import RingBufferReader
 
-SHARED_MAPS = ("ks_events", "ks_transport", "ks_exec_path", "ks_marks")
 # enum ksift_core_counter (bpf/core.bpf.c), from records.SENSOR_COUNTER_BASE on.
 CORE_COUNTER_NAMES = ("exec_seen", "exec_stored", "args_stored")
 
@@ -28,7 +28,7 @@ class CoreObject:
     """Owns core.bpf.o, the shared maps and the one ring-buffer reader."""
 
     name = "core"
-    object_file = "core.bpf.o"
+    object_file = CORE_OBJECT
 
     def __init__(self, lib: Libbpf, objects_dir: Path, config: AgentConfig, self_tgid: int):
         self.lib = lib
@@ -41,14 +41,13 @@ class CoreObject:
         self._transport: BpfMap | None = None
         self._counters: BpfMap | None = None
 
-    def start(self) -> None:
-        obj = BpfObject(self.path, self.lib)
-        self.obj = obj
+    def start(self, loaded: BpfObject | None = None) -> None:
+        """Load (unless `loaded` already is: ksift.kernel_side) and attach; closed on any failure."""
+        self.obj = loaded
         try:
-            obj.open()
-            obj.set_rodata(ksift_tgid=self.self_tgid, wakeup_bytes=self.config.wakeup_bytes)
-            obj.resize_map("ks_events", self.config.ringbuf_bytes)
-            obj.load()
+            if self.obj is None:
+                self.obj = load_object(self.lib, self.path, self.config, self.self_tgid, None)
+            obj = self.obj
             obj.attach("ks_exec")
             events = obj.map("ks_events")
             self.reader = RingBufferReader(events.fd, events.max_entries)
