@@ -22,6 +22,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ksift import heap
 from ksift.alerts import Clocks, build_alert
 from ksift.config import AgentConfig
 from ksift.enrich.context import Enricher
@@ -189,6 +190,7 @@ class Agent:
             self.ready = True
             # Said once every part is up (sinks, the API, remediation's guard): tests and tools wait for it.
             log.info("watching the host%s", f" for {duration_s:g}s" if duration_s else "; Ctrl-C or SIGTERM stops")
+            heap.release_free()  # what start-up freed (imports, the sinks' and the API's set-up): ~1 MiB, 0.1 ms
             self._on_timer()  # the first housekeeping; it schedules the next wake-up
             await self._stop.wait()
             self.drain()  # hand over what arrived since the last wake-up

@@ -92,3 +92,33 @@ def test_max_records_leaves_the_rest_for_later(ring):
 def test_size_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="power of two"):
         RingBufferReader(-1, 3 * PAGE)
+
+
+@pytest.mark.parametrize("header_at", [DATA - STRIDE // 2, DATA - 8, DATA - STRIDE - 512])
+def test_a_record_that_wraps_around_the_end_is_read_whole(header_at):
+    """The data area is mapped once (the kernel's second copy would be resident for nothing): a
+    record whose body runs past the end continues at the start of the data area, as in the kernel."""
+    fd = os.memfd_create("ksift-test-ringbuf-wrap")
+    os.ftruncate(fd, 2 * PAGE + DATA)
+    mm = mmap.mmap(fd, 2 * PAGE + DATA)
+    try:
+        lap = 3 * DATA  # positions keep growing: the ring went round three times already
+        pos = lap + header_at
+        for tgid in (7, 8, 9):
+            rec = np.zeros(1, dtype=records.RECORD)
+            rec["task"]["tgid"] = tgid
+            rec["task"]["comm"] = b"wrapped"
+            raw = struct.pack("<II", records.RECORD_SIZE, 0) + rec.tobytes()
+            for i, byte in enumerate(raw):  # byte by byte, each where the kernel puts it
+                mm[2 * PAGE + (pos + i) % DATA] = byte
+            pos += STRIDE
+        mm[0:8] = struct.pack("<Q", lap + header_at)
+        mm[PAGE:PAGE + 8] = struct.pack("<Q", pos)
+        reader = RingBufferReader(fd, DATA)
+        batch = reader.read()
+        assert list(batch["task"]["tgid"]) == [7, 8, 9] and set(batch["task"]["comm"]) == {b"wrapped"}
+        assert struct.unpack("<Q", mm[0:8])[0] == pos and reader.malformed == 0
+        reader.close()
+    finally:
+        mm.close()
+        os.close(fd)

@@ -6,8 +6,11 @@ Why not libbpf's ring_buffer__poll: a ctypes callback per record costs about
 Layout of the mapping (kernel/bpf/ringbuf.c):
   page 0            consumer_pos (u64), mapped read-write
   page 1            producer_pos (u64), read-only
-  page 2..          data area, mapped twice back to back so that a record that
-                    wraps around the end is still contiguous in our view.
+  page 2..          data area. The kernel offers it twice back to back, so that a
+                    record that wraps around the end is contiguous; we map it once
+                    (the kernel maps every page of a ring-buffer mapping at mmap time,
+                    so the second copy would be 1 MiB more resident, for nothing) and
+                    copy the rare record that wraps in two parts.
 Each record: 8-byte header {u32 len | BUSY bit 31 | DISCARD bit 30, u32 pgoff},
 then the payload; the next record starts at round_up(len + 8, 8).
 
@@ -49,7 +52,7 @@ class RingBufferReader:
         self._mask = data_size - 1
         self._page = page_size
         self._cons_mm = mmap.mmap(map_fd, page_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._prod_mm = mmap.mmap(map_fd, page_size + 2 * data_size, mmap.MAP_SHARED, mmap.PROT_READ,
+        self._prod_mm = mmap.mmap(map_fd, page_size + data_size, mmap.MAP_SHARED, mmap.PROT_READ,
                                   offset=page_size)
         self._cons = memoryview(self._cons_mm).cast("Q")
         self._prod = memoryview(self._prod_mm)[:8].cast("Q")
@@ -75,8 +78,9 @@ class RingBufferReader:
         taken = 0
         while cons < prod and (max_records is None or taken < max_records):
             off = cons & self._mask
-            # Fast path: a run of fixed-size committed records decodes in one view.
-            n = (prod - cons) // _STRIDE
+            # Fast path: a run of fixed-size committed records decodes in one view, up to the
+            # end of the data area (a record that wraps goes through the slow path).
+            n = min(prod - cons, self.data_size - off) // _STRIDE
             if max_records is not None:
                 n = min(n, max_records - taken)
             if n:
@@ -105,6 +109,12 @@ class RingBufferReader:
                 self.discarded += 1
             elif length != RECORD_SIZE:
                 self.malformed += 1  # never crash on one bad record: count and skip it
+            else:  # a whole record that wraps around the end of the data area: its two parts
+                start = self._page + off + RINGBUF_HDR_SIZE
+                first = min(RECORD_SIZE, self.data_size - off - RINGBUF_HDR_SIZE)
+                body = self._prod_mm[start:start + first] + self._prod_mm[self._page:self._page + RECORD_SIZE - first]
+                chunks.append(np.frombuffer(body, dtype=RECORD).copy())
+                taken += 1
             cons += stride
         if cons != int(self._cons[0]):
             self.bytes_read += cons - int(self._cons[0])
