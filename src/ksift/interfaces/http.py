@@ -5,10 +5,10 @@ connection loop, because on a host shared with other users the server must
 stay up whatever a local client does:
 
 - Connections are bounded, in total and per peer address. Over a cap, the
-  connection that has waited longest for a request head is closed at once to
-  make room (a client that sends nothing holds nothing); when none is waiting
-  (all are mid-request or streaming) the new connection is closed at once.
-  Both are counted.
+  connection that has waited longest for a request head, and has sent nothing
+  yet, is closed at once to make room (a client that sends nothing holds
+  nothing); when none is waiting (all are mid-request or streaming) the new
+  connection is closed at once. Both are counted.
 - A request head (and its body) must arrive within header_timeout_s of the
   connection or of its first byte (slowloris); a keep-alive connection with no
   next request is closed after idle_timeout_s. A streaming response (SSE) is
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -46,7 +47,10 @@ log = logging.getLogger("ksift.api")
 _READ_SIZE = 64 * 1024
 _MAX_HEAD = 16 * 1024  # request line + headers
 _MAX_QUERY_FIELDS = 64
-_ACCEPT_BATCH = 64  # accepts per wake-up, so a connection flood cannot hold the loop
+_ACCEPT_BATCH = 256  # accepts per wake-up (each is cheap), so a connection flood cannot hold the loop
+# A full accept queue drops a newcomer's SYN and its client waits a whole second to send it again: a
+# reconnecting flood must not fill it while the loop is busy for a moment (the kernel caps it at somaxconn).
+_BACKLOG = 4096
 _CLOSE_REASONS = ("over_cap", "evicted", "header_timeout", "idle_timeout")
 
 
@@ -243,14 +247,13 @@ class _Conn:
     """One connection. Until its first byte arrives it is only a socket watched by the loop (no
     task, no streams): a flood of connections that send nothing costs an accept and a close each."""
 
-    __slots__ = ("sock", "peer", "opened", "waiting_since", "task", "transport", "timer", "loop")
+    __slots__ = ("sock", "peer", "opened", "task", "transport", "timer", "loop")
 
     def __init__(self, sock: socket.socket, peer: str | None, loop: asyncio.AbstractEventLoop):
         self.sock = sock
         self.peer = peer
         self.loop = loop
         self.opened = time.monotonic()
-        self.waiting_since: float | None = self.opened  # set while waiting for a request head
         self.task: asyncio.Task | None = None
         self.transport: asyncio.BaseTransport | None = None
         self.timer: asyncio.TimerHandle | None = None  # the header timeout, while nothing has arrived
@@ -289,8 +292,11 @@ class HttpServer:
         self.default_headers = list(default_headers)
         self.closed = Counter({reason: 0 for reason in _CLOSE_REASONS})  # connections closed by the server, why
         self.accept_errors: Counter[str] = Counter()  # by errno name
-        self._conns: dict[_Conn, None] = {}  # insertion-ordered: oldest first
+        self._conns: dict[_Conn, None] = {}
         self._per_peer: Counter[str | None] = Counter()
+        # Connections waiting for a request head, longest-waiting first (dicts keep insertion order).
+        self._waiting: dict[_Conn, None] = {}
+        self._waiting_of: dict[str | None, dict[_Conn, None]] = {}
         self._listeners: list[socket.socket] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accept_errors_logged_at = -1e9
@@ -302,7 +308,7 @@ class HttpServer:
     def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
         """Listen on host:port (OSError if it cannot); the bound (host, port)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=128)
+        sock = socket.create_server((host, port), family=family, backlog=_BACKLOG)
         self._serve_listener(sock)
         return sock.getsockname()[:2]
 
@@ -312,7 +318,7 @@ class HttpServer:
         try:
             sock.bind(path)
             os.chmod(path, mode)  # before listen(): nobody connects while it is still open to all
-            sock.listen(128)
+            sock.listen(_BACKLOG)
         except OSError:
             sock.close()
             raise
@@ -360,18 +366,16 @@ class HttpServer:
 
     def _admit(self, sock: socket.socket, peer: str | None) -> None:
         limits = self.limits
-        victim = None
+        victim: _Conn | None | bool = False  # False: room enough
         if len(self._conns) >= limits.max_connections:
-            victim = self._oldest_waiting(None, any_peer=True)
+            victim = self._victim(self._waiting)
         elif self._per_peer[peer] >= limits.max_connections_per_peer:
-            victim = self._oldest_waiting(peer)
-        else:
-            victim = False  # room enough
+            victim = self._victim(self._waiting_of.get(peer, {}))
         if victim is None:
             self.closed["over_cap"] += 1
             sock.close()
             return
-        if victim:
+        if isinstance(victim, _Conn):
             self.closed["evicted"] += 1
             self._forget(victim)
             victim.abort()
@@ -379,6 +383,7 @@ class HttpServer:
         conn = _Conn(sock, peer, self._loop)
         self._conns[conn] = None
         self._per_peer[peer] += 1
+        self._wait(conn)
         sock.setblocking(False)
         conn.timer = self._loop.call_later(limits.header_timeout_s, self._expire, conn)
         self._loop.add_reader(sock.fileno(), self._first_data, conn)
@@ -397,16 +402,31 @@ class HttpServer:
         self._forget(conn)
         conn.abort()
 
-    def _oldest_waiting(self, peer: str | None, any_peer: bool = False) -> _Conn | None:
-        oldest = None
-        for conn in self._conns:
-            if conn.waiting_since is None or not (any_peer or conn.peer == peer):
-                continue
-            if oldest is None or conn.waiting_since < oldest.waiting_since:
-                oldest = conn
-        return oldest
+    @staticmethod
+    def _victim(waiting: dict[_Conn, None]) -> _Conn | None:
+        """The connection that has waited longest for a request head and has nothing unread: one whose
+        request already arrived (accepted in the same burst, not served yet) is passed over."""
+        for conn in itertools.islice(waiting, 16):
+            if not _has_unread_data(conn.sock):
+                return conn
+        return None
+
+    def _wait(self, conn: _Conn) -> None:
+        """conn now waits for a request head: the newest of the waiting."""
+        self._unwait(conn)
+        self._waiting[conn] = None
+        self._waiting_of.setdefault(conn.peer, {})[conn] = None
+
+    def _unwait(self, conn: _Conn) -> None:
+        if conn in self._waiting:
+            del self._waiting[conn]
+            of_peer = self._waiting_of[conn.peer]
+            del of_peer[conn]
+            if not of_peer:
+                del self._waiting_of[conn.peer]
 
     def _forget(self, conn: _Conn) -> None:
+        self._unwait(conn)
         if conn in self._conns:
             del self._conns[conn]
             self._per_peer[conn.peer] -= 1
@@ -425,9 +445,8 @@ class HttpServer:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
         self._listeners.clear()
-        for conn in list(self._conns):
-            if conn.waiting_since is not None:
-                conn.abort()
+        for conn in list(self._waiting):
+            conn.abort()
         tasks = [c.task for c in self._conns if c.task is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace_s)
@@ -446,7 +465,7 @@ class HttpServer:
             first = True
             while not self._closing:
                 if not first:
-                    conn.waiting_since = time.monotonic()
+                    self._wait(conn)
                 try:
                     request = await self._read_request(conn, h, reader, first)
                 except HttpError as exc:  # malformed, too large, bad target
@@ -516,7 +535,7 @@ class HttpServer:
                     if len(body) > limits.max_body:
                         raise HttpError(413, f"request body larger than {limits.max_body} bytes")
                 elif isinstance(event, h11.EndOfMessage):
-                    conn.waiting_since = None  # busy now: never evicted mid-request
+                    self._unwait(conn)  # busy now: never evicted mid-request
                     assert head is not None
                     return Request(head.method.decode("ascii"), head.target.decode("ascii"), head.headers,
                                    bytes(body), conn.peer)
@@ -589,6 +608,13 @@ class HttpServer:
                 await writer.drain()
         writer.write(h.send(h11.EndOfMessage()))
         await writer.drain()
+
+
+def _has_unread_data(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing yet (EAGAIN), or a broken connection: either way nothing worth keeping
+        return False
 
 
 async def _until_eof(reader: asyncio.StreamReader) -> None:
