@@ -192,41 +192,144 @@ class ElfSymbols:
         return None
 
 
-def read_build_id(elf) -> str | None:
-    """The GNU build-id (hex) from an open pyelftools ELFFile, or None."""
-    for section in elf.iter_sections():
-        if section["sh_type"] != "SHT_NOTE":
-            continue
-        for note in section.iter_notes():
-            if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
-                return str(note["n_desc"])
-    return None
+# -- reading ELF files -------------------------------------------------------
+#
+# 64-bit little-endian files (every binary on the x86-64 hosts ksift runs on) are read here, a
+# few preads each: their headers, the PT_LOAD segments, the build-id note and one symbol table as
+# numpy arrays. pyelftools reads the rest (32-bit, big-endian), imported only then: it costs
+# ~2.7 MiB resident with what it imports (its DWARF readers, construct, even pdb), which the
+# agent would otherwise keep from its first symbolized stack on.
+
+_EHDR64 = np.dtype([("ident", "V16"), ("type", "<u2"), ("machine", "<u2"), ("version", "<u4"), ("entry", "<u8"),
+                    ("phoff", "<u8"), ("shoff", "<u8"), ("flags", "<u4"), ("ehsize", "<u2"), ("phentsize", "<u2"),
+                    ("phnum", "<u2"), ("shentsize", "<u2"), ("shnum", "<u2"), ("shstrndx", "<u2")])
+_PHDR64 = np.dtype([("type", "<u4"), ("flags", "<u4"), ("offset", "<u8"), ("vaddr", "<u8"), ("paddr", "<u8"),
+                    ("filesz", "<u8"), ("memsz", "<u8"), ("align", "<u8")])
+_SHDR64 = np.dtype([("name", "<u4"), ("type", "<u4"), ("flags", "<u8"), ("addr", "<u8"), ("offset", "<u8"),
+                    ("size", "<u8"), ("link", "<u4"), ("info", "<u4"), ("addralign", "<u8"), ("entsize", "<u8")])
+_PT_LOAD, _SHT_NOTE, _SHT_NOBITS, _NT_GNU_BUILD_ID = 1, 7, 8, 3
+_SHN_XINDEX = 0xFFFF
+_MAX_SECTION_BYTES = 1 << 30  # a section claiming more is a corrupt header, not one to read
 
 
-# Elf64_Sym as it sits in a little-endian file: decoded as one array, not one
-# pyelftools object per symbol (a large binary has 100k+ of them: that cost
-# the agent tens of MiB and half a second per file).
-_ELF64_SYM = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
-                       ("value", "<u8"), ("size", "<u8")])
-_STT_FUNC, _STT_GNU_IFUNC = 2, 10
+class ElfFile:
+    """The parts of a 64-bit little-endian ELF file that symbolization needs.
 
+    Raises ValueError for anything else (NotElf64 for another ELF class or byte order)."""
 
-# Function symbols of one table: start addresses, sizes, and where their names start in the
-# string table (NUL-ended), with that string table: symbol_table's input.
-_Functions = tuple[np.ndarray, np.ndarray, np.ndarray, bytes]
+    def __init__(self, fh):
+        self.fh = fh
+        self.name = getattr(fh, "name", "?")
+        raw = self._read(0, _EHDR64.itemsize)
+        if len(raw) < _EHDR64.itemsize or raw[:4] != b"\x7fELF":
+            raise ValueError("no ELF header")
+        if raw[4:6] != b"\x02\x01":
+            raise NotElf64("not a 64-bit little-endian ELF file")
+        hdr = np.frombuffer(raw, dtype=_EHDR64)[0]
+        self.segments: tuple[tuple[int, int, int], ...] = ()
+        if int(hdr["phnum"]) and int(hdr["phentsize"]) == _PHDR64.itemsize:
+            ph = self._table(int(hdr["phoff"]), int(hdr["phnum"]), _PHDR64)
+            self.segments = tuple((int(p["offset"]), int(p["filesz"]), int(p["vaddr"]))
+                                  for p in ph[ph["type"] == _PT_LOAD])
+        self.sections = np.zeros(0, dtype=_SHDR64)
+        self.section_names: list[bytes] = []
+        if int(hdr["shoff"]) and int(hdr["shentsize"]) == _SHDR64.itemsize:
+            count, names_at = int(hdr["shnum"]), int(hdr["shstrndx"])
+            first = self._table(int(hdr["shoff"]), 1, _SHDR64)
+            if count == 0 and len(first):  # more sections than e_shnum holds: the count is in section 0
+                count = int(first[0]["size"])
+            if names_at == _SHN_XINDEX and len(first):
+                names_at = int(first[0]["link"])
+            self.sections = self._table(int(hdr["shoff"]), count, _SHDR64)
+            names = self.data(names_at) if names_at < len(self.sections) else b""
+            self.section_names = [names[n:names.find(b"\0", n)] if names.find(b"\0", n) >= 0 else names[n:]
+                                  for n in self.sections["name"].tolist()]
 
+    def _read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fh.fileno(), size, offset)
 
-def _functions(elf, section_name: str, max_symbols: int) -> _Functions | None:
-    section = elf.get_section_by_name(section_name)
-    if section is None or not hasattr(section, "iter_symbols"):
+    def _table(self, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
+        if count * dtype.itemsize > _MAX_SECTION_BYTES:
+            raise ValueError(f"a table of {count} entries")
+        raw = self._read(offset, count * dtype.itemsize)
+        return np.frombuffer(raw, dtype=dtype, count=len(raw) // dtype.itemsize)
+
+    def section(self, name: bytes) -> int | None:
+        """The index of the first section of that name, or None."""
+        try:
+            return self.section_names.index(name)
+        except ValueError:
+            return None
+
+    def data(self, index: int) -> bytes:
+        sh = self.sections[index]
+        if int(sh["type"]) == _SHT_NOBITS:
+            return b""
+        size = int(sh["size"])
+        if size > _MAX_SECTION_BYTES:
+            raise ValueError(f"section {index} claims {size} bytes")
+        return self._read(int(sh["offset"]), size)
+
+    def build_id(self) -> str | None:
+        """The GNU build-id (hex) from the note sections, or None."""
+        for i in np.flatnonzero(self.sections["type"] == _SHT_NOTE).tolist():
+            notes, at = self.data(i), 0
+            while at + 12 <= len(notes):
+                namesz, descsz, kind = np.frombuffer(notes, dtype="<u4", count=3, offset=at).tolist()
+                name_at = at + 12
+                desc_at = name_at + (namesz + 3) // 4 * 4
+                if kind == _NT_GNU_BUILD_ID and notes[name_at:name_at + namesz] == b"GNU\0":
+                    return notes[desc_at:desc_at + descsz].hex() or None
+                at = desc_at + (descsz + 3) // 4 * 4
         return None
-    if elf.elfclass == 64 and elf.little_endian and section["sh_entsize"] == _ELF64_SYM.itemsize:
-        found = _functions_array(elf, section, section_name, max_symbols)
-    else:  # 32-bit or big-endian files: rare on the hosts ksift runs on, read symbol by symbol
+
+    def functions(self, section_name: str, max_symbols: int) -> _Functions | None:
+        """The function symbols of one symbol table (.symtab, .dynsym), or None if it has none."""
+        index = self.section(section_name.encode())
+        if index is None or int(self.sections[index]["entsize"]) != _ELF64_SYM.itemsize:
+            return None
+        link = int(self.sections[index]["link"])
+        if not 0 < link < len(self.sections):
+            return None
+        found = _function_symbols(self.name, self.data(index), self.data(link), section_name, max_symbols)
+        return found if len(found[0]) else None
+
+
+class NotElf64(ValueError):
+    """An ELF file of another class or byte order: pyelftools reads it."""
+
+
+class _ElfToolsFile:
+    """The same interface as ElfFile, through pyelftools (32-bit and big-endian files)."""
+
+    def __init__(self, fh):
+        from elftools.common.exceptions import ELFError
+        from elftools.elf.elffile import ELFFile
+
+        try:
+            self.elf = ELFFile(fh)
+            self.segments = tuple((int(s["p_offset"]), int(s["p_filesz"]), int(s["p_vaddr"]))
+                                  for s in self.elf.iter_segments() if s["p_type"] == "PT_LOAD")
+        except ELFError as exc:
+            raise ValueError(str(exc)) from exc
+
+    def build_id(self) -> str | None:
+        for section in self.elf.iter_sections():
+            if section["sh_type"] != "SHT_NOTE":
+                continue
+            for note in section.iter_notes():
+                if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
+                    return str(note["n_desc"])
+        return None
+
+    def functions(self, section_name: str, max_symbols: int) -> _Functions | None:
+        section = self.elf.get_section_by_name(section_name)
+        if section is None or not hasattr(section, "iter_symbols"):
+            return None
         starts, sizes, names, strings = [], [], [], bytearray()
         for i, sym in enumerate(section.iter_symbols()):
             if i >= max_symbols:
-                log.warning("%s: more than %d symbols in %s, the rest ignored", elf.stream.name, max_symbols,
+                log.warning("%s: more than %d symbols in %s, the rest ignored", self.elf.stream.name, max_symbols,
                             section_name)
                 break
             if sym["st_info"]["type"] in _FUNCTION_TYPES and sym["st_value"] and sym["st_shndx"] != "SHN_UNDEF":
@@ -235,20 +338,40 @@ def _functions(elf, section_name: str, max_symbols: int) -> _Functions | None:
                     sizes.append(int(sym["st_size"]))
                     names.append(len(strings))
                     strings += sym.name.encode("utf-8", "surrogateescape") + b"\0"
-        found = (np.array(starts, dtype=np.uint64), np.array(sizes, dtype=np.uint64),
-                 np.array(names, dtype=np.int64), bytes(strings))
-    return found if len(found[0]) else None
+        if not starts:
+            return None
+        return (np.array(starts, dtype=np.uint64), np.array(sizes, dtype=np.uint64), np.array(names, dtype=np.int64),
+                bytes(strings))
 
 
-def _functions_array(elf, section, section_name: str, max_symbols: int) -> _Functions:
+def open_elf(fh) -> ElfFile | _ElfToolsFile:
+    """An ELF file's reader: ElfFile, or pyelftools for what it does not read. ValueError if not ELF."""
+    try:
+        return ElfFile(fh)
+    except NotElf64:
+        fh.seek(0)
+        return _ElfToolsFile(fh)
+
+
+# Elf64_Sym as it sits in a little-endian file: decoded as one array, not one
+# object per symbol (a large binary has 100k+ of them: that cost the agent tens
+# of MiB and half a second per file).
+_ELF64_SYM = np.dtype([("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"),
+                       ("value", "<u8"), ("size", "<u8")])
+_STT_FUNC, _STT_GNU_IFUNC = 2, 10
+
+# Function symbols of one table: start addresses, sizes, and where their names start in the
+# string table (NUL-ended), with that string table: symbol_table's input.
+_Functions = tuple[np.ndarray, np.ndarray, np.ndarray, bytes]
+
+
+def _function_symbols(path: str, raw: bytes, strtab: bytes, section_name: str, max_symbols: int) -> _Functions:
     """The function symbols of a 64-bit little-endian symbol table, decoded in bulk."""
-    raw = section.data()
     syms = np.frombuffer(raw, dtype=_ELF64_SYM, count=len(raw) // _ELF64_SYM.itemsize)
     if len(syms) > max_symbols:
-        log.warning("%s: more than %d symbols in %s, the rest ignored", elf.stream.name, max_symbols, section_name)
+        log.warning("%s: more than %d symbols in %s, the rest ignored", path, max_symbols, section_name)
         syms = syms[:max_symbols]
     kind = syms["info"] & 0xF
-    strtab = elf.get_section(section["sh_link"]).data()
     funcs = syms[((kind == _STT_FUNC) | (kind == _STT_GNU_IFUNC)) & (syms["value"] != 0) & (syms["shndx"] != 0)
                  & (syms["name"] != 0) & (syms["name"] < len(strtab))]
     if strtab[-1:] != b"\0":
@@ -259,47 +382,39 @@ def _functions_array(elf, section, section_name: str, max_symbols: int) -> _Func
 
 def load_elf_symbols(path: str, build_id: str | None = None, elf=None, debug_root: str | None = None,
                      max_symbols: int = 500_000) -> ElfSymbols:
-    """Read one ELF file's segments and function symbols.
+    """Read one ELF file's segments and function symbols (elf: the file already open with open_elf).
 
     Raises OSError if the file cannot be read and ValueError if it is not a usable ELF file.
     """
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
     fh = None
     try:
         if elf is None:
             fh = open(path, "rb")
-            elf = ELFFile(fh)
+            elf = open_elf(fh)
         if build_id is None:
-            build_id = read_build_id(elf)
-        segments = tuple((int(s["p_offset"]), int(s["p_filesz"]), int(s["p_vaddr"]))
-                         for s in elf.iter_segments() if s["p_type"] == "PT_LOAD")
-        funcs, table = _functions(elf, ".symtab", max_symbols), ".symtab"
+            build_id = elf.build_id()
+        funcs, table = elf.functions(".symtab", max_symbols), ".symtab"
         if funcs is None and build_id and debug_root:
             funcs, table = _debug_file_functions(debug_root, build_id, max_symbols), "debug .symtab"
         if funcs is None:
-            funcs, table = _functions(elf, ".dynsym", max_symbols), ".dynsym"
+            funcs, table = elf.functions(".dynsym", max_symbols), ".dynsym"
         if funcs is None:
             table = "none"
-    except ELFError as exc:
+    except ValueError as exc:
         raise ValueError(f"{path}: not a usable ELF file: {exc}") from exc
     finally:
         if fh is not None:
             fh.close()
-    return ElfSymbols(path, build_id, segments, symbol_table(*funcs) if funcs else SymbolTable.empty(), table)
+    return ElfSymbols(path, build_id, elf.segments, symbol_table(*funcs) if funcs else SymbolTable.empty(), table)
 
 
 def _debug_file_functions(debug_root: str, build_id: str, max_symbols: int) -> _Functions | None:
     """The .symtab of /usr/lib/debug/.build-id/xx/yyyy.debug (distro -dbg/-dbgsym packages), if installed."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
     path = os.path.join(debug_root, ".build-id", build_id[:2], build_id[2:] + ".debug")
     try:
         with open(path, "rb") as fh:
-            return _functions(ELFFile(fh), ".symtab", max_symbols)
-    except (OSError, ELFError):
+            return open_elf(fh).functions(".symtab", max_symbols)
+    except (OSError, ValueError):
         return None
 
 
@@ -342,20 +457,17 @@ class ElfCache:
         return self._load(path, identity)
 
     def _load(self, path: str, identity: tuple[int, int, int]) -> ElfSymbols | None:
-        from elftools.common.exceptions import ELFError
-        from elftools.elf.elffile import ELFFile
-
         try:
             with open(path, "rb") as fh:
-                elf = ELFFile(fh)
-                build_id = read_build_id(elf)
+                elf = open_elf(fh)
+                build_id = elf.build_id()
                 key = f"build-id:{build_id}" if build_id else "file:{}:{}:{}".format(*identity)
                 symbols = self._symbols.get(key)
                 if symbols is None:
                     symbols = load_elf_symbols(path, build_id, elf, self.debug_root)
                     self.loads += 1
                     heap.release_free()  # the section data read to build it
-        except (OSError, ELFError, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             log.debug("cannot read symbols of %s: %s", path, exc)
             self._remember(identity, None)
             return None
