@@ -57,6 +57,9 @@ class FakeSymbolizer:
     def kernel_frames(self, addresses):
         return [f"k{a:x}" for a in addresses]
 
+    def prepare_kernel(self, stacks):  # the real one looks every kernel frame of a batch up at once
+        self.prepared = [list(stack) for stack in stacks]
+
 
 def sensor(ruleset=None, clock=None):
     sym = FakeSymbolizer()

@@ -274,12 +274,26 @@ def test_kallsyms_read_in_blocks_matches_a_line_by_line_read(tmp_path, monkeypat
     path = tmp_path / "kallsyms"
     path.write_text("".join(lines[:1500]) + "".join(reversed(lines[1500:])))  # out of order too
     monkeypatch.setattr(symbols, "_KALLSYMS_BLOCK", 4096)  # many blocks, most ending mid-line
-    ks = KernelSymbols(str(path))
-    assert len(ks._ensure()) == len(expected)
-    for address, name in expected.items():
-        assert ks.name(address) == name and ks.name(address + 3) == name
+    ks = KernelSymbols(str(path), max_cached=10_000)
+    assert ks.frames(list(expected)) == list(expected.values())
+    assert ks.frames([a + 3 for a in expected]) == list(expected.values())
+    assert ks.passes == 2  # one pass over the file for each batch of new addresses
+    assert ks.name(0xFFFFFFFF81000000 + 0x40 + 3) == expected[0xFFFFFFFF81000000 + 0x40] and ks.passes == 2
     # A data symbol's address falls in the text symbol before it.
     assert ks.name(0xFFFFFFFF81000000 + 4 * 0x40) == expected[0xFFFFFFFF81000000 + 3 * 0x40]
+
+
+def test_kernel_names_are_remembered_bounded_and_the_first_of_aliases_wins(tmp_path):
+    ks = _kallsyms(tmp_path, (
+        "ffffffff81000000 T first_name\n"
+        "ffffffff81000000 T alias_name\n"
+        "ffffffff81000100 T other\n"
+    ))
+    ks.max_cached = 2
+    sym = Symbolizer(ProcFS(root=str(tmp_path)), kernel=ks)
+    sym.prepare_kernel([[0xFFFFFFFF81000010, 0xFFFFFFFF81000101], [0xFFFFFFFF81000105]])
+    assert ks.passes == 1 and len(ks._names) == 2  # the bound held
+    assert sym.kernel_frames([0xFFFFFFFF81000010]) == ["first_name"]
 
 
 def test_kallsyms_in_another_format_is_refused_not_misread(tmp_path):

@@ -489,52 +489,78 @@ class ElfCache:
 
 
 class KernelSymbols:
-    """/proc/kallsyms text symbols, read once on first use.
+    """Kernel addresses to names, from /proc/kallsyms's text symbols (t, T, w, W).
 
-    Read a block at a time and parsed with numpy, never one Python object per line: the
-    file is ~5 MB and ~120k lines here, and parsed line by line into tuples it took the
-    agent's peak memory from ~26 to ~84 MiB (and kept 12 MiB); now it keeps the addresses
-    and a blob of the text symbols' names (~3.5 MB) and needs about a block more while reading.
+    The file is never held: it is ~5 MB and ~120k lines here, and held as a table (even as
+    arrays) it kept ~5 MiB in the agent from its first kernel stack on, and reading it whole
+    took ~7 MiB more for a moment. Instead each batch of addresses not seen before is looked
+    up in one pass over the file, a 256 KiB block at a time, parsed with numpy (~0.1 s), and
+    the names found are remembered (bounded): a hot process's kernel stacks repeat, so a pass
+    is needed only when new code shows up in them.
     """
 
-    def __init__(self, path: str = "/proc/kallsyms"):
+    def __init__(self, path: str = "/proc/kallsyms", max_cached: int = 4096):
         self.path = path
-        self._table: SymbolTable | None = None
+        self.max_cached = max_cached
+        self.passes = 0  # passes over the file
+        self._names: OrderedDict[int, str | None] = OrderedDict()
+        self._available: bool | None = None
 
     @property
     def available(self) -> bool:
-        return len(self._ensure()) > 0
-
-    def _ensure(self) -> SymbolTable:
-        if self._table is None:
+        """Whether the file shows addresses (root, no kptr_restrict); read once."""
+        if self._available is None:
+            self._available = False
             try:
-                self._table = _read_kallsyms(self.path)
+                with open(self.path, "rb") as fh:
+                    block = fh.read(_KALLSYMS_BLOCK)
+                block = block[:block.rfind(b"\n") + 1] or block
+                self._available = bool(len(_kallsyms_block(block)[0]))
             except (OSError, ValueError) as exc:
                 log.warning("cannot read kernel symbols from %s: %s; kernel frames stay addresses", self.path, exc)
-                self._table = SymbolTable.empty()
-            heap.release_free()  # what reading it took for a moment (about twice what it keeps)
-            if not len(self._table):
+                return False
+            if not self._available:
                 log.info("%s shows no addresses (not root, or kptr_restrict): kernel frames stay addresses",
                          self.path)
-        return self._table
+        return self._available
+
+    def resolve(self, addresses: Iterable[int]) -> None:
+        """Look up, in one pass, every address not looked up before."""
+        wanted = sorted({a for a in addresses if 0 <= a < 1 << 64 and a not in self._names})
+        if not wanted or not self.available:
+            return
+        try:
+            found = _kallsyms_lookup(self.path, np.array(wanted, dtype=np.uint64))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read kernel symbols from %s: %s; kernel frames stay addresses", self.path, exc)
+            return
+        finally:
+            self.passes += 1
+        for address, name in zip(wanted, found):
+            self._names[address] = name
+        while len(self._names) > self.max_cached:
+            self._names.popitem(last=False)
 
     def name(self, address: int) -> str | None:
-        table = self._ensure()
-        i = table.index(address)
-        if i < 0 or address - int(table.starts[i]) > _KERNEL_MAX_DISTANCE:
-            return None
-        return table.name_at(i)
+        if address not in self._names:
+            self.resolve([address])
+        name = self._names.get(address)
+        if address in self._names:
+            self._names.move_to_end(address)
+        return name
 
     def frames(self, addresses: Iterable[int]) -> list[str]:
+        addresses = list(addresses)
+        self.resolve(addresses)
         return [self.name(a) or f"0x{a:x}" for a in addresses]
 
 
-def _read_kallsyms(path: str) -> SymbolTable:
-    """The text symbols (t, T, w, W) with an address of a kallsyms file, one block of lines at a time."""
-    addresses: list[np.ndarray] = []
-    names: list[np.ndarray] = []
-    blobs: list[bytes] = []
-    packed = 0  # bytes of names packed so far: where the next block's names start
+def _kallsyms_lookup(path: str, wanted: np.ndarray) -> list[str | None]:
+    """For each address (uint64, sorted), the text symbol it falls in: the last one starting at or
+    before it (the first in the file among symbols at one address), within _KERNEL_MAX_DISTANCE."""
+    best = np.zeros(len(wanted), dtype=np.uint64)  # the best start so far (found: one was)
+    found = np.zeros(len(wanted), dtype=bool)
+    names: list[bytes | None] = [None] * len(wanted)
     rest = b""
     with open(path, "rb") as fh:
         while True:
@@ -543,28 +569,29 @@ def _read_kallsyms(path: str) -> SymbolTable:
             cut = block.rfind(b"\n") + 1 if data else len(block)
             rest = block[cut:]
             if cut:
-                found, offsets, blob = _kallsyms_block(block[:cut])
-                addresses.append(found)
-                names.append(offsets + packed)
-                blobs.append(blob)
-                packed += len(blob)
+                block = block[:cut]
+                starts, begins, ends = _kallsyms_block(block)
+                if len(starts):
+                    order = np.argsort(starts, kind="stable")
+                    ordered = starts[order]
+                    at = np.searchsorted(ordered, wanted, side="right") - 1
+                    hit = at >= 0
+                    start = np.where(hit, ordered[np.maximum(at, 0)], 0)
+                    # A later symbol at the same start does not replace an earlier one.
+                    better = hit & (~found | (start > best))
+                    for i in np.flatnonzero(better).tolist():
+                        first = order[int(np.searchsorted(ordered, start[i], side="left"))]
+                        names[i] = block[int(begins[first]):int(ends[first])]
+                        best[i], found[i] = start[i], True
             if not data:
                 break
-    if not addresses:
-        return SymbolTable.empty()
-    # Each list is let go once joined: the blocks and the whole are never held together for long.
-    starts = np.concatenate(addresses)
-    addresses.clear()
-    offsets = np.concatenate(names)
-    names.clear()
-    blob = b"".join(blobs)
-    blobs.clear()
-    return symbol_table(starts, np.zeros(len(starts), np.uint64), offsets, blob, max_span=_KERNEL_MAX_DISTANCE)
+    near = found & (wanted - best <= np.uint64(_KERNEL_MAX_DISTANCE))
+    return [n.decode("utf-8", "replace") if ok and n is not None else None for n, ok in zip(names, near.tolist())]
 
 
-def _kallsyms_block(block: bytes) -> tuple[np.ndarray, np.ndarray, bytes]:
-    """Whole lines "ADDRESS TYPE NAME[\tMODULE]": the text symbols with a non-zero address,
-    as (addresses, where each name starts in the blob, the names packed, each ended by a NUL)."""
+def _kallsyms_block(block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Whole lines "ADDRESS TYPE NAME[\tMODULE]": the text symbols with a non-zero address, as
+    (addresses, where each name begins and ends in the block)."""
     buf = np.frombuffer(block, dtype=np.uint8)
     line_ends = np.flatnonzero(buf == _NL)
     if block[-1:] != b"\n":
@@ -589,12 +616,7 @@ def _kallsyms_block(block: bytes) -> tuple[np.ndarray, np.ndarray, bytes]:
     if len(tabs):
         after = np.searchsorted(tabs, begins)
         ends = np.minimum(ends, np.where(after < len(tabs), tabs[np.minimum(after, len(tabs) - 1)], len(buf)))
-    # One bytes object per name, for this block only (a few thousand): the blob is what stays.
-    pieces = [block[b:e] for b, e in zip(begins.tolist(), ends.tolist())]
-    offsets = np.zeros(len(pieces), dtype=np.int64)
-    if pieces:
-        offsets[1:] = np.cumsum(ends - begins + 1)[:-1]
-    return addresses[named], offsets, b"\0".join(pieces) + b"\0" if pieces else b""
+    return addresses[named], begins, ends
 
 
 # -- processes -------------------------------------------------------------
@@ -678,7 +700,14 @@ class Symbolizer:
 
     def kernel_frames(self, addresses: Sequence[int]) -> list[str]:
         """Names for a kernel stack; the first address is exact, the rest are return addresses."""
-        return [self.kernel_symbols.name(a if i == 0 else a - 1) or f"0x{a:x}" for i, a in enumerate(addresses)]
+        lookups = [a if i == 0 else a - 1 for i, a in enumerate(addresses)]
+        self.kernel_symbols.resolve(lookups)
+        return [self.kernel_symbols.name(k) or f"0x{a:x}" for k, a in zip(lookups, addresses)]
+
+    def prepare_kernel(self, stacks: Iterable[Sequence[int]]) -> None:
+        """Look up every frame of these kernel stacks at once (one pass over /proc/kallsyms), so
+        that kernel_frames() of each finds them known."""
+        self.kernel_symbols.resolve(a if i == 0 else a - 1 for stack in stacks for i, a in enumerate(stack))
 
     def _frame(self, pid: int, mapping: Mapping, address: int) -> str:
         file_offset = address - mapping.start + mapping.offset

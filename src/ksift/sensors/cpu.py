@@ -357,6 +357,8 @@ class CpuSensor(Sensor):
         for tgid, start_boottime_ns, window_start_ns, window_ns in tracks:
             self.book.track(tgid, start_boottime_ns, window_start_ns, window_ns)
         try:
+            # Every kernel frame of the batch looked up at once: one pass over /proc/kallsyms.
+            self.symbolizer.prepare_kernel(kernel for _, _, kernel, _ in entries if kernel)
             users: dict[tuple[int, tuple[int, ...] | None], tuple[str, ...]] = {}
             kernels: dict[tuple[int, ...] | None, tuple[str, ...]] = {}
             for tgid, user, kernel, samples in entries:
