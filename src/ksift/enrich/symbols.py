@@ -17,8 +17,9 @@ stays a raw address. Unknown symbols become "file+0xADDR", where ADDR is the
 ELF virtual address (what `addr2line -e file` takes), or the file offset when
 the file itself could not be read.
 
-Kernel: /proc/kallsyms read once, on first use, and searched by bisection. As
-non-root (or with kptr_restrict) it shows zero addresses; frames then stay raw.
+Kernel: /proc/kallsyms, one pass over it for each batch of addresses not seen
+before (never held whole), the names found remembered, bounded. As non-root (or
+with kptr_restrict) it shows zero addresses; frames then stay raw.
 """
 
 from __future__ import annotations
