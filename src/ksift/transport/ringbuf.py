@@ -74,7 +74,7 @@ class RingBufferReader:
         """Copy out every committed record (up to max_records) and release the space."""
         cons = int(self._cons[0])
         prod = int(self._prod[0])
-        chunks: list[np.ndarray] = []
+        runs: list[np.ndarray] = []  # views of the ring (or of a wrapped record's two parts), copied out below
         taken = 0
         while cons < prod and (max_records is None or taken < max_records):
             off = cons & self._mask
@@ -88,7 +88,7 @@ class RingBufferReader:
                 bad = np.flatnonzero(slots["len"] != RECORD_SIZE)
                 good = int(bad[0]) if len(bad) else n
                 if good:
-                    chunks.append(slots["rec"][:good].copy())
+                    runs.append(slots["rec"][:good])
                     taken += good
                     cons += good * _STRIDE
                     continue
@@ -113,13 +113,18 @@ class RingBufferReader:
                 start = self._page + off + RINGBUF_HDR_SIZE
                 first = min(RECORD_SIZE, self.data_size - off - RINGBUF_HDR_SIZE)
                 body = self._prod_mm[start:start + first] + self._prod_mm[self._page:self._page + RECORD_SIZE - first]
-                chunks.append(np.frombuffer(body, dtype=RECORD).copy())
+                runs.append(np.frombuffer(body, dtype=RECORD))
                 taken += 1
             cons += stride
+        # Copied out before consumer_pos moves (the kernel may reuse the space at once): into one
+        # array, never through np.concatenate, which is slow on a nested structured dtype.
+        out = np.empty(taken, dtype=RECORD)
+        at = 0
+        for run in runs:
+            out[at:at + len(run)] = run
+            at += len(run)
         if cons != int(self._cons[0]):
             self.bytes_read += cons - int(self._cons[0])
             self._cons[0] = cons  # one 8-byte store: the kernel never sees a torn value
         self.records_read += taken
-        if not chunks:
-            return np.empty(0, dtype=RECORD)
-        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        return out
