@@ -13,6 +13,7 @@ from ksift.interfaces.settings import (
     ApiSettings,
     TokenFileError,
     apply_api_override,
+    dashboard_login_url,
     load_or_create_token,
     override_listen,
     parse_api,
@@ -272,3 +273,36 @@ def test_run_raises_the_soft_open_file_limit_to_the_hard_one():
     done = subprocess.run([sys.executable, "-c", RAISE], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True", "True", "True"]
+
+
+def test_dashboard_login_url_uses_the_token_the_agent_made(tmp_path):
+    db = str(tmp_path / "alerts.db")
+    with pytest.raises(TokenFileError, match="no API token yet"):
+        dashboard_login_url(AgentConfig(), db)  # never made here: that is the agent's first start
+    token = with_generated_token(AgentConfig(), db).section("api").token
+    assert dashboard_login_url(AgentConfig(), db) == f"http://127.0.0.1:9466/?token={token}"
+    configured = parse_config_text(tmp_path, f'[api]\nlisten = "[::1]:9500"\ntoken = "{TOKEN}"\n')
+    assert dashboard_login_url(configured, db) == f"http://[::1]:9500/?token={TOKEN}"
+    opted_out = parse_config_text(tmp_path, '[api]\nauth = "none"\n')
+    assert dashboard_login_url(opted_out, db) == "http://127.0.0.1:9466/"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[api]\nenabled = false\n", "no TCP listener"),
+    ('[api]\nlisten = "127.0.0.1:0"\n', "port 0"),
+])
+def test_dashboard_login_url_needs_a_fixed_tcp_listener(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match=fragment) as info:
+        dashboard_login_url(parse_config_text(tmp_path, text), str(tmp_path / "alerts.db"))
+    assert info.value.field == "api.listen"
+
+
+def test_ksift_dashboard_prints_the_login_address(tmp_path, capsys):
+    from ksift.cli.main import main
+
+    db = str(tmp_path / "alerts.db")
+    token = with_generated_token(AgentConfig(), db).section("api").token
+    assert main(["dashboard", "--db", db]) == 0
+    assert capsys.readouterr().out.strip() == f"http://127.0.0.1:9466/?token={token}"
+    assert main(["dashboard", "--db", str(tmp_path / "elsewhere" / "alerts.db")]) == 1
+    assert "no API token yet" in capsys.readouterr().err

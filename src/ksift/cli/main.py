@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="check what will and will not work on this host, and why")
 
+    dashboard = sub.add_parser("dashboard", help="print the address that logs this host's browser into the "
+                                                 "dashboard (reads the API token: root)")
+    dashboard.add_argument("--config", metavar="FILE", help="agent config (TOML), as given to ksift run")
+    dashboard.add_argument("--db", metavar="PATH", help="the alert store ksift run uses (the token is next to it)")
+
     rules = sub.add_parser("rules", help="work with rules files")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
     check = rules_sub.add_parser("check", help="validate a rules file")
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             from ksift.cli.doctor import run_doctor
 
             return run_doctor(sys.stdout)
+        if args.command == "dashboard":
+            return cmd_dashboard(args)
         if args.command == "actions":
             from ksift.remediation.cli import cmd_actions
 
@@ -190,6 +197,17 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             print(format_alert_text(alert))
     if not rows and not args.json:
         print("no alerts", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from ksift.config import default_db_path, load_config
+    from ksift.interfaces.settings import dashboard_login_url
+
+    non_empty("--config", args.config)
+    non_empty("--db", args.db)
+    config = load_config(args.config)
+    print(dashboard_login_url(config, args.db or config.db_path or default_db_path()))
     return EXIT_OK
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
+from urllib.parse import urlencode
 
 from ksift.config import AgentConfig
 from ksift.errors import ConfigError, KsiftError
@@ -231,6 +232,33 @@ def with_generated_token(config: AgentConfig, store_path: str) -> AgentConfig:
     token = load_or_create_token(path)
     api = replace(api, token=token, token_file=path)
     return replace(config, extensions=MappingProxyType({**config.extensions, "api": api}))
+
+
+def dashboard_login_url(config: AgentConfig, store_path: str) -> str:
+    """The address that logs a browser on this host into the dashboard (`ksift dashboard`): the
+    TCP listener's URL, with the token (configured, or the one `ksift run` made next to the store)
+    given once as ?token= (the API trades it for a session cookie and redirects it out of the
+    address bar). Never makes a token: that is the agent's first start."""
+    api = config.section("api")
+    if not api.enabled or not api.listen:
+        raise ConfigError("[api]", "the API has no TCP listener (enabled = false or listen = \"\"): "
+                          "there is no dashboard to open", field="api.listen")
+    if api.port == 0:
+        raise ConfigError("[api]", "listen port 0 is chosen at start: set a fixed port to open the dashboard",
+                          field="api.listen")
+    host = "127.0.0.1" if api.host in ("0.0.0.0", "") else "[::1]" if api.host == "::" else api.host
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    url = f"http://{host}:{api.port}/"
+    if api.auth == "none":
+        return url
+    token = api.token
+    if token is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(store_path)), TOKEN_FILE_NAME)
+        if not os.path.lexists(path):
+            raise TokenFileError(f"no API token yet at {path}: `ksift run` makes it at its first start "
+                                 "(or set [api] token_file)")
+        token = _read_private_token(path)
+    return f"{url}?{urlencode({'token': token})}"
 
 
 def load_or_create_token(path: str) -> str:
