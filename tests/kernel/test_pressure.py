@@ -87,6 +87,7 @@ def assert_clean(agent) -> None:
 
 
 def test_noisy_neighbour_is_named_top_offender_of_the_one_incident(tmp_path):
+    """The host is watched (the default): the stall is the host's too, folded into the victim's incident."""
     with ScratchCgroup() as victim, ScratchCgroup() as noisy:
         agent = run_agent(tmp_path, pressure_rule("cpu"))
         cpu = last_cpu()
@@ -103,8 +104,12 @@ def test_noisy_neighbour_is_named_top_offender_of_the_one_incident(tmp_path):
             work.wait(timeout=30)
         alerts = wait_statuses(agent, victim.rel, ["open", "resolved"], timeout=20)
         assert agent.terminate() == 0, agent.stderr()
-        noisy_alerts = of_cgroup(agent, noisy.rel)
     assert [a["status"] for a in alerts] == ["open", "resolved"], opened
+    # One stall, one incident: none for the noisy group (stalled by its own four spinners, not a victim),
+    # none for the host. (Other work on this shared host may stall it later: only until the victim's ends.)
+    ours = [a for a in agent.alerts() if a["status"] == "open" and a["ts"] <= alerts[1]["ts"]
+            and (a.get("details") or {}).get("cgroup") in (victim.rel, noisy.rel, "/")]
+    assert [a["details"]["cgroup"] for a in ours] == [victim.rel], [a["summary"] for a in ours]
     first = alerts[0]
     d = first["details"]
     assert first["rule"] == "cpu_pressure" and first["subject"]["cgroup"] == victim.rel
@@ -113,9 +118,9 @@ def test_noisy_neighbour_is_named_top_offender_of_the_one_incident(tmp_path):
     assert d["offenders"][0]["processes"] == 4 and d["offenders"][0]["hottest_comm"] == "ks-noisy"
     assert first["summary"].startswith(f"CPU pressure: {victim.rel} stalled ")
     assert f"top CPU users meanwhile: {noisy.rel} (4 processes" in first["summary"]
-    # The noisy group stalls too, on its own four spinners: not a victim of anyone, no incident of its own.
-    assert noisy_alerts == [], [a["summary"] for a in noisy_alerts]
-    assert agent.stats()["kernel"]["pressure"]["own_cpu_quiet"] >= 1
+    assert alerts[1]["details"]["host_stalled_percent"] > 0  # the host's stall it stands for
+    stats = agent.stats()["kernel"]["pressure"]
+    assert stats["own_cpu_quiet"] >= 1 and stats["host_folded"] >= 1, stats
     assert_clean(agent)
 
 

@@ -14,7 +14,10 @@ from ksift.sensors.pressure import PressureSensor
 from ksift.sensors.psi import (
     PressureSettings,
     ProcUsage,
+    Recent,
     Snapshot,
+    Span,
+    host_verdict,
     judge,
     open_summary,
     parse_cpu_list,
@@ -168,6 +171,39 @@ def test_sentences():
                     "memory limit (64 MiB, 63 MiB used): self-limited, no neighbour to blame")
     assert open_summary("io", "full", {**base, "cgroup": "/", "verdict": "unknown"}).startswith(
         "I/O pressure: the host stalled 62%")
+
+
+def test_the_host_stall_is_folded_into_the_cgroup_that_accounts_for_it():
+    host, w = Span(10 * NS, 12 * NS, 80.0), 2 * NS
+    victim = Recent(int(11.5 * NS), Span(int(9.5 * NS), int(11.5 * NS), 70.0))
+    noisy = Recent(11 * NS, Span(9 * NS, 11 * NS, 95.0))
+    assert host_verdict(host, w, {"/victim": victim}) == ("folded", "/victim")
+    assert host_verdict(host, w, {"/victim": victim, "/noisy": noisy}) == ("folded", "/noisy")  # the most stalled
+    # Its notification of this period came before the host's span (the groups' clocks differ): the same period.
+    assert host_verdict(host, w, {"/v": Recent(int(8.5 * NS), Span(int(6.5 * NS), int(8.5 * NS), 70.0))})[0] == "folded"
+
+
+def test_the_host_is_held_once_for_a_cgroup_whose_measure_is_to_come():
+    host, w = Span(10 * NS, 12 * NS, 80.0), 2 * NS
+    fresh = {"/v": Recent(11 * NS, None)}  # only a baseline so far: the host's notification came first
+    assert host_verdict(host, w, fresh) == ("held", "/v")
+    assert host_verdict(host, w, fresh, held_before=True) == ("alone", None)  # never twice in a row
+
+
+def test_the_host_alone_when_no_watched_cgroup_accounts_for_its_stall():
+    host, w = Span(10 * NS, 12 * NS, 80.0), 2 * NS
+    assert host_verdict(host, w, {}) == ("alone", None)  # stalled in cgroups not watched
+    spread = {f"/g{i}": Recent(11 * NS, Span(9 * NS, 11 * NS, 30.0)) for i in range(4)}
+    assert host_verdict(host, w, spread) == ("alone", None)  # each far less than the host
+    old = {"/v": Recent(7 * NS, Span(5 * NS, 7 * NS, 90.0))}  # its trigger quiet since before this period
+    assert host_verdict(host, w, old) == ("alone", None)
+
+
+def test_the_cgroup_alert_mentions_the_host_wide_share():
+    d = {"cgroup": "/v", "stalled_percent": 62.4, "span_s": 2.0, "verdict": "unknown", "host_stalled_percent": 97.0}
+    assert open_summary("cpu", "some", d).startswith("CPU pressure: /v stalled 62% of the last 2 s (host-wide 97%);")
+    assert "(all tasks at once; host-wide 97%) at its own" in open_summary(
+        "memory", "full", {**d, "verdict": "self-limited", "memory_limit": {"limit_bytes": 1 << 26}})
 
 
 RULES = """

@@ -26,6 +26,26 @@ every watched cgroup's processes' use of the resource), each later one, a
 window or so after, measures the share stalled since then and what everyone
 used meanwhile, and becomes a crossing. So an incident needs a stall that
 lasts two notifications, and its alert always speaks of a measured span.
+
+One stall, one incident. A watched cgroup's stall is the host's stall too (the
+host's pressure counts every task), so the host's crossing is folded (counted
+as host_folded, never alerted) when a watched cgroup's stall accounts for it:
+the cgroup's incident is the more specific one (it names the victim and the
+offenders; its alert gives the host-wide share), or there is none when the
+cgroup's own processes stall it. The host alerts alone for stalls spread over
+many cgroups, or in cgroups not watched (psi.host_verdict). The decision uses
+only what each trigger's own notifications measured: a pressure file is read
+right after its own trigger fired, never at another time, because a read
+(psi_show) can take the kernel's periodic update that evaluates the triggers
+a process without CAP_SYS_RESOURCE may set (psi_avgs_work only evaluates them
+when it finds the period due, and a read moves the period on): reading every
+watched cgroup's file at each host notification made the victim's trigger
+miss most of its notifications here. Each group's triggers run on that group's
+own 2-s clock, so the host's notification often comes before the cgroup's of
+the same period: a cgroup whose trigger fired in that period with only a
+baseline so far holds the host's crossing back once (host_held), and the
+host's next notification decides; within one batch, cgroups are judged before
+the host. So the host's incident does not open for a stall a cgroup explains.
 """
 
 from __future__ import annotations
@@ -53,7 +73,10 @@ from ksift.rules.model import PRESSURE_SIGNALS, Rule, RuleSet, Severity
 from ksift.sensors.base import Decoded, Sensor, how_long
 from ksift.sensors.psi import (
     ProcUsage,
+    Recent,
     Snapshot,
+    Span,
+    host_verdict,
     judge,
     open_summary,
     parse_cpu_list,
@@ -96,6 +119,8 @@ class _Trigger:
     last_ns: int | None = None  # kernel time of its previous notification
     last_total_us: int = 0
     last_throttled_ns: int | None = None
+    span: Span | None = None  # what its last two notifications measured (None after a baseline)
+    held: bool = False  # the host's: its previous crossing was held back (never twice in a row)
 
 
 def pressure_settings(config: AgentConfig):
@@ -165,9 +190,9 @@ class PressureSensor(Sensor):
     name = "pressure"
     object_file = ""  # no BPF object: the kernel's PSI triggers do the watching
     signals = PRESSURE_SIGNALS
-    counter_names = ("notifications", "baselines", "crossings", "own_cpu_quiet", "cgroups_watched", "triggers_open",
-                     "cgroups_skipped", "released_gone", "released_empty", "trigger_errors", "rescans",
-                     "rescan_us", "snapshots", "snapshot_us")
+    counter_names = ("notifications", "baselines", "crossings", "own_cpu_quiet", "host_folded", "host_held",
+                     "cgroups_watched", "triggers_open", "cgroups_skipped", "released_gone", "released_empty",
+                     "trigger_errors", "rescans", "rescan_us", "snapshots", "snapshot_us")
 
     def __init__(self, lib: Libbpf | None, objects_dir: Path, config: AgentConfig, self_tgid: int, rules: RuleSet,
                  *, proc_root: str = "/proc", host_pressure: str = "/proc/pressure", v2_root: str | None = None,
@@ -231,7 +256,8 @@ class PressureSensor(Sensor):
 
     def scrape_metrics(self) -> list:
         """Each trigger's pressure file, read now (one pread each): the kernel's avg10 as a ratio, and
-        the total time stalled."""
+        the total time stalled. (A read just as a group's 2-s update falls due costs its triggers that
+        period's notification, see above: rare at a scrape's pace, never done on each notification.)"""
         ratio, total = [], []
         for t in list(self._by_fd.values()):
             try:
@@ -385,7 +411,8 @@ class PressureSensor(Sensor):
         if not fired:
             return out
         snaps = {r: self._snapshot(r, now) for r in {t.resource for t, _ in fired.values()}}
-        for t, total in fired.values():
+        # The host's last: it weighs what the cgroups' notifications of this batch measured.
+        for t, total in sorted(fired.values(), key=lambda f: f[0].cgroup == HOST):
             try:
                 crossing = self._judge(t, total, now, snaps[t.resource])
             except Exception:
@@ -412,9 +439,13 @@ class PressureSensor(Sensor):
         t.last_ns, t.last_total_us, t.last_throttled_ns = now, total_us, throttled
         if previous is None or now - previous > CONTINUES_WINDOWS * rule.window_s * NS:
             self.stats["baselines"] += 1  # the first notification of a stall: what the next one is measured from
+            t.span, t.held = None, False
             return None
         span_ns = now - previous
         share = stalled_percent(before_total, total_us, span_ns)
+        t.span = Span(previous, now, share)
+        if t.cgroup == HOST and self._folded(t):
+            return None
         stalled_ns = (total_us - before_total) * 1000
         before = self._snapshots[t.resource].get(previous)
         members = snap.cgroups.get(t.cgroup) or {}
@@ -451,6 +482,9 @@ class PressureSensor(Sensor):
             "attribution": ("no baseline snapshot" if before is None else
                             "processes of the watched cgroups, from /proc, between the two notifications"),
         }
+        host = self._host_trigger(t.resource) if t.cgroup != HOST else None
+        if host is not None and host.span is not None and host.span.end_ns > previous:
+            details["host_stalled_percent"] = round(host.span.share, 1)  # the host's stall it stands for
         if throttled_ns is not None:
             details["throttled_percent"] = round(100.0 * throttled_ns / span_ns, 1)
         if memory_limit is not None:
@@ -464,6 +498,21 @@ class PressureSensor(Sensor):
                         window_count=round(share), total=total_us // 1000,
                         task=self._subject(t.cgroup, member), details=details,
                         severity=Severity.CRITICAL.value if critical and share >= critical else None)
+
+    def _host_trigger(self, resource: str) -> _Trigger | None:
+        return next((t for t in self._cgroups.get(HOST, ()) if t.resource == resource), None)
+
+    def _folded(self, host: _Trigger) -> bool:
+        """Whether the host's measured stall is a watched cgroup's (folded) or may be (held once)."""
+        recent = {c.cgroup: Recent(c.last_ns, c.span) for c in list(self._by_fd.values())
+                  if c.cgroup != HOST and c.resource == host.resource and c.last_ns is not None}
+        kind, cgroup = host_verdict(host.span, int(host.rule.window_s * NS), recent, held_before=host.held)
+        host.held = kind == "held"
+        if kind == "alone":
+            return False
+        self.stats["host_folded" if kind == "folded" else "host_held"] += 1
+        log.debug("pressure: the host's %s stall %s (%s)", host.resource, kind, cgroup)
+        return True
 
     def _allowed_cpus(self, members: Mapping[int, ProcUsage]) -> frozenset[int] | None:
         """The CPUs the cgroup's processes may run on (their Cpus_allowed_list, together); None: unknown."""

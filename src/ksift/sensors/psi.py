@@ -26,6 +26,10 @@ SELF_THROTTLED_SHARE = 0.5
 # Memory at its own limit: usage at least this share of the limit.
 SELF_LIMITED_SHARE = 0.9
 TOP_OFFENDERS = 3
+# A watched cgroup's stall explains the host's when its share stalled is at least this share of
+# the host's in the same period: most of it, so the host alerts alone only for stalls no one
+# watched cgroup accounts for (spread over many, or in cgroups not watched).
+EXPLAINS_HOST_SHARE = 0.5
 
 
 # -- pressure files ---------------------------------------------------------------
@@ -82,6 +86,55 @@ def stalled_percent(total_before_us: int, total_now_us: int, elapsed_ns: int) ->
     if elapsed_ns <= 0:
         return 0.0
     return max(0.0, min(100.0, 100.0 * (total_now_us - total_before_us) * 1000 / elapsed_ns))
+
+
+@dataclass(frozen=True)
+class Span:
+    """A stall measured between two notifications of one trigger: from, to (kernel ns), % stalled."""
+
+    start_ns: int
+    end_ns: int
+    share: float
+
+
+@dataclass(frozen=True)
+class Recent:
+    """A watched cgroup's trigger as the host's judgment sees it: its latest notification, and the
+    span its last two measured (None: that notification was the first of a stall, a baseline)."""
+
+    last_ns: int
+    span: Span | None
+
+
+def host_verdict(host: Span, window_ns: int, cgroups: Mapping[str, Recent],
+                 held_before: bool = False) -> tuple[str, str | None]:
+    """Whether the host's stall over `host` is a watched cgroup's: ("folded", that cgroup), ("held",
+    a cgroup whose own measure is still to come), or ("alone", None): the host's own incident.
+
+    Only the triggers' own notifications count, never a read of a pressure file at another
+    time (see PressureSensor). A cgroup speaks for the same period when its trigger fired
+    within a window before the host's span began or since: the kernel saw it stall past
+    the rule's threshold then. It accounts for the host's stall when its measured share is
+    at least EXPLAINS_HOST_SHARE of the host's; of several, the most stalled. One whose
+    only notification then is a baseline (its notification for this period may come just
+    after the host's: each group's triggers run on its own 2-s clock) holds the host's
+    crossing back once, never twice in a row. Stalls spread over many cgroups, or in
+    cgroups not watched, leave the host alone.
+    """
+    best: tuple[float, str] | None = None
+    pending = None
+    for cgroup, recent in sorted(cgroups.items()):
+        if recent.last_ns <= host.start_ns - window_ns:
+            continue  # its trigger did not fire in this period: no stall past the threshold
+        if recent.span is None:
+            pending = pending or cgroup
+        elif recent.span.share >= EXPLAINS_HOST_SHARE * host.share and (best is None or recent.span.share > best[0]):
+            best = (recent.span.share, cgroup)
+    if best is not None:
+        return "folded", best[1]
+    if pending is not None and not held_before:
+        return "held", pending
+    return "alone", None
 
 
 # -- [pressure] settings ------------------------------------------------------------
@@ -276,8 +329,11 @@ def offender_text(resource: str, o: Offender | Mapping[str, Any]) -> str:
 
 def open_summary(resource: str, stall: str, d: Mapping[str, Any]) -> str:
     """The open alert's sentence, from the incident's details (see PressureSensor)."""
+    notes = ["all tasks at once"] if stall == "full" else []
+    if d.get("host_stalled_percent") is not None:  # the host's stall meanwhile, which this alert stands for
+        notes.append(f"host-wide {d['host_stalled_percent']:.0f}%")
     head = (f"{RESOURCE_TITLE[resource]}: {who(d['cgroup'])} stalled {d['stalled_percent']:.0f}% of the last "
-            f"{d['span_s']:g} s" + (" (all tasks at once)" if stall == "full" else ""))
+            f"{d['span_s']:g} s" + (f" ({'; '.join(notes)})" if notes else ""))
     verdict = d.get("verdict")
     if verdict == "self-throttled":
         return (f"{head}, throttled by its own CPU quota for {d.get('throttled_percent', 0):.0f}% of that time: "
