@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 
 from ksift.errors import ConfigError, KsiftError
 
@@ -23,6 +22,8 @@ def check_writable(path: str, what: str) -> None:
         raise ConfigError(what, "must not be empty")
     if os.path.isdir(path) and not os.path.islink(path):
         raise ConfigError(what, f"cannot write {path}: it is a directory")
+    import tempfile  # here, as below: `ksift run` imports this module before the kernel side loads (see compose)
+
     folder = _folder(path)
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".ksift-probe-")
@@ -35,6 +36,8 @@ def check_writable(path: str, what: str) -> None:
 def write_replacing(path: str, text: str, what: str, mode: int = 0o644) -> None:
     """Write `text` to `path` through a temporary file renamed over it; a link at `path` is replaced,
     never followed. KsiftError naming `what` and the path on failure (nothing is left behind)."""
+    import tempfile
+
     folder = _folder(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.")
