@@ -693,8 +693,10 @@ def bpftrace_in_kernel(exe: str, forkloop: Path, workdir: Path, forks: int) -> d
     """bpftrace's own program run time per fork (BPF_ENABLE_STATS), on one extra loop."""
     n = min(forks, 10_000)
     with Bpftrace(exe, workdir, "bpftrace-stats").start() as bt:
+        time.sleep(SETTLE_S)  # first: bpftrace prints "Attaching" before its program is loaded
         ids = agent_prog_ids(bt.proc.pid)
-        time.sleep(SETTLE_S)
+        if not ids:
+            return {"error": "bpftrace holds no BPF program (not attached?)"}
         with BpfRunStats() as stats:
             if stats.error:
                 return {"error": stats.error}
